@@ -1,0 +1,94 @@
+-- pg_domain_events: schema objects created before the Rust functions.
+-- The schema itself (domain_events) is created by CREATE EXTENSION from the control file.
+
+-- Roles are cluster-wide and outlive the extension: create them once, reuse them in every database.
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'domain_events_writer') THEN
+        CREATE ROLE domain_events_writer NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'domain_events_reader') THEN
+        CREATE ROLE domain_events_reader NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'domain_events_listener') THEN
+        CREATE ROLE domain_events_listener NOLOGIN;
+    END IF;
+END
+$roles$;
+
+CREATE SEQUENCE domain_events.event_position_seq AS bigint;
+
+CREATE TABLE domain_events.event (
+    position          bigint      NOT NULL DEFAULT pg_catalog.nextval('domain_events.event_position_seq'),
+    id                uuid        NOT NULL,
+    aggregate_type    text        NOT NULL,
+    aggregate_id      text        NOT NULL,
+    aggregate_version bigint      NOT NULL,
+    event_type        text        NOT NULL,
+    event_version     integer     NOT NULL DEFAULT 1,
+    payload           jsonb       NOT NULL DEFAULT '{}',
+    metadata          jsonb       NOT NULL DEFAULT '{}',
+    occurred_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    recorded_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    txid              xid8        NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
+    CONSTRAINT event_payload_is_object CHECK (pg_catalog.jsonb_typeof(payload) = 'object'),
+    CONSTRAINT event_metadata_is_object CHECK (pg_catalog.jsonb_typeof(metadata) = 'object'),
+    CONSTRAINT event_version_positive CHECK (aggregate_version >= 1 AND event_version >= 1)
+) PARTITION BY RANGE (recorded_at);
+
+ALTER SEQUENCE domain_events.event_position_seq OWNED BY domain_events.event.position;
+
+COMMENT ON TABLE domain_events.event IS
+    'Append-only event store, one partition per month of recorded_at. Raise events with domain_events.raise_event().';
+
+CREATE INDEX event_position_idx ON domain_events.event (position);
+CREATE INDEX event_aggregate_idx ON domain_events.event (aggregate_type, aggregate_id, aggregate_version);
+CREATE INDEX event_type_idx ON domain_events.event (event_type, occurred_at);
+
+CREATE TABLE domain_events.aggregate (
+    aggregate_type text        NOT NULL,
+    aggregate_id   text        NOT NULL,
+    version        bigint      NOT NULL,
+    updated_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (aggregate_type, aggregate_id)
+);
+COMMENT ON TABLE domain_events.aggregate IS
+    'Stream heads: the current version of every aggregate; its row lock serialises writers of one aggregate.';
+
+CREATE TABLE domain_events.subscription (
+    name       text        PRIMARY KEY,
+    mode       text        NOT NULL CHECK (mode IN ('replication', 'notify')),
+    position   bigint      NOT NULL DEFAULT 0,
+    lsn        pg_lsn,
+    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE domain_events.subscription IS
+    'One row per listener subscription: its durable high-water mark (position and commit LSN).';
+
+CREATE TABLE domain_events.dead_letter (
+    id              bigserial   PRIMARY KEY,
+    subscription    text        NOT NULL,
+    handler         text        NOT NULL,
+    event_id        uuid        NOT NULL,
+    position        bigint      NOT NULL,
+    error           text        NOT NULL,
+    attempts        integer     NOT NULL,
+    first_failed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    last_failed_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    UNIQUE (subscription, handler, event_id)
+);
+COMMENT ON TABLE domain_events.dead_letter IS
+    'Events a listener handler gave up on after its retries; redrive them once the cause is fixed.';
+
+-- The safety net for direct INSERTs outside every monthly partition; maintain() moves its rows
+-- into their monthly partitions. (Immutability triggers are created in finalize.sql, once the
+-- trigger function exists.)
+CREATE TABLE domain_events.event_default PARTITION OF domain_events.event DEFAULT;
+
+-- Extension tables are skipped by pg_dump unless registered: keep their rows in backups.
+SELECT pg_catalog.pg_extension_config_dump('domain_events.event_default', '');
+SELECT pg_catalog.pg_extension_config_dump('domain_events.aggregate', '');
+SELECT pg_catalog.pg_extension_config_dump('domain_events.subscription', '');
+SELECT pg_catalog.pg_extension_config_dump('domain_events.dead_letter', '');
+SELECT pg_catalog.pg_extension_config_dump('domain_events.event_position_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('domain_events.dead_letter_id_seq', '');

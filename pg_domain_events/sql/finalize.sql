@@ -1,0 +1,90 @@
+-- pg_domain_events: objects that need the Rust functions, then privileges.
+
+CREATE TRIGGER event_immutable BEFORE UPDATE OR DELETE ON domain_events.event
+    FOR EACH ROW EXECUTE FUNCTION domain_events.refuse_event_change();
+CREATE TRIGGER event_no_truncate BEFORE TRUNCATE ON domain_events.event
+    FOR EACH STATEMENT EXECUTE FUNCTION domain_events.refuse_event_change();
+-- Statement triggers are not cloned to partitions: each partition gets its own.
+CREATE TRIGGER event_no_truncate BEFORE TRUNCATE ON domain_events.event_default
+    FOR EACH STATEMENT EXECUTE FUNCTION domain_events.refuse_event_change();
+
+-- raise_event for uuid and bigint aggregate ids: ids are stored as text.
+CREATE FUNCTION domain_events.raise_event(
+    aggregate_type text, aggregate_id uuid, event_type text,
+    payload jsonb DEFAULT '{}', metadata jsonb DEFAULT '{}', expected_version bigint DEFAULT NULL,
+    occurred_at timestamptz DEFAULT now(), event_version integer DEFAULT 1)
+RETURNS TABLE (id uuid, "position" bigint, aggregate_version bigint, recorded_at timestamptz)
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM domain_events.raise_event($1, $2::text, $3, $4, $5, $6, $7, $8) $$;
+
+CREATE FUNCTION domain_events.raise_event(
+    aggregate_type text, aggregate_id bigint, event_type text,
+    payload jsonb DEFAULT '{}', metadata jsonb DEFAULT '{}', expected_version bigint DEFAULT NULL,
+    occurred_at timestamptz DEFAULT now(), event_version integer DEFAULT 1)
+RETURNS TABLE (id uuid, "position" bigint, aggregate_version bigint, recorded_at timestamptz)
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM domain_events.raise_event($1, $2::text, $3, $4, $5, $6, $7, $8) $$;
+
+-- Reads run with the caller's rights: domain_events_reader may read the tables.
+CREATE FUNCTION domain_events.aggregate_events(
+    aggregate_type text, aggregate_id text, from_version bigint DEFAULT 1)
+RETURNS SETOF domain_events.event
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM domain_events.event e
+     WHERE e.aggregate_type = $1 AND e.aggregate_id = $2 AND e.aggregate_version >= $3
+     ORDER BY e.aggregate_version
+$$;
+
+CREATE FUNCTION domain_events.events_after(after_position bigint, max_events integer DEFAULT 1000)
+RETURNS SETOF domain_events.event
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM domain_events.event e WHERE e.position > $1 ORDER BY e.position LIMIT $2
+$$;
+
+CREATE FUNCTION domain_events.events_of_type(event_type text, since timestamptz DEFAULT '-infinity')
+RETURNS SETOF domain_events.event
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM domain_events.event e
+     WHERE e.event_type = $1 AND e.occurred_at >= $2
+     ORDER BY e.position
+$$;
+
+-- Writers need the current version for optimistic concurrency but no table privilege.
+CREATE FUNCTION domain_events.aggregate_version(aggregate_type text, aggregate_id text)
+RETURNS bigint
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT COALESCE((SELECT a.version FROM domain_events.aggregate a
+                      WHERE a.aggregate_type = $1 AND a.aggregate_id = $2), 0)
+$$;
+
+-- Least privilege: nothing is executable by PUBLIC; each role gets exactly its functions.
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA domain_events FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA domain_events FROM PUBLIC;
+GRANT USAGE ON SCHEMA domain_events
+    TO domain_events_writer, domain_events_reader, domain_events_listener;
+
+GRANT EXECUTE ON FUNCTION
+    domain_events.raise_event(text, text, text, jsonb, jsonb, bigint, timestamptz, integer),
+    domain_events.raise_event(text, uuid, text, jsonb, jsonb, bigint, timestamptz, integer),
+    domain_events.raise_event(text, bigint, text, jsonb, jsonb, bigint, timestamptz, integer),
+    domain_events.raise_events(jsonb),
+    domain_events.aggregate_version(text, text)
+    TO domain_events_writer;
+
+GRANT SELECT ON domain_events.event, domain_events.aggregate, domain_events.subscription,
+    domain_events.dead_letter TO domain_events_reader;
+GRANT EXECUTE ON FUNCTION
+    domain_events.aggregate_events(text, text, bigint),
+    domain_events.events_after(bigint, integer),
+    domain_events.events_of_type(text, timestamptz),
+    domain_events.aggregate_version(text, text)
+    TO domain_events_reader;
+
+GRANT domain_events_reader TO domain_events_listener;
+GRANT INSERT, UPDATE ON domain_events.subscription TO domain_events_listener;
+GRANT INSERT, UPDATE ON domain_events.dead_letter TO domain_events_listener;
+GRANT USAGE ON SEQUENCE domain_events.dead_letter_id_seq TO domain_events_listener;

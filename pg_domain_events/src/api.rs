@@ -1,0 +1,180 @@
+//! The SQL functions that raise events and maintain partitions.
+
+use std::collections::BTreeSet;
+use std::ffi::{c_char, CString};
+
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+use crate::errors::{EventError, OrReport};
+use crate::event::{self, Arguments, NewEvent};
+use crate::gucs::{self, EventsEnabled};
+use crate::partition;
+use crate::store::{self, Stored};
+
+/// One returned row per stored event, in input order. (The `#[pg_extern]` signatures spell the
+/// table type out: the SQL generator does not see through type aliases.)
+type StoredRow = (pgrx::Uuid, i64, i64, TimestampWithTimeZone);
+
+/// Appends one event in the caller's transaction. See docs/sql-api.md.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+#[allow(clippy::too_many_arguments)]
+fn raise_event(
+    aggregate_type: Option<&str>,
+    aggregate_id: Option<&str>,
+    event_type: Option<&str>,
+    payload: default!(Option<JsonB>, "'{}'"),
+    metadata: default!(Option<JsonB>, "'{}'"),
+    expected_version: default!(Option<i64>, "NULL"),
+    occurred_at: default!(Option<TimestampWithTimeZone>, "now()"),
+    event_version: default!(Option<i32>, 1),
+) -> TableIterator<
+    'static,
+    (
+        name!(id, pgrx::Uuid),
+        name!(position, i64),
+        name!(aggregate_version, i64),
+        name!(recorded_at, TimestampWithTimeZone),
+    ),
+> {
+    if let Some(rows) = short_circuit() {
+        return TableIterator::new(rows);
+    }
+    let event = NewEvent::from_arguments(Arguments {
+        aggregate_type,
+        aggregate_id,
+        event_type,
+        payload: payload.as_ref().map(|j| &j.0),
+        metadata: metadata.as_ref().map(|j| &j.0),
+        expected_version,
+        occurred_at,
+        event_version,
+    })
+    .or_report();
+    TableIterator::new(append(vec![event]))
+}
+
+/// Appends a batch of events (a JSON array), all or nothing. See docs/sql-api.md.
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn raise_events(events: Option<JsonB>) -> TableIterator<
+    'static,
+    (
+        name!(id, pgrx::Uuid),
+        name!(position, i64),
+        name!(aggregate_version, i64),
+        name!(recorded_at, TimestampWithTimeZone),
+    ),
+> {
+    if let Some(rows) = short_circuit() {
+        return TableIterator::new(rows);
+    }
+    let events = events.ok_or_else(|| EventError::null("events")).or_report();
+    TableIterator::new(append(NewEvent::from_json_batch(&events.0, false).or_report()))
+}
+
+/// Imports history (items may carry `recorded_at`); for migrations, owner only.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn import_events(events: Option<JsonB>) -> TableIterator<
+    'static,
+    (
+        name!(id, pgrx::Uuid),
+        name!(position, i64),
+        name!(aggregate_version, i64),
+        name!(recorded_at, TimestampWithTimeZone),
+    ),
+> {
+    if let Some(rows) = short_circuit() {
+        return TableIterator::new(rows);
+    }
+    let events = events.ok_or_else(|| EventError::null("events")).or_report();
+    TableIterator::new(append(NewEvent::from_json_batch(&events.0, true).or_report()))
+}
+
+/// Premakes partitions, moves stray rows out of the default partition, applies retention.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn maintain() -> TableIterator<'static, (name!(action, String), name!(partition_name, String))> {
+    TableIterator::new(partition::maintain())
+}
+
+/// `off` and `read_only` are decided before any validation: a dark launch must cost nothing.
+fn short_circuit() -> Option<Vec<StoredRow>> {
+    match gucs::ENABLED.get() {
+        EventsEnabled::On => None,
+        EventsEnabled::Off => Some(Vec::new()),
+        EventsEnabled::ReadOnly => EventError::ReadOnly.report(),
+    }
+}
+
+fn append(events: Vec<NewEvent>) -> Vec<StoredRow> {
+    if events.is_empty() {
+        return Vec::new();
+    }
+    let mut months = BTreeSet::new();
+    for event in &events {
+        months.insert(match event.recorded_at {
+            Some(ts) => partition::month_of(ts),
+            None => partition::transaction_month(),
+        });
+    }
+    for month in months {
+        partition::ensure(month);
+    }
+    let expectations: Vec<Option<(String, String, i64)>> = events
+        .iter()
+        .map(|e| e.expected_version.map(|v| (e.aggregate_type.clone(), e.aggregate_id.clone(), v)))
+        .collect();
+    let batch = event::columns(events);
+    let ids = batch.ids.clone();
+    let stored = in_input_order(store::insert_batch(batch), &ids);
+    for (row, expectation) in stored.iter().zip(expectations) {
+        if let Some((aggregate_type, aggregate_id, expected)) = expectation {
+            // The statement already wrote; raising the error aborts it, so nothing is kept.
+            if row.aggregate_version != expected + 1 {
+                EventError::VersionConflict {
+                    aggregate_type,
+                    aggregate_id,
+                    actual: row.aggregate_version - 1,
+                    expected,
+                }
+                .report();
+            }
+        }
+    }
+    if gucs::NOTIFY.get() {
+        notify_listeners();
+    }
+    stored.into_iter().map(|s| (s.id, s.position, s.aggregate_version, s.recorded_at)).collect()
+}
+
+/// RETURNING follows the insert order in practice; this makes it a guarantee.
+fn in_input_order(mut stored: Vec<Stored>, ids: &[pgrx::Uuid]) -> Vec<Stored> {
+    if stored.iter().zip(ids).all(|(s, id)| s.id == *id) {
+        return stored;
+    }
+    let rank: std::collections::HashMap<[u8; 16], usize> =
+        ids.iter().enumerate().map(|(n, id)| (*id.as_bytes(), n)).collect();
+    stored.sort_by_key(|s| rank[s.id.as_bytes()]);
+    stored
+}
+
+unsafe extern "C-unwind" {
+    /// Postgres' NOTIFY; not in pgrx's bindings.
+    fn Async_Notify(channel: *const c_char, payload: *const c_char);
+}
+
+/// One `NOTIFY domain_events` per transaction: identical notifications of a transaction are
+/// collapsed by Postgres, and the listener only needs the wake-up.
+fn notify_listeners() {
+    let channel = CString::new("domain_events").expect("static channel name");
+    let payload = CString::new("").expect("empty payload");
+    // SAFETY: valid C strings, which Async_Notify copies; the boundary guard turns a Postgres
+    // ERROR raised inside it into a Rust panic instead of a longjmp over Rust frames.
+    unsafe {
+        pg_sys::ffi::pg_guard_ffi_boundary(|| Async_Notify(channel.as_ptr(), payload.as_ptr()))
+    };
+}

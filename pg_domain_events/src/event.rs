@@ -1,0 +1,279 @@
+//! A new event as the caller describes it, before it is stored, and the batch it belongs to.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::prelude::*;
+use serde_json::{Map, Value};
+
+use crate::errors::EventError;
+use crate::gucs;
+use crate::store::BatchColumns;
+use crate::validation;
+
+/// One event to append, validated.
+pub struct NewEvent {
+    /// Aggregate type name.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// Event type name.
+    pub event_type: String,
+    /// Payload JSON text (an object).
+    pub payload: String,
+    /// Metadata JSON text (an object, session defaults merged).
+    pub metadata: String,
+    /// Version the aggregate must be at before this event.
+    pub expected_version: Option<i64>,
+    /// Business time; `None` = `now()`.
+    pub occurred_at: Option<TimestampWithTimeZone>,
+    /// Payload schema version.
+    pub event_version: i32,
+    /// Server time; only imports set it.
+    pub recorded_at: Option<TimestampWithTimeZone>,
+}
+
+/// Raw arguments of `raise_event`, each still nullable.
+pub struct Arguments<'a> {
+    pub aggregate_type: Option<&'a str>,
+    pub aggregate_id: Option<&'a str>,
+    pub event_type: Option<&'a str>,
+    pub payload: Option<&'a Value>,
+    pub metadata: Option<&'a Value>,
+    pub expected_version: Option<i64>,
+    pub occurred_at: Option<TimestampWithTimeZone>,
+    pub event_version: Option<i32>,
+}
+
+fn session_metadata() -> [(&'static str, Option<String>); 3] {
+    [
+        ("actor", gucs::text(&gucs::ACTOR)),
+        ("correlation_id", gucs::text(&gucs::CORRELATION_ID)),
+        ("causation_id", gucs::text(&gucs::CAUSATION_ID)),
+    ]
+}
+
+fn max_payload_bytes() -> usize {
+    usize::try_from(gucs::MAX_PAYLOAD_BYTES.get()).unwrap_or(usize::MAX)
+}
+
+fn check_occurred_at(field: &str, ts: TimestampWithTimeZone) -> Result<(), EventError> {
+    if ts.is_finite() {
+        Ok(())
+    } else {
+        Err(EventError::invalid(
+            field,
+            "must be a finite timestamp",
+            "Pass the time the business fact happened, or omit it for now().",
+        ))
+    }
+}
+
+impl NewEvent {
+    /// Validates the arguments of `raise_event`. `expected_version` and NULL-able defaults:
+    /// every argument is required to be non-NULL except `expected_version`.
+    pub fn from_arguments(args: Arguments<'_>) -> Result<NewEvent, EventError> {
+        let aggregate_type = args.aggregate_type.ok_or_else(|| EventError::null("aggregate_type"))?;
+        let aggregate_id = args.aggregate_id.ok_or_else(|| EventError::null("aggregate_id"))?;
+        let event_type = args.event_type.ok_or_else(|| EventError::null("event_type"))?;
+        let payload = args.payload.ok_or_else(|| EventError::null("payload"))?;
+        let metadata = args.metadata.ok_or_else(|| EventError::null("metadata"))?;
+        let occurred_at = args.occurred_at.ok_or_else(|| EventError::null("occurred_at"))?;
+        let event_version = args.event_version.ok_or_else(|| EventError::null("event_version"))?;
+        validation::check_name("aggregate_type", aggregate_type)?;
+        validation::check_aggregate_id("aggregate_id", aggregate_id)?;
+        validation::check_name("event_type", event_type)?;
+        if let Some(expected) = args.expected_version {
+            validation::check_expected_version("expected_version", expected)?;
+        }
+        check_occurred_at("occurred_at", occurred_at)?;
+        Ok(NewEvent {
+            aggregate_type: aggregate_type.to_string(),
+            aggregate_id: aggregate_id.to_string(),
+            event_type: event_type.to_string(),
+            payload: validation::payload_text("payload", payload, max_payload_bytes())?,
+            metadata: validation::metadata_text("metadata", metadata, &session_metadata())?,
+            expected_version: args.expected_version,
+            occurred_at: Some(occurred_at),
+            event_version: validation::check_event_version("event_version", event_version.into())?,
+            recorded_at: None,
+        })
+    }
+
+    /// Validates the JSON array given to `raise_events` (or `import_events`, which also
+    /// accepts `recorded_at`).
+    pub fn from_json_batch(events: &Value, allow_recorded_at: bool) -> Result<Vec<NewEvent>, EventError> {
+        let Value::Array(items) = events else {
+            return Err(EventError::invalid(
+                "events",
+                format!("must be a JSON array of event objects, got {}", validation::json_kind(events)),
+                "Pass e.g. '[{\"aggregate_type\": \"Loan\", \"aggregate_id\": \"42\", \"event_type\": \"Loan.Funded\"}]'.",
+            ));
+        };
+        let max_bytes = max_payload_bytes();
+        let session = session_metadata();
+        items
+            .iter()
+            .enumerate()
+            .map(|(n, item)| Self::from_json_item(n, item, allow_recorded_at, max_bytes, &session))
+            .collect()
+    }
+
+    fn from_json_item(
+        n: usize,
+        item: &Value,
+        allow_recorded_at: bool,
+        max_bytes: usize,
+        session: &[(&str, Option<String>)],
+    ) -> Result<NewEvent, EventError> {
+        let field = |key: &str| format!("events[{n}].{key}");
+        let Value::Object(map) = item else {
+            return Err(EventError::invalid(
+                format!("events[{n}]"),
+                format!("must be an object, got {}", validation::json_kind(item)),
+                "Each element describes one event: aggregate_type, aggregate_id, event_type, payload, ...",
+            ));
+        };
+        const KEYS: [&str; 9] = [
+            "aggregate_type",
+            "aggregate_id",
+            "event_type",
+            "payload",
+            "metadata",
+            "expected_version",
+            "occurred_at",
+            "event_version",
+            "recorded_at",
+        ];
+        if let Some(key) = map
+            .keys()
+            .find(|k| !KEYS.contains(&k.as_str()) || (!allow_recorded_at && *k == "recorded_at"))
+        {
+            return Err(EventError::invalid(
+                format!("events[{n}]"),
+                format!("has the unknown key {key:?}"),
+                "Known keys: aggregate_type, aggregate_id, event_type, payload, metadata, expected_version, occurred_at, event_version.",
+            ));
+        }
+        let required_text = |key: &str| -> Result<&str, EventError> {
+            match map.get(key) {
+                None | Some(Value::Null) => Err(EventError::null(field(key))),
+                Some(Value::String(s)) => Ok(s.as_str()),
+                Some(other) => Err(EventError::invalid(
+                    field(key),
+                    format!("must be a string, got {}", validation::json_kind(other)),
+                    "Names and ids are strings.",
+                )),
+            }
+        };
+        let aggregate_type = required_text("aggregate_type")?;
+        validation::check_name(&field("aggregate_type"), aggregate_type)?;
+        let event_type = required_text("event_type")?;
+        validation::check_name(&field("event_type"), event_type)?;
+        let aggregate_id = match map.get("aggregate_id") {
+            Some(Value::Number(num)) if num.is_i64() || num.is_u64() => num.to_string(),
+            _ => required_text("aggregate_id")?.to_string(),
+        };
+        validation::check_aggregate_id(&field("aggregate_id"), &aggregate_id)?;
+        let optional = |key: &str| map.get(key).filter(|v| !v.is_null());
+        let empty = Value::Object(Map::new());
+        let payload = validation::payload_text(&field("payload"), optional("payload").unwrap_or(&empty), max_bytes)?;
+        let metadata =
+            validation::metadata_text(&field("metadata"), optional("metadata").unwrap_or(&empty), session)?;
+        let integer = |key: &str| -> Result<Option<i64>, EventError> {
+            match optional(key) {
+                None => Ok(None),
+                Some(Value::Number(num)) if num.is_i64() => Ok(num.as_i64()),
+                Some(other) => Err(EventError::invalid(
+                    field(key),
+                    format!("must be an integer, got {other}"),
+                    "Versions are whole numbers.",
+                )),
+            }
+        };
+        let expected_version = integer("expected_version")?;
+        if let Some(expected) = expected_version {
+            validation::check_expected_version(&field("expected_version"), expected)?;
+        }
+        let event_version = match integer("event_version")? {
+            Some(v) => validation::check_event_version(&field("event_version"), v)?,
+            None => 1,
+        };
+        let occurred_at = optional("occurred_at").map(|v| timestamp(&field("occurred_at"), v)).transpose()?;
+        let recorded_at = optional("recorded_at").map(|v| timestamp(&field("recorded_at"), v)).transpose()?;
+        Ok(NewEvent {
+            aggregate_type: aggregate_type.to_string(),
+            aggregate_id,
+            event_type: event_type.to_string(),
+            payload,
+            metadata,
+            expected_version,
+            occurred_at,
+            event_version,
+            recorded_at,
+        })
+    }
+}
+
+/// Parses an RFC 3339 / ISO 8601 timestamp string with Postgres' own `timestamptz` input.
+fn timestamp(field: &str, value: &Value) -> Result<TimestampWithTimeZone, EventError> {
+    let hint = "Use an RFC 3339 timestamp such as \"2026-11-23T10:15:00Z\".";
+    let Value::String(text) = value else {
+        return Err(EventError::invalid(
+            field,
+            format!("must be a timestamp string, got {}", validation::json_kind(value)),
+            hint,
+        ));
+    };
+    let is_keyword = matches!(
+        text.trim().to_ascii_lowercase().as_str(),
+        "infinity" | "+infinity" | "-infinity" | "now" | "today" | "tomorrow" | "yesterday" | "epoch" | "allballs"
+    );
+    let cstr = CString::new(text.as_str())
+        .map_err(|_| EventError::invalid(field, "contains a NUL character", hint))?;
+    if is_keyword || !text.chars().next().is_some_and(|c| c.is_ascii_digit()) {
+        return Err(EventError::invalid(field, format!("{text:?} is not a timestamp"), hint));
+    }
+    // Malformed dates raise Postgres' own 22007/22008 here, naming the bad text.
+    // SAFETY: timestamptz_in takes (cstring, oid, typmod).
+    let parsed = unsafe {
+        pgrx::direct_function_call::<TimestampWithTimeZone>(
+            pg_sys::timestamptz_in,
+            &[cstr.as_c_str().into_datum(), pg_sys::InvalidOid.into_datum(), (-1i32).into_datum()],
+        )
+    };
+    match parsed {
+        Some(ts) if ts.is_finite() => Ok(ts),
+        _ => Err(EventError::invalid(field, format!("{text:?} is not a timestamp"), hint)),
+    }
+}
+
+/// Builds the statement's columns: versions per aggregate are assigned in batch order.
+pub fn columns(events: Vec<NewEvent>) -> BatchColumns {
+    let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut batch = BatchColumns::default();
+    for event in &events {
+        let count = counts.entry((event.aggregate_type.clone(), event.aggregate_id.clone())).or_default();
+        *count += 1;
+        batch.ordinals.push(*count);
+    }
+    for ((aggregate_type, aggregate_id), count) in &counts {
+        batch.head_types.push(aggregate_type.clone());
+        batch.head_ids.push(aggregate_id.clone());
+        batch.head_counts.push(*count);
+    }
+    for event in events {
+        batch.counts.push(counts[&(event.aggregate_type.clone(), event.aggregate_id.clone())]);
+        batch.ids.push(pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes()));
+        batch.aggregate_types.push(event.aggregate_type);
+        batch.aggregate_ids.push(event.aggregate_id);
+        batch.event_types.push(event.event_type);
+        batch.event_versions.push(event.event_version);
+        batch.payloads.push(event.payload);
+        batch.metadata.push(event.metadata);
+        batch.occurred_at.push(event.occurred_at);
+        batch.recorded_at.push(event.recorded_at);
+    }
+    batch
+}

@@ -1,0 +1,140 @@
+//! Every setting of the extension, registered once in `_PG_init`.
+//!
+//! The behaviour switches are superuser-set: an application role must not be able to switch
+//! event recording off or raise the payload limit for itself. The metadata settings are
+//! user-set, so an ORM can stamp who did a change with `SET LOCAL`.
+
+use std::ffi::{CStr, CString};
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+
+/// `domain_events.enabled`: the feature flag.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum EventsEnabled {
+    /// Events are recorded.
+    #[name = c"on"]
+    On,
+    /// Raising is a no-op that returns no rows (dark launch).
+    #[name = c"off"]
+    Off,
+    /// Raising fails with SQLSTATE 25006; reads keep working.
+    #[name = c"read_only"]
+    ReadOnly,
+}
+
+/// `domain_events.retention_action`: what retention does with an expired partition.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RetentionAction {
+    /// Detach it and keep it as a plain table (`archived_pYYYYMM`) for archiving.
+    #[name = c"detach"]
+    Detach,
+    /// Drop it.
+    #[name = c"drop"]
+    Drop,
+}
+
+/// Whether raising records events.
+pub static ENABLED: GucSetting<EventsEnabled> = GucSetting::<EventsEnabled>::new(EventsEnabled::On);
+/// Largest accepted payload, in bytes of its JSON text.
+pub static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+/// Send one `NOTIFY domain_events` per transaction that raised events.
+pub static NOTIFY: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// Age after which whole partitions are retired by `maintain()`; empty keeps history forever.
+pub static RETENTION: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// What retention does with an expired partition.
+pub static RETENTION_ACTION: GucSetting<RetentionAction> =
+    GucSetting::<RetentionAction>::new(RetentionAction::Detach);
+/// Months of partitions `maintain()` creates ahead of the current one.
+pub static PREMAKE_MONTHS: GucSetting<i32> = GucSetting::<i32>::new(2);
+/// Default `metadata.actor` of raised events.
+pub static ACTOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Default `metadata.correlation_id` of raised events.
+pub static CORRELATION_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Default `metadata.causation_id` of raised events.
+pub static CAUSATION_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// Registers the settings; called from `_PG_init`.
+pub fn init() {
+    GucRegistry::define_enum_guc(
+        c"domain_events.enabled",
+        c"Whether raising events records them: on, off (no-op) or read_only (error).",
+        c"The feature flag for dark launches and read-only maintenance windows.",
+        &ENABLED,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"domain_events.max_payload_bytes",
+        c"Largest event payload accepted, in bytes of its JSON text.",
+        c"Larger payloads are rejected with SQLSTATE 22023 and nothing is written.",
+        &MAX_PAYLOAD_BYTES,
+        2,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"domain_events.notify",
+        c"Send NOTIFY domain_events once per committed transaction that raised events.",
+        c"Wakes LISTEN consumers such as the listener's notify mode.",
+        &NOTIFY,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"domain_events.retention",
+        c"Age after which maintain() retires whole event partitions, e.g. '12 months'.",
+        c"Empty keeps history forever. Rows are never deleted one by one.",
+        &RETENTION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"domain_events.retention_action",
+        c"What retention does with an expired partition: detach or drop.",
+        c"detach keeps it as a plain table named archived_pYYYYMM.",
+        &RETENTION_ACTION,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"domain_events.premake_months",
+        c"Months of event partitions maintain() creates ahead of the current month.",
+        c"",
+        &PREMAKE_MONTHS,
+        0,
+        120,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    for (name, setting, what) in [
+        (c"domain_events.actor", &ACTOR, c"Default metadata.actor of raised events."),
+        (
+            c"domain_events.correlation_id",
+            &CORRELATION_ID,
+            c"Default metadata.correlation_id of raised events.",
+        ),
+        (
+            c"domain_events.causation_id",
+            &CAUSATION_ID,
+            c"Default metadata.causation_id of raised events.",
+        ),
+    ] {
+        GucRegistry::define_string_guc(
+            name,
+            what,
+            c"Used when the event's own metadata does not carry the key; set it with SET LOCAL.",
+            setting,
+            GucContext::Userset,
+            GucFlags::default(),
+        );
+    }
+}
+
+/// A string setting's value, `None` when unset or empty.
+pub fn text(setting: &GucSetting<Option<CString>>) -> Option<String> {
+    setting
+        .get()
+        .map(|v| CStr::to_string_lossy(&v).into_owned())
+        .filter(|v| !v.trim().is_empty())
+}

@@ -1,0 +1,44 @@
+//! pg_domain_events: domain events for PostgreSQL.
+//!
+//! `CREATE EXTENSION pg_domain_events` gives the schema `domain_events` with an append-only,
+//! monthly-partitioned event store and `raise_event(...)`, so that an event commits or rolls back
+//! with the business change that caused it. See `docs/sql-api.md`.
+
+use pgrx::prelude::*;
+
+mod api;
+mod errors;
+mod event;
+mod gucs;
+mod immutability;
+mod partition;
+mod store;
+mod validation;
+
+::pgrx::pg_module_magic!(name, version);
+
+pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+/// Called once per backend when the library loads.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    /// One-off set-up before the test cluster starts.
+    pub fn setup(_options: Vec<&str>) {}
+
+    /// Settings of the throwaway cluster `cargo pgrx test` runs.
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["wal_level = logical"]
+    }
+}

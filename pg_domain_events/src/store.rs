@@ -1,0 +1,276 @@
+//! Every SQL statement the extension runs from Rust, and the SPI calls that run them.
+//!
+//! All names are schema-qualified: the raising functions are `SECURITY DEFINER` with a pinned
+//! `search_path`, and nothing here may resolve through the caller's.
+
+use std::cell::RefCell;
+
+use pgrx::datum::{DatumWithOid, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::PgOid;
+
+/// Appends a batch (multi-argument `unnest` only exists unqualified, as `ROWS FROM` sugar;
+/// every caller pins `search_path` to `pg_catalog, pg_temp`): upserts the stream heads (one row per aggregate, in sorted order so that
+/// concurrent batches lock heads in the same order and cannot deadlock), then inserts the
+/// events with versions derived from the new head: `head - count + ordinal`.
+pub const INSERT_EVENTS: &str = r#"
+WITH head AS (
+    INSERT INTO domain_events.aggregate AS a (aggregate_type, aggregate_id, version, updated_at)
+    SELECT h.t, h.i, h.n, pg_catalog.now()
+      FROM unnest($1::text[], $2::text[], $3::bigint[]) AS h(t, i, n)
+    ON CONFLICT (aggregate_type, aggregate_id)
+    DO UPDATE SET version = a.version + excluded.version, updated_at = excluded.updated_at
+    RETURNING a.aggregate_type, a.aggregate_id, a.version
+)
+INSERT INTO domain_events.event
+    (id, aggregate_type, aggregate_id, aggregate_version, event_type, event_version,
+     payload, metadata, occurred_at, recorded_at)
+SELECT e.id, e.t, e.i, head.version - e.n + e.k, e.et, e.ev,
+       e.p::jsonb, e.m::jsonb,
+       COALESCE(e.o, pg_catalog.now()), COALESCE(e.r, pg_catalog.now())
+  FROM unnest($4::uuid[], $5::text[], $6::text[], $7::bigint[], $8::bigint[],
+                         $9::text[], $10::int[], $11::text[], $12::text[],
+                         $13::timestamptz[], $14::timestamptz[])
+       WITH ORDINALITY AS e(id, t, i, k, n, et, ev, p, m, o, r, ord)
+  JOIN head ON head.aggregate_type = e.t AND head.aggregate_id = e.i
+ ORDER BY e.ord
+RETURNING id, position, aggregate_version, recorded_at
+"#;
+
+/// Serialises creators of partitions (`pg_advisory_xact_lock` key: "pgde" + 1).
+pub const PARTITION_LOCK: &str = "SELECT pg_catalog.pg_advisory_xact_lock(1885824101, 1)";
+
+/// Whether the default partition holds rows in `[$1, $2)`.
+pub const DEFAULT_HAS_ROWS_IN: &str = "SELECT EXISTS (SELECT 1 FROM domain_events.event_default \
+     WHERE recorded_at >= $1::timestamptz AND recorded_at < $2::timestamptz)";
+
+/// Whether the default partition holds any row.
+pub const DEFAULT_HAS_ROWS: &str = "SELECT EXISTS (SELECT 1 FROM domain_events.event_default)";
+
+/// The distinct months (`YYYYMM`, UTC) of the rows in a table.
+pub fn months_of(table: &str) -> String {
+    format!(
+        "SELECT DISTINCT pg_catalog.to_char(recorded_at AT TIME ZONE 'UTC', 'YYYYMM')::int \
+         FROM domain_events.{table}"
+    )
+}
+
+/// Creates one monthly partition; its own TRUNCATE guard, as statement triggers are not cloned.
+pub fn create_partition(name: &str, from: &str, to: &str) -> String {
+    format!(
+        "CREATE TABLE domain_events.{name} PARTITION OF domain_events.event \
+           FOR VALUES FROM ('{from}') TO ('{to}'); \
+         CREATE TRIGGER event_no_truncate BEFORE TRUNCATE ON domain_events.{name} \
+           FOR EACH STATEMENT EXECUTE FUNCTION domain_events.refuse_event_change()"
+    )
+}
+
+/// A standalone table shaped like the event table, to fill before attaching it as a partition.
+pub fn create_unattached_partition(name: &str) -> String {
+    format!(
+        "CREATE TABLE domain_events.{name} \
+           (LIKE domain_events.event INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+    )
+}
+
+/// Moves the default partition's rows in `[$1, $2)` into `target` (a partition or a table
+/// about to become one). Only the partition code may delete: see `immutability`.
+pub fn move_from_default(target: &str) -> String {
+    format!(
+        "WITH moved AS (DELETE FROM domain_events.event_default \
+           WHERE recorded_at >= $1::timestamptz AND recorded_at < $2::timestamptz RETURNING *) \
+         INSERT INTO domain_events.{target} SELECT * FROM moved"
+    )
+}
+
+/// Attaches a filled table as the partition for `[from, to)`, with its TRUNCATE guard.
+pub fn attach_partition(name: &str, from: &str, to: &str) -> String {
+    format!(
+        "ALTER TABLE domain_events.event ATTACH PARTITION domain_events.{name} \
+           FOR VALUES FROM ('{from}') TO ('{to}'); \
+         CREATE TRIGGER event_no_truncate BEFORE TRUNCATE ON domain_events.{name} \
+           FOR EACH STATEMENT EXECUTE FUNCTION domain_events.refuse_event_change()"
+    )
+}
+
+/// The monthly partitions attached to the event table.
+pub const LIST_PARTITIONS: &str = "SELECT c.relname::text FROM pg_catalog.pg_inherits i \
+     JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid \
+     WHERE i.inhparent = 'domain_events.event'::regclass ORDER BY 1";
+
+/// The retention cut-off `now() - $1::interval`.
+pub const RETENTION_CUTOFF: &str = "SELECT pg_catalog.now() - $1::interval";
+
+/// Drops an expired partition.
+pub fn drop_partition(name: &str) -> String {
+    format!("DROP TABLE domain_events.{name}")
+}
+
+/// Detaches an expired partition and keeps it as `archived_<suffix>`.
+pub fn detach_partition(name: &str, archived: &str) -> String {
+    format!(
+        "ALTER TABLE domain_events.event DETACH PARTITION domain_events.{name}; \
+         ALTER TABLE domain_events.{name} RENAME TO {archived}"
+    )
+}
+
+thread_local! {
+    /// The saved plan of [`INSERT_EVENTS`], prepared once per backend. Postgres' plan cache
+    /// re-plans it by itself when the tables change (even after DROP/CREATE EXTENSION).
+    static INSERT_PLAN: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
+}
+
+/// The columns of one batch, in the parameter order of [`INSERT_EVENTS`].
+#[derive(Default)]
+pub struct BatchColumns {
+    /// Distinct aggregates, sorted: types.
+    pub head_types: Vec<String>,
+    /// Distinct aggregates, sorted: ids.
+    pub head_ids: Vec<String>,
+    /// Distinct aggregates, sorted: how many events each gets.
+    pub head_counts: Vec<i64>,
+    /// Per event: id.
+    pub ids: Vec<pgrx::Uuid>,
+    /// Per event: aggregate type.
+    pub aggregate_types: Vec<String>,
+    /// Per event: aggregate id.
+    pub aggregate_ids: Vec<String>,
+    /// Per event: 1-based ordinal among the batch's events of the same aggregate.
+    pub ordinals: Vec<i64>,
+    /// Per event: number of the batch's events of the same aggregate.
+    pub counts: Vec<i64>,
+    /// Per event: event type.
+    pub event_types: Vec<String>,
+    /// Per event: payload schema version.
+    pub event_versions: Vec<i32>,
+    /// Per event: payload JSON text.
+    pub payloads: Vec<String>,
+    /// Per event: metadata JSON text.
+    pub metadata: Vec<String>,
+    /// Per event: business time, `None` = `now()`.
+    pub occurred_at: Vec<Option<TimestampWithTimeZone>>,
+    /// Per event: server time, `None` = `now()` (only imports set it).
+    pub recorded_at: Vec<Option<TimestampWithTimeZone>>,
+}
+
+/// One stored event as returned to the caller.
+pub struct Stored {
+    /// Event id.
+    pub id: pgrx::Uuid,
+    /// Global position.
+    pub position: i64,
+    /// Version within its aggregate.
+    pub aggregate_version: i64,
+    /// Server time.
+    pub recorded_at: TimestampWithTimeZone,
+}
+
+fn insert_plan(client: &SpiClient<'_>) -> OwnedPreparedStatement {
+    let text = PgOid::from(pg_sys::TEXTARRAYOID);
+    let int8 = PgOid::from(pg_sys::INT8ARRAYOID);
+    let types = [
+        text,
+        text,
+        int8,
+        PgOid::from(pg_sys::UUIDARRAYOID),
+        text,
+        text,
+        int8,
+        int8,
+        text,
+        PgOid::from(pg_sys::INT4ARRAYOID),
+        text,
+        text,
+        PgOid::from(pg_sys::TIMESTAMPTZARRAYOID),
+        PgOid::from(pg_sys::TIMESTAMPTZARRAYOID),
+    ];
+    client
+        .prepare_mut(INSERT_EVENTS, &types)
+        .unwrap_or_else(|e| panic!("preparing the event insert failed: {e}"))
+        .keep()
+}
+
+/// Runs [`INSERT_EVENTS`] for a batch; rows come back in input order.
+pub fn insert_batch(batch: BatchColumns) -> Vec<Stored> {
+    let expected = batch.ids.len();
+    Spi::connect_mut(|client| {
+        INSERT_PLAN.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let plan = slot.get_or_insert_with(|| insert_plan(client));
+            let args: [DatumWithOid; 14] = [
+                batch.head_types.into(),
+                batch.head_ids.into(),
+                batch.head_counts.into(),
+                batch.ids.into(),
+                batch.aggregate_types.into(),
+                batch.aggregate_ids.into(),
+                batch.ordinals.into(),
+                batch.counts.into(),
+                batch.event_types.into(),
+                batch.event_versions.into(),
+                batch.payloads.into(),
+                batch.metadata.into(),
+                batch.occurred_at.into(),
+                batch.recorded_at.into(),
+            ];
+            let rows = client
+                .update(&*plan, None, &args)
+                .unwrap_or_else(|e| panic!("inserting events failed: {e}"));
+            let mut stored = Vec::with_capacity(expected);
+            for row in rows {
+                stored.push(Stored {
+                    id: row.get::<pgrx::Uuid>(1).ok().flatten().expect("RETURNING id"),
+                    position: row.get::<i64>(2).ok().flatten().expect("RETURNING position"),
+                    aggregate_version: row
+                        .get::<i64>(3)
+                        .ok()
+                        .flatten()
+                        .expect("RETURNING aggregate_version"),
+                    recorded_at: row
+                        .get::<TimestampWithTimeZone>(4)
+                        .ok()
+                        .flatten()
+                        .expect("RETURNING recorded_at"),
+                });
+            }
+            stored
+        })
+    })
+}
+
+/// Runs utility statements or DML that return nothing of interest.
+pub fn run(sql: &str) {
+    Spi::connect_mut(|client| {
+        client.update(sql, None, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    })
+}
+
+/// Runs a statement with arguments, ignoring its result rows.
+pub fn run_with(sql: &str, args: &[DatumWithOid]) {
+    Spi::connect_mut(|client| {
+        client.update(sql, None, args).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    })
+}
+
+/// Runs a query returning one boolean.
+pub fn query_bool(sql: &str, args: &[DatumWithOid]) -> bool {
+    Spi::connect_mut(|client| {
+        client
+            .update(sql, Some(1), args)
+            .and_then(|t| t.first().get_one::<bool>())
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .unwrap_or(false)
+    })
+}
+
+/// Runs a query returning one column of `T` per row.
+pub fn query_column<T: FromDatum + IntoDatum>(sql: &str, args: &[DatumWithOid]) -> Vec<T> {
+    Spi::connect_mut(|client| {
+        client
+            .update(sql, None, args)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .filter_map(|row| row.get::<T>(1).ok().flatten())
+            .collect()
+    })
+}

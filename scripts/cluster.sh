@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# A private, throwaway PostgreSQL 15 cluster for the demo, the tests and the bench.
+# Data lives under target/pgde-cluster; it listens on 127.0.0.1:$PGDE_PORT (default 54329)
+# with wal_level=logical, and runs as the `postgres` OS user because Postgres refuses root.
+#
+#   scripts/cluster.sh start | stop | restart | status | destroy | env
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PGBIN="${PGBIN:-/usr/lib/postgresql/15/bin}"
+PORT="${PGDE_PORT:-54329}"
+BASE="$ROOT/target/pgde-cluster"
+DATA="$BASE/data"
+LOG="$BASE/postgres.log"
+RUN_AS="${PGDE_CLUSTER_USER:-postgres}"
+
+as_owner() {
+    if [ "$(id -un)" = "$RUN_AS" ]; then "$@"; else runuser -u "$RUN_AS" -- "$@"; fi
+}
+
+init_cluster() {
+    mkdir -p "$BASE"
+    # The postgres user must be able to reach the data directory.
+    chmod a+rx "$ROOT/target" "$BASE" 2>/dev/null || true
+    if ! as_owner test -x "$BASE"; then
+        echo "cluster.sh: user $RUN_AS cannot reach $BASE; make its parent directories traversable" >&2
+        exit 1
+    fi
+    if [ "$(id -u)" = 0 ]; then chown "$RUN_AS" "$BASE"; fi
+    as_owner "$PGBIN/initdb" -D "$DATA" -U postgres --auth-local=trust --auth-host=scram-sha-256 \
+        --encoding=UTF8 --locale=C.UTF-8 >"$BASE/initdb.log"
+    cat >>"$DATA/postgresql.conf" <<CONF
+# pg_domain_events private cluster
+port = $PORT
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$BASE'
+wal_level = logical
+max_replication_slots = 32
+max_wal_senders = 32
+max_connections = 200
+shared_buffers = 256MB
+log_min_messages = warning
+shared_preload_libraries = '${PGDE_PRELOAD:-}'
+CONF
+    # The superuser connects without a password over loopback (tests, demo); every other
+    # role authenticates with SCRAM, so the listener's password path is exercised for real.
+    cat >"$DATA/pg_hba.conf" <<HBA
+local   all             all                                     trust
+local   replication     all                                     trust
+host    all             postgres        127.0.0.1/32            trust
+host    replication     postgres        127.0.0.1/32            trust
+host    all             all             127.0.0.1/32            scram-sha-256
+host    replication     all             127.0.0.1/32            scram-sha-256
+HBA
+}
+
+running() {
+    as_owner "$PGBIN/pg_ctl" -D "$DATA" status >/dev/null 2>&1
+}
+
+start() {
+    [ -f "$DATA/PG_VERSION" ] || init_cluster
+    if running; then return 0; fi
+    as_owner "$PGBIN/pg_ctl" -D "$DATA" -l "$LOG" -w -t 60 start >/dev/null
+}
+
+stop() {
+    if [ -f "$DATA/PG_VERSION" ] && running; then
+        as_owner "$PGBIN/pg_ctl" -D "$DATA" -m "${1:-fast}" -w stop >/dev/null
+    fi
+}
+
+case "${1:-}" in
+    start) start ;;
+    stop) stop "${2:-fast}" ;;
+    restart) stop "${2:-fast}"; start ;;
+    status) if running; then echo "running on 127.0.0.1:$PORT"; else echo "stopped"; exit 1; fi ;;
+    destroy) stop immediate; rm -rf "$BASE" ;;
+    env)
+        echo "export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres"
+        echo "export PGDE_TEST_DSN='host=127.0.0.1 port=$PORT user=postgres dbname=postgres'"
+        ;;
+    *) echo "usage: $0 start|stop [fast|immediate]|restart|status|destroy|env" >&2; exit 2 ;;
+esac

@@ -1,0 +1,92 @@
+//! Test harness shared by the end-to-end suites under `tests/tests/`.
+//!
+//! Every test gets a fresh database on the private cluster started by `scripts/cluster.sh`
+//! (`PGDE_TEST_DSN`, default `host=127.0.0.1 port=54329 user=postgres`), with
+//! `CREATE EXTENSION pg_domain_events` already run, so tests never share state.
+
+use tokio_postgres::{Client, NoTls};
+
+pub mod store_support;
+
+/// Connection string of the private cluster's superuser, database `postgres`.
+pub fn admin_dsn() -> String {
+    std::env::var("PGDE_TEST_DSN")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=54329 user=postgres dbname=postgres".to_string())
+}
+
+/// `admin_dsn()` with the database replaced by `dbname`.
+pub fn dsn_for(dbname: &str) -> String {
+    let base: Vec<String> = admin_dsn()
+        .split_whitespace()
+        .filter(|kv| !kv.starts_with("dbname="))
+        .map(str::to_string)
+        .collect();
+    format!("{} dbname={dbname}", base.join(" "))
+}
+
+/// Opens a connection and drives it on a background task.
+pub async fn connect(dsn: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(dsn, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the private cluster ({dsn}): {e}; run scripts/cluster.sh start"));
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// A throwaway database with the extension installed.
+pub struct TestDb {
+    /// Database name (`pgde_t_<uuid>`).
+    pub name: String,
+    /// Connection string for it, as the superuser.
+    pub dsn: String,
+    /// A superuser connection to it.
+    pub client: Client,
+}
+
+impl TestDb {
+    /// Creates a fresh database and runs `CREATE EXTENSION pg_domain_events` in it.
+    pub async fn new() -> TestDb {
+        let db = Self::without_extension().await;
+        db.client
+            .batch_execute("CREATE EXTENSION pg_domain_events")
+            .await
+            .expect("CREATE EXTENSION pg_domain_events");
+        db
+    }
+
+    /// Creates a fresh, empty database (no extension).
+    pub async fn without_extension() -> TestDb {
+        let name = format!("pgde_t_{}", uuid::Uuid::new_v4().simple());
+        let admin = connect(&admin_dsn()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("CREATE DATABASE");
+        let dsn = dsn_for(&name);
+        let client = connect(&dsn).await;
+        TestDb { name, dsn, client }
+    }
+
+    /// Another superuser connection to the same database.
+    pub async fn connect(&self) -> Client {
+        connect(&self.dsn).await
+    }
+
+    /// Number of rows in `domain_events.event`.
+    pub async fn event_count(&self) -> i64 {
+        self.client
+            .query_one("SELECT count(*) FROM domain_events.event", &[])
+            .await
+            .expect("count events")
+            .get(0)
+    }
+}
+
+/// The SQLSTATE of a failed statement, as its five-character code.
+pub fn sqlstate(err: &tokio_postgres::Error) -> String {
+    err.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no SQLSTATE: {err}"))
+}
