@@ -1,1 +1,219 @@
+//! Backend tests: each runs inside a transaction that `cargo pgrx test` rolls back.
+//! Commit-time behaviour (NOTIFY, visibility, replication) is tested end to end in `tests/`.
 
+// `cargo pgrx test` calls the functions in the SQL schema `tests`, named after this module.
+#[allow(clippy::module_inception)]
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
+        Spi::get_one::<T>(sql).expect(sql).expect("a non-NULL value")
+    }
+
+    fn count(sql: &str) -> i64 {
+        one::<i64>(sql)
+    }
+
+    #[pg_test]
+    fn raise_event_assigns_gap_free_versions_and_increasing_positions() {
+        let v1 = one::<i64>("SELECT aggregate_version FROM domain_events.raise_event('Loan', '42', 'Loan.Created')");
+        let v2 = one::<i64>("SELECT aggregate_version FROM domain_events.raise_event('Loan', '42', 'Loan.Funded', '{\"amount\": 100000}')");
+        let other = one::<i64>("SELECT aggregate_version FROM domain_events.raise_event('Loan', '43', 'Loan.Created')");
+        assert_eq!((v1, v2, other), (1, 2, 1));
+        assert_eq!(one::<i64>("SELECT domain_events.aggregate_version('Loan', '42')"), 2);
+        assert_eq!(one::<i64>("SELECT domain_events.aggregate_version('Loan', 'nope')"), 0);
+        assert_eq!(
+            count("SELECT count(*) FROM (SELECT position, lag(position) OVER (ORDER BY position) AS prev FROM domain_events.event) p WHERE prev IS NOT NULL AND position <= prev"),
+            0
+        );
+        assert_eq!(
+            one::<String>("SELECT string_agg(event_type, ',' ORDER BY aggregate_version) FROM domain_events.aggregate_events('Loan', '42')"),
+            "Loan.Created,Loan.Funded"
+        );
+    }
+
+    #[pg_test]
+    fn stored_event_keeps_every_field() {
+        Spi::run("SELECT * FROM domain_events.raise_event('ticket', 'T-1', 'ticket.created', '{\"status\": \"submitted\", \"ü\": [1, {\"x\": null}]}', '{\"actor\": \"dev-1\", \"source\": \"core\"}', 0, '2020-02-02 10:00:00+00', 3)").unwrap();
+        let row = Spi::get_three::<String, String, i32>(
+            "SELECT payload::text, metadata::text, event_version FROM domain_events.event",
+        )
+        .unwrap();
+        assert_eq!(row.0.as_deref(), Some(r#"{"ü": [1, {"x": null}], "status": "submitted"}"#));
+        assert_eq!(row.1.as_deref(), Some(r#"{"actor": "dev-1", "source": "core"}"#));
+        assert_eq!(row.2, Some(3));
+        assert!(one::<bool>("SELECT occurred_at = '2020-02-02 10:00:00+00' AND recorded_at = now() AND txid = pg_current_xact_id() AND substr(id::text, 15, 1) = '7' FROM domain_events.event"));
+    }
+
+    #[pg_test]
+    fn uuid_and_bigint_ids_have_overloads() {
+        Spi::run("SELECT * FROM domain_events.raise_event('User', '7b0c4a52-3d39-4a39-9a4b-2f7c1d1e0b11'::uuid, 'UserCreated', '{\"email\": \"ada@example.com\"}')").unwrap();
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', 42::bigint, 'LoanStatusChanged', '{\"old_status\": \"submitted\", \"new_status\": \"approved\"}')").unwrap();
+        assert_eq!(
+            one::<String>("SELECT string_agg(aggregate_id, ',' ORDER BY position) FROM domain_events.event"),
+            "7b0c4a52-3d39-4a39-9a4b-2f7c1d1e0b11,42"
+        );
+    }
+
+    #[pg_test(error = "aggregate Loan/1 is at version 1, expected 0")]
+    fn expected_version_mismatch_is_a_serialization_failure() {
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created', expected_version => 0)").unwrap();
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created', expected_version => 0)").unwrap();
+    }
+
+    #[pg_test]
+    fn expected_version_matching_is_accepted() {
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created', expected_version => 0)").unwrap();
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Funded', expected_version => 1)").unwrap();
+        assert_eq!(one::<i64>("SELECT domain_events.aggregate_version('Loan', '1')"), 2);
+    }
+
+    #[pg_test]
+    fn raise_events_versions_a_batch_in_order() {
+        let versions = one::<String>(
+            r#"SELECT string_agg(aggregate_version::text, ',') FROM domain_events.raise_events('[
+                {"aggregate_type": "Loan", "aggregate_id": 7, "event_type": "Loan.Created", "expected_version": 0},
+                {"aggregate_type": "Loan", "aggregate_id": "8", "event_type": "Loan.Created"},
+                {"aggregate_type": "Loan", "aggregate_id": "7", "event_type": "Loan.Funded", "expected_version": 1, "payload": {"amount": 5}},
+                {"aggregate_type": "Loan", "aggregate_id": "7", "event_type": "Loan.Paid", "occurred_at": "2026-01-02T03:04:05Z", "event_version": 2, "metadata": {"actor": 9}}
+            ]')"#,
+        );
+        assert_eq!(versions, "1,1,2,3");
+        assert!(one::<bool>("SELECT occurred_at = '2026-01-02T03:04:05Z' AND event_version = 2 FROM domain_events.event WHERE event_type = 'Loan.Paid'"));
+        assert_eq!(count("SELECT count(*) FROM domain_events.raise_events('[]')"), 0);
+    }
+
+    #[pg_test(error = "aggregate Loan/7 is at version 1, expected 0")]
+    fn raise_events_checks_each_expected_version_against_the_batch() {
+        Spi::run(r#"SELECT * FROM domain_events.raise_events('[
+            {"aggregate_type": "Loan", "aggregate_id": "7", "event_type": "Loan.Created", "expected_version": 0},
+            {"aggregate_type": "Loan", "aggregate_id": "7", "event_type": "Loan.Created", "expected_version": 0}]')"#).unwrap();
+    }
+
+    #[pg_test(error = "invalid events[1].event_type: \"bad name\" contains the character ' '")]
+    fn raise_events_names_the_bad_item() {
+        Spi::run(r#"SELECT * FROM domain_events.raise_events('[
+            {"aggregate_type": "Loan", "aggregate_id": "7", "event_type": "Loan.Created"},
+            {"aggregate_type": "Loan", "aggregate_id": "7", "event_type": "bad name"}]')"#).unwrap();
+    }
+
+    #[pg_test(error = "invalid events[0]: has the unknown key \"recorded_at\"")]
+    fn raise_events_refuses_recorded_at() {
+        Spi::run(r#"SELECT * FROM domain_events.raise_events('[{"aggregate_type": "Loan", "aggregate_id": "7", "event_type": "Loan.Created", "recorded_at": "2001-01-01T00:00:00Z"}]')"#).unwrap();
+    }
+
+    #[pg_test(error = "invalid payload: must be a JSON object, got an array")]
+    fn payload_must_be_an_object() {
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created', '[1,2]')").unwrap();
+    }
+
+    #[pg_test(error = "event_type must not be null")]
+    fn null_event_type_is_refused() {
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', NULL)").unwrap();
+    }
+
+    #[pg_test(error = "invalid payload: is 23 bytes, above domain_events.max_payload_bytes (16)")]
+    fn oversize_payload_is_refused() {
+        Spi::run("SET domain_events.max_payload_bytes = 16").unwrap();
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created', '{\"note\": \"0123456789ab\"}')").unwrap();
+    }
+
+    #[pg_test]
+    fn disabled_store_records_nothing() {
+        Spi::run("SET domain_events.enabled = off").unwrap();
+        assert_eq!(count("SELECT count(*) FROM domain_events.raise_event('Loan', '1', 'Loan.Created')"), 0);
+        assert_eq!(count("SELECT count(*) FROM domain_events.event"), 0);
+        assert_eq!(count("SELECT count(*) FROM domain_events.aggregate"), 0);
+    }
+
+    #[pg_test(error = "the event store is read-only (domain_events.enabled = read_only)")]
+    fn read_only_store_refuses_to_raise() {
+        Spi::run("SET domain_events.enabled = read_only").unwrap();
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created')").unwrap();
+    }
+
+    #[pg_test]
+    fn session_settings_fill_metadata() {
+        Spi::run("SET LOCAL domain_events.actor = 'user-17'").unwrap();
+        Spi::run("SET LOCAL domain_events.correlation_id = 'req-1'").unwrap();
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created', '{}', '{\"correlation_id\": \"given\"}')").unwrap();
+        assert_eq!(
+            one::<String>("SELECT metadata::text FROM domain_events.event"),
+            r#"{"actor": "user-17", "correlation_id": "given"}"#
+        );
+    }
+
+    #[pg_test(error = "domain_events.event is append-only: UPDATE is not allowed")]
+    fn events_cannot_be_updated() {
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created')").unwrap();
+        Spi::run("UPDATE domain_events.event SET payload = '{\"forged\": true}'").unwrap();
+    }
+
+    #[pg_test(error = "domain_events.event is append-only: DELETE is not allowed")]
+    fn events_cannot_be_deleted() {
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created')").unwrap();
+        Spi::run("DELETE FROM domain_events.event").unwrap();
+    }
+
+    #[pg_test(error = "domain_events.event is append-only: TRUNCATE is not allowed")]
+    fn partitions_cannot_be_truncated() {
+        Spi::run("SELECT * FROM domain_events.import_events('[{\"aggregate_type\": \"Loan\", \"aggregate_id\": \"1\", \"event_type\": \"Loan.Created\", \"recorded_at\": \"2001-05-05T00:00:00Z\"}]')").unwrap();
+        Spi::run("TRUNCATE domain_events.event_p200105").unwrap();
+    }
+
+    #[pg_test]
+    fn imports_create_partitions_for_any_month() {
+        Spi::run(r#"SELECT * FROM domain_events.import_events('[
+            {"aggregate_type": "Loan", "aggregate_id": "1", "event_type": "Loan.Created", "recorded_at": "1999-03-15T12:00:00Z"},
+            {"aggregate_type": "Loan", "aggregate_id": "1", "event_type": "Loan.Funded", "recorded_at": "2099-11-30T23:59:59.999999Z"},
+            {"aggregate_type": "Loan", "aggregate_id": "1", "event_type": "Loan.Paid"}]')"#).unwrap();
+        assert_eq!(
+            one::<String>("SELECT string_agg(tableoid::regclass::text, ',' ORDER BY aggregate_version) FROM domain_events.event"),
+            format!(
+                "domain_events.event_p199903,domain_events.event_p209911,domain_events.event_p{}",
+                one::<String>("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYYMM')")
+            )
+        );
+    }
+
+    #[pg_test]
+    fn maintain_moves_stray_rows_out_of_the_default_partition() {
+        Spi::run("INSERT INTO domain_events.event (id, aggregate_type, aggregate_id, aggregate_version, event_type, recorded_at) VALUES (gen_random_uuid(), 'Loan', 'x', 1, 'Loan.Created', '1987-06-05 00:00:00+00')").unwrap();
+        assert_eq!(count("SELECT count(*) FROM domain_events.event_default"), 1);
+        let moved = one::<String>("SELECT string_agg(action || ':' || partition_name, ',') FROM domain_events.maintain() WHERE action = 'moved'");
+        assert_eq!(moved, "moved:event_p198706");
+        assert_eq!(count("SELECT count(*) FROM domain_events.event_default"), 0);
+        assert_eq!(count("SELECT count(*) FROM domain_events.event_p198706"), 1);
+    }
+
+    #[pg_test]
+    fn on_demand_partition_takes_its_rows_from_the_default_partition() {
+        Spi::run("INSERT INTO domain_events.event (id, aggregate_type, aggregate_id, aggregate_version, event_type, recorded_at) VALUES (gen_random_uuid(), 'Loan', 'x', 1, 'Loan.Created', '1987-06-05 00:00:00+00')").unwrap();
+        Spi::run("SELECT * FROM domain_events.import_events('[{\"aggregate_type\": \"Loan\", \"aggregate_id\": \"y\", \"event_type\": \"Loan.Created\", \"recorded_at\": \"1987-06-20T00:00:00Z\"}]')").unwrap();
+        assert_eq!(count("SELECT count(*) FROM domain_events.event_default"), 0);
+        assert_eq!(count("SELECT count(*) FROM domain_events.event_p198706"), 2);
+    }
+
+    #[pg_test]
+    fn maintain_premakes_and_applies_retention_by_whole_partitions() {
+        Spi::run("SET domain_events.premake_months = 2").unwrap();
+        let created = count("SELECT count(*) FROM domain_events.maintain() WHERE action = 'created'");
+        assert!((2..=3).contains(&created), "created {created}");
+        assert!(one::<bool>("SELECT to_regclass('domain_events.event_p' || to_char((now() + interval '2 months') AT TIME ZONE 'UTC', 'YYYYMM')) IS NOT NULL"));
+        Spi::run(r#"SELECT * FROM domain_events.import_events('[
+            {"aggregate_type": "Loan", "aggregate_id": "1", "event_type": "Loan.Created", "recorded_at": "2001-01-15T00:00:00Z"},
+            {"aggregate_type": "Loan", "aggregate_id": "1", "event_type": "Loan.Funded", "recorded_at": "2002-01-15T00:00:00Z"}]')"#).unwrap();
+        Spi::run("SET domain_events.retention = '12 months'").unwrap();
+        Spi::run("SET domain_events.retention_action = 'drop'").unwrap();
+        let dropped = one::<String>("SELECT string_agg(partition_name, ',' ORDER BY partition_name) FROM domain_events.maintain() WHERE action = 'dropped'");
+        assert_eq!(dropped, "event_p200101,event_p200201");
+        assert_eq!(count("SELECT count(*) FROM domain_events.event"), 0);
+        Spi::run("SELECT * FROM domain_events.import_events('[{\"aggregate_type\": \"Loan\", \"aggregate_id\": \"1\", \"event_type\": \"Loan.Paid\", \"recorded_at\": \"2003-01-15T00:00:00Z\"}]')").unwrap();
+        Spi::run("SET domain_events.retention_action = 'detach'").unwrap();
+        let detached = one::<String>("SELECT string_agg(partition_name, ',') FROM domain_events.maintain() WHERE action = 'detached'");
+        assert_eq!(detached, "archived_p200301");
+        assert_eq!(count("SELECT count(*) FROM domain_events.archived_p200301"), 1);
+    }
+
+}
