@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A private, throwaway PostgreSQL 15 cluster for the demo, the tests and the bench.
-# Data lives under target/pgde-cluster; it listens on 127.0.0.1:$PGDE_PORT (default 54329)
+# Data lives under target/$PGDE_CLUSTER_NAME (default pgde-cluster); it listens on
+# 127.0.0.1:$PGDE_PORT (default 54329)
 # with wal_level=logical, and runs as the `postgres` OS user because Postgres refuses root.
 #
 #   scripts/cluster.sh start | stop | restart | status | destroy | env
@@ -9,7 +10,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PGBIN="${PGBIN:-/usr/lib/postgresql/15/bin}"
 PORT="${PGDE_PORT:-54329}"
-BASE="$ROOT/target/pgde-cluster"
+BASE="$ROOT/target/${PGDE_CLUSTER_NAME:-pgde-cluster}"
 DATA="$BASE/data"
 LOG="$BASE/postgres.log"
 RUN_AS="${PGDE_CLUSTER_USER:-postgres}"

@@ -59,7 +59,9 @@ fn raise_event(
 /// Appends a batch of events (a JSON array), all or nothing. See docs/sql-api.md.
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
-fn raise_events(events: Option<JsonB>) -> TableIterator<
+fn raise_events(
+    events: Option<JsonB>,
+) -> TableIterator<
     'static,
     (
         name!(id, pgrx::Uuid),
@@ -72,13 +74,17 @@ fn raise_events(events: Option<JsonB>) -> TableIterator<
         return TableIterator::new(rows);
     }
     let events = events.ok_or_else(|| EventError::null("events")).or_report();
-    TableIterator::new(append(NewEvent::from_json_batch(&events.0, false).or_report()))
+    TableIterator::new(append(
+        NewEvent::from_json_batch(&events.0, false).or_report(),
+    ))
 }
 
 /// Imports history (items may carry `recorded_at`); for migrations, owner only.
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
-fn import_events(events: Option<JsonB>) -> TableIterator<
+fn import_events(
+    events: Option<JsonB>,
+) -> TableIterator<
     'static,
     (
         name!(id, pgrx::Uuid),
@@ -91,7 +97,9 @@ fn import_events(events: Option<JsonB>) -> TableIterator<
         return TableIterator::new(rows);
     }
     let events = events.ok_or_else(|| EventError::null("events")).or_report();
-    TableIterator::new(append(NewEvent::from_json_batch(&events.0, true).or_report()))
+    TableIterator::new(append(
+        NewEvent::from_json_batch(&events.0, true).or_report(),
+    ))
 }
 
 /// Premakes partitions, moves stray rows out of the default partition, applies retention.
@@ -126,7 +134,10 @@ fn append(events: Vec<NewEvent>) -> Vec<StoredRow> {
     }
     let expectations: Vec<Option<(String, String, i64)>> = events
         .iter()
-        .map(|e| e.expected_version.map(|v| (e.aggregate_type.clone(), e.aggregate_id.clone(), v)))
+        .map(|e| {
+            e.expected_version
+                .map(|v| (e.aggregate_type.clone(), e.aggregate_id.clone(), v))
+        })
         .collect();
     let batch = event::columns(events);
     let ids = batch.ids.clone();
@@ -148,7 +159,10 @@ fn append(events: Vec<NewEvent>) -> Vec<StoredRow> {
     if gucs::NOTIFY.get() {
         notify_listeners();
     }
-    stored.into_iter().map(|s| (s.id, s.position, s.aggregate_version, s.recorded_at)).collect()
+    stored
+        .into_iter()
+        .map(|s| (s.id, s.position, s.aggregate_version, s.recorded_at))
+        .collect()
 }
 
 /// RETURNING follows the insert order in practice; this makes it a guarantee.
@@ -156,8 +170,11 @@ fn in_input_order(mut stored: Vec<Stored>, ids: &[pgrx::Uuid]) -> Vec<Stored> {
     if stored.iter().zip(ids).all(|(s, id)| s.id == *id) {
         return stored;
     }
-    let rank: std::collections::HashMap<[u8; 16], usize> =
-        ids.iter().enumerate().map(|(n, id)| (*id.as_bytes(), n)).collect();
+    let rank: std::collections::HashMap<[u8; 16], usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| (*id.as_bytes(), n))
+        .collect();
     stored.sort_by_key(|s| rank[s.id.as_bytes()]);
     stored
 }

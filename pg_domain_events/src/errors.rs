@@ -11,10 +11,21 @@ pub enum EventError {
     Null { field: String },
     /// A value breaks a rule of the event model (`22023`).
     #[error("invalid {field}: {reason}")]
-    Invalid { field: String, reason: String, hint: &'static str },
+    Invalid {
+        field: String,
+        reason: String,
+        hint: &'static str,
+    },
     /// Optimistic concurrency: the aggregate moved on (`40001`).
-    #[error("aggregate {aggregate_type}/{aggregate_id} is at version {actual}, expected {expected}")]
-    VersionConflict { aggregate_type: String, aggregate_id: String, actual: i64, expected: i64 },
+    #[error(
+        "aggregate {aggregate_type}/{aggregate_id} is at version {actual}, expected {expected}"
+    )]
+    VersionConflict {
+        aggregate_type: String,
+        aggregate_id: String,
+        actual: i64,
+        expected: i64,
+    },
     /// `domain_events.enabled = read_only` (`25006`).
     #[error("the event store is read-only (domain_events.enabled = read_only)")]
     ReadOnly,
@@ -22,13 +33,23 @@ pub enum EventError {
 
 impl EventError {
     /// Shorthand for [`EventError::Invalid`].
-    pub fn invalid(field: impl Into<String>, reason: impl Into<String>, hint: &'static str) -> Self {
-        EventError::Invalid { field: field.into(), reason: reason.into(), hint }
+    pub fn invalid(
+        field: impl Into<String>,
+        reason: impl Into<String>,
+        hint: &'static str,
+    ) -> Self {
+        EventError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+            hint,
+        }
     }
 
     /// Shorthand for [`EventError::Null`].
     pub fn null(field: impl Into<String>) -> Self {
-        EventError::Null { field: field.into() }
+        EventError::Null {
+            field: field.into(),
+        }
     }
 
     /// The SQLSTATE this error is raised with.

@@ -74,13 +74,23 @@ impl NewEvent {
     /// Validates the arguments of `raise_event`. `expected_version` and NULL-able defaults:
     /// every argument is required to be non-NULL except `expected_version`.
     pub fn from_arguments(args: Arguments<'_>) -> Result<NewEvent, EventError> {
-        let aggregate_type = args.aggregate_type.ok_or_else(|| EventError::null("aggregate_type"))?;
-        let aggregate_id = args.aggregate_id.ok_or_else(|| EventError::null("aggregate_id"))?;
-        let event_type = args.event_type.ok_or_else(|| EventError::null("event_type"))?;
+        let aggregate_type = args
+            .aggregate_type
+            .ok_or_else(|| EventError::null("aggregate_type"))?;
+        let aggregate_id = args
+            .aggregate_id
+            .ok_or_else(|| EventError::null("aggregate_id"))?;
+        let event_type = args
+            .event_type
+            .ok_or_else(|| EventError::null("event_type"))?;
         let payload = args.payload.ok_or_else(|| EventError::null("payload"))?;
         let metadata = args.metadata.ok_or_else(|| EventError::null("metadata"))?;
-        let occurred_at = args.occurred_at.ok_or_else(|| EventError::null("occurred_at"))?;
-        let event_version = args.event_version.ok_or_else(|| EventError::null("event_version"))?;
+        let occurred_at = args
+            .occurred_at
+            .ok_or_else(|| EventError::null("occurred_at"))?;
+        let event_version = args
+            .event_version
+            .ok_or_else(|| EventError::null("event_version"))?;
         validation::check_name("aggregate_type", aggregate_type)?;
         validation::check_aggregate_id("aggregate_id", aggregate_id)?;
         validation::check_name("event_type", event_type)?;
@@ -103,7 +113,10 @@ impl NewEvent {
 
     /// Validates the JSON array given to `raise_events` (or `import_events`, which also
     /// accepts `recorded_at`).
-    pub fn from_json_batch(events: &Value, allow_recorded_at: bool) -> Result<Vec<NewEvent>, EventError> {
+    pub fn from_json_batch(
+        events: &Value,
+        allow_recorded_at: bool,
+    ) -> Result<Vec<NewEvent>, EventError> {
         let Value::Array(items) = events else {
             return Err(EventError::invalid(
                 "events",
@@ -178,9 +191,16 @@ impl NewEvent {
         validation::check_aggregate_id(&field("aggregate_id"), &aggregate_id)?;
         let optional = |key: &str| map.get(key).filter(|v| !v.is_null());
         let empty = Value::Object(Map::new());
-        let payload = validation::payload_text(&field("payload"), optional("payload").unwrap_or(&empty), max_bytes)?;
-        let metadata =
-            validation::metadata_text(&field("metadata"), optional("metadata").unwrap_or(&empty), session)?;
+        let payload = validation::payload_text(
+            &field("payload"),
+            optional("payload").unwrap_or(&empty),
+            max_bytes,
+        )?;
+        let metadata = validation::metadata_text(
+            &field("metadata"),
+            optional("metadata").unwrap_or(&empty),
+            session,
+        )?;
         let integer = |key: &str| -> Result<Option<i64>, EventError> {
             match optional(key) {
                 None => Ok(None),
@@ -200,8 +220,12 @@ impl NewEvent {
             Some(v) => validation::check_event_version(&field("event_version"), v)?,
             None => 1,
         };
-        let occurred_at = optional("occurred_at").map(|v| timestamp(&field("occurred_at"), v)).transpose()?;
-        let recorded_at = optional("recorded_at").map(|v| timestamp(&field("recorded_at"), v)).transpose()?;
+        let occurred_at = optional("occurred_at")
+            .map(|v| timestamp(&field("occurred_at"), v))
+            .transpose()?;
+        let recorded_at = optional("recorded_at")
+            .map(|v| timestamp(&field("recorded_at"), v))
+            .transpose()?;
         Ok(NewEvent {
             aggregate_type: aggregate_type.to_string(),
             aggregate_id,
@@ -222,30 +246,53 @@ fn timestamp(field: &str, value: &Value) -> Result<TimestampWithTimeZone, EventE
     let Value::String(text) = value else {
         return Err(EventError::invalid(
             field,
-            format!("must be a timestamp string, got {}", validation::json_kind(value)),
+            format!(
+                "must be a timestamp string, got {}",
+                validation::json_kind(value)
+            ),
             hint,
         ));
     };
     let is_keyword = matches!(
         text.trim().to_ascii_lowercase().as_str(),
-        "infinity" | "+infinity" | "-infinity" | "now" | "today" | "tomorrow" | "yesterday" | "epoch" | "allballs"
+        "infinity"
+            | "+infinity"
+            | "-infinity"
+            | "now"
+            | "today"
+            | "tomorrow"
+            | "yesterday"
+            | "epoch"
+            | "allballs"
     );
     let cstr = CString::new(text.as_str())
         .map_err(|_| EventError::invalid(field, "contains a NUL character", hint))?;
     if is_keyword || !text.chars().next().is_some_and(|c| c.is_ascii_digit()) {
-        return Err(EventError::invalid(field, format!("{text:?} is not a timestamp"), hint));
+        return Err(EventError::invalid(
+            field,
+            format!("{text:?} is not a timestamp"),
+            hint,
+        ));
     }
     // Malformed dates raise Postgres' own 22007/22008 here, naming the bad text.
     // SAFETY: timestamptz_in takes (cstring, oid, typmod).
     let parsed = unsafe {
         pgrx::direct_function_call::<TimestampWithTimeZone>(
             pg_sys::timestamptz_in,
-            &[cstr.as_c_str().into_datum(), pg_sys::InvalidOid.into_datum(), (-1i32).into_datum()],
+            &[
+                cstr.as_c_str().into_datum(),
+                pg_sys::InvalidOid.into_datum(),
+                (-1i32).into_datum(),
+            ],
         )
     };
     match parsed {
         Some(ts) if ts.is_finite() => Ok(ts),
-        _ => Err(EventError::invalid(field, format!("{text:?} is not a timestamp"), hint)),
+        _ => Err(EventError::invalid(
+            field,
+            format!("{text:?} is not a timestamp"),
+            hint,
+        )),
     }
 }
 
@@ -254,7 +301,9 @@ pub fn columns(events: Vec<NewEvent>) -> BatchColumns {
     let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
     let mut batch = BatchColumns::default();
     for event in &events {
-        let count = counts.entry((event.aggregate_type.clone(), event.aggregate_id.clone())).or_default();
+        let count = counts
+            .entry((event.aggregate_type.clone(), event.aggregate_id.clone()))
+            .or_default();
         *count += 1;
         batch.ordinals.push(*count);
     }
@@ -264,8 +313,12 @@ pub fn columns(events: Vec<NewEvent>) -> BatchColumns {
         batch.head_counts.push(*count);
     }
     for event in events {
-        batch.counts.push(counts[&(event.aggregate_type.clone(), event.aggregate_id.clone())]);
-        batch.ids.push(pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes()));
+        batch
+            .counts
+            .push(counts[&(event.aggregate_type.clone(), event.aggregate_id.clone())]);
+        batch
+            .ids
+            .push(pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes()));
         batch.aggregate_types.push(event.aggregate_type);
         batch.aggregate_ids.push(event.aggregate_id);
         batch.event_types.push(event.event_type);

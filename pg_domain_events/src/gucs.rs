@@ -108,7 +108,11 @@ pub fn init() {
         GucFlags::default(),
     );
     for (name, setting, what) in [
-        (c"domain_events.actor", &ACTOR, c"Default metadata.actor of raised events."),
+        (
+            c"domain_events.actor",
+            &ACTOR,
+            c"Default metadata.actor of raised events.",
+        ),
         (
             c"domain_events.correlation_id",
             &CORRELATION_ID,

@@ -35,7 +35,10 @@ pub fn allow_moves<R>(f: impl FnOnce() -> R) -> R {
 fn refuse_event_change<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgHeapTupleError> {
-    let op = trigger.op().map(|op| op.to_string()).unwrap_or_else(|_| "change".to_string());
+    let op = trigger
+        .op()
+        .map(|op| op.to_string())
+        .unwrap_or_else(|_| "change".to_string());
     if MOVING.with(|m| m.get()) && matches!(trigger.op(), Ok(PgTriggerOperation::Delete)) {
         return Ok(trigger.old());
     }

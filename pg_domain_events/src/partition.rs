@@ -30,12 +30,18 @@ impl Month {
     pub fn of_timestamp(micros: i64) -> Month {
         let days = micros.div_euclid(MICROS_PER_DAY) + PG_EPOCH_DAYS;
         let (year, month, _) = civil_from_days(days);
-        Month { year: year as i32, month }
+        Month {
+            year: year as i32,
+            month,
+        }
     }
 
     /// From a `YYYYMM` number.
     pub fn from_yyyymm(value: i32) -> Month {
-        Month { year: value / 100, month: (value % 100) as u32 }
+        Month {
+            year: value / 100,
+            month: (value % 100) as u32,
+        }
     }
 
     /// Parses a partition name `event_pYYYYMM`.
@@ -51,9 +57,15 @@ impl Month {
     /// The following month.
     pub fn next(self) -> Month {
         if self.month == 12 {
-            Month { year: self.year + 1, month: 1 }
+            Month {
+                year: self.year + 1,
+                month: 1,
+            }
         } else {
-            Month { year: self.year, month: self.month + 1 }
+            Month {
+                year: self.year,
+                month: self.month + 1,
+            }
         }
     }
 
@@ -155,7 +167,10 @@ pub fn ensure(month: Month) -> bool {
 fn move_stray_rows_into(target: &str, month: Month) {
     let (from, to) = (month.start_literal(), month.next().start_literal());
     immutability::allow_moves(|| {
-        store::run_with(&store::move_from_default(target), &[from.as_str().into(), to.as_str().into()])
+        store::run_with(
+            &store::move_from_default(target),
+            &[from.as_str().into(), to.as_str().into()],
+        )
     });
 }
 
@@ -208,7 +223,9 @@ pub fn maintain() -> Vec<(String, String)> {
             store::query_column(store::RETENTION_CUTOFF, &[retention.as_str().into()]);
         let cutoff = Month::of_timestamp(cutoff.first().expect("one cutoff row").into_inner());
         for name in store::query_column::<String>(store::LIST_PARTITIONS, &[]) {
-            let Some(month) = Month::from_partition_name(&name) else { continue };
+            let Some(month) = Month::from_partition_name(&name) else {
+                continue;
+            };
             // A partition expires once its whole range lies before the cut-off.
             if month.next() > cutoff {
                 continue;
@@ -235,24 +252,60 @@ mod tests {
 
     #[test]
     fn months_from_postgres_timestamps() {
-        assert_eq!(Month::of_timestamp(0), Month { year: 2000, month: 1 });
-        assert_eq!(Month::of_timestamp(-1), Month { year: 1999, month: 12 });
+        assert_eq!(
+            Month::of_timestamp(0),
+            Month {
+                year: 2000,
+                month: 1
+            }
+        );
+        assert_eq!(
+            Month::of_timestamp(-1),
+            Month {
+                year: 1999,
+                month: 12
+            }
+        );
         // 2026-11-23 12:00 UTC = 9823.5 days after 2000-01-01
         assert_eq!(
             Month::of_timestamp(9823 * MICROS_PER_DAY + MICROS_PER_DAY / 2),
-            Month { year: 2026, month: 11 }
+            Month {
+                year: 2026,
+                month: 11
+            }
         );
         // 2024-02-29 (leap day) = 8825 days after 2000-01-01
-        assert_eq!(Month::of_timestamp(8825 * MICROS_PER_DAY), Month { year: 2024, month: 2 });
-        assert_eq!(Month::of_timestamp(8826 * MICROS_PER_DAY), Month { year: 2024, month: 3 });
+        assert_eq!(
+            Month::of_timestamp(8825 * MICROS_PER_DAY),
+            Month {
+                year: 2024,
+                month: 2
+            }
+        );
+        assert_eq!(
+            Month::of_timestamp(8826 * MICROS_PER_DAY),
+            Month {
+                year: 2024,
+                month: 3
+            }
+        );
     }
 
     #[test]
     fn partition_names_round_trip() {
-        let m = Month { year: 2099, month: 12 };
+        let m = Month {
+            year: 2099,
+            month: 12,
+        };
         assert_eq!(m.partition_name(), "event_p209912");
         assert_eq!(Month::from_partition_name("event_p209912"), Some(m));
-        assert_eq!(m.next(), Month { year: 2100, month: 1 });
+        assert_eq!(
+            m.next(),
+            Month {
+                year: 2100,
+                month: 1
+            }
+        );
         assert_eq!(m.start_literal(), "2099-12-01 00:00:00+00");
         assert_eq!(Month::from_partition_name("event_default"), None);
         assert_eq!(Month::from_partition_name("event_p209913"), None);

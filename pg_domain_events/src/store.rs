@@ -220,8 +220,16 @@ pub fn insert_batch(batch: BatchColumns) -> Vec<Stored> {
             let mut stored = Vec::with_capacity(expected);
             for row in rows {
                 stored.push(Stored {
-                    id: row.get::<pgrx::Uuid>(1).ok().flatten().expect("RETURNING id"),
-                    position: row.get::<i64>(2).ok().flatten().expect("RETURNING position"),
+                    id: row
+                        .get::<pgrx::Uuid>(1)
+                        .ok()
+                        .flatten()
+                        .expect("RETURNING id"),
+                    position: row
+                        .get::<i64>(2)
+                        .ok()
+                        .flatten()
+                        .expect("RETURNING position"),
                     aggregate_version: row
                         .get::<i64>(3)
                         .ok()
@@ -242,14 +250,18 @@ pub fn insert_batch(batch: BatchColumns) -> Vec<Stored> {
 /// Runs utility statements or DML that return nothing of interest.
 pub fn run(sql: &str) {
     Spi::connect_mut(|client| {
-        client.update(sql, None, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        client
+            .update(sql, None, &[])
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     })
 }
 
 /// Runs a statement with arguments, ignoring its result rows.
 pub fn run_with(sql: &str, args: &[DatumWithOid]) {
     Spi::connect_mut(|client| {
-        client.update(sql, None, args).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        client
+            .update(sql, None, args)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     })
 }
 

@@ -8,7 +8,9 @@ mod tests {
     use pgrx::prelude::*;
 
     fn one<T: FromDatum + IntoDatum>(sql: &str) -> T {
-        Spi::get_one::<T>(sql).expect(sql).expect("a non-NULL value")
+        Spi::get_one::<T>(sql)
+            .expect(sql)
+            .expect("a non-NULL value")
     }
 
     fn count(sql: &str) -> i64 {
@@ -17,12 +19,22 @@ mod tests {
 
     #[pg_test]
     fn raise_event_assigns_gap_free_versions_and_increasing_positions() {
-        let v1 = one::<i64>("SELECT aggregate_version FROM domain_events.raise_event('Loan', '42', 'Loan.Created')");
+        let v1 = one::<i64>(
+            "SELECT aggregate_version FROM domain_events.raise_event('Loan', '42', 'Loan.Created')",
+        );
         let v2 = one::<i64>("SELECT aggregate_version FROM domain_events.raise_event('Loan', '42', 'Loan.Funded', '{\"amount\": 100000}')");
-        let other = one::<i64>("SELECT aggregate_version FROM domain_events.raise_event('Loan', '43', 'Loan.Created')");
+        let other = one::<i64>(
+            "SELECT aggregate_version FROM domain_events.raise_event('Loan', '43', 'Loan.Created')",
+        );
         assert_eq!((v1, v2, other), (1, 2, 1));
-        assert_eq!(one::<i64>("SELECT domain_events.aggregate_version('Loan', '42')"), 2);
-        assert_eq!(one::<i64>("SELECT domain_events.aggregate_version('Loan', 'nope')"), 0);
+        assert_eq!(
+            one::<i64>("SELECT domain_events.aggregate_version('Loan', '42')"),
+            2
+        );
+        assert_eq!(
+            one::<i64>("SELECT domain_events.aggregate_version('Loan', 'nope')"),
+            0
+        );
         assert_eq!(
             count("SELECT count(*) FROM (SELECT position, lag(position) OVER (ORDER BY position) AS prev FROM domain_events.event) p WHERE prev IS NOT NULL AND position <= prev"),
             0
@@ -40,8 +52,14 @@ mod tests {
             "SELECT payload::text, metadata::text, event_version FROM domain_events.event",
         )
         .unwrap();
-        assert_eq!(row.0.as_deref(), Some(r#"{"ü": [1, {"x": null}], "status": "submitted"}"#));
-        assert_eq!(row.1.as_deref(), Some(r#"{"actor": "dev-1", "source": "core"}"#));
+        assert_eq!(
+            row.0.as_deref(),
+            Some(r#"{"ü": [1, {"x": null}], "status": "submitted"}"#)
+        );
+        assert_eq!(
+            row.1.as_deref(),
+            Some(r#"{"actor": "dev-1", "source": "core"}"#)
+        );
         assert_eq!(row.2, Some(3));
         assert!(one::<bool>("SELECT occurred_at = '2020-02-02 10:00:00+00' AND recorded_at = now() AND txid = pg_current_xact_id() AND substr(id::text, 15, 1) = '7' FROM domain_events.event"));
     }
@@ -51,7 +69,9 @@ mod tests {
         Spi::run("SELECT * FROM domain_events.raise_event('User', '7b0c4a52-3d39-4a39-9a4b-2f7c1d1e0b11'::uuid, 'UserCreated', '{\"email\": \"ada@example.com\"}')").unwrap();
         Spi::run("SELECT * FROM domain_events.raise_event('Loan', 42::bigint, 'LoanStatusChanged', '{\"old_status\": \"submitted\", \"new_status\": \"approved\"}')").unwrap();
         assert_eq!(
-            one::<String>("SELECT string_agg(aggregate_id, ',' ORDER BY position) FROM domain_events.event"),
+            one::<String>(
+                "SELECT string_agg(aggregate_id, ',' ORDER BY position) FROM domain_events.event"
+            ),
             "7b0c4a52-3d39-4a39-9a4b-2f7c1d1e0b11,42"
         );
     }
@@ -66,7 +86,10 @@ mod tests {
     fn expected_version_matching_is_accepted() {
         Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created', expected_version => 0)").unwrap();
         Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Funded', expected_version => 1)").unwrap();
-        assert_eq!(one::<i64>("SELECT domain_events.aggregate_version('Loan', '1')"), 2);
+        assert_eq!(
+            one::<i64>("SELECT domain_events.aggregate_version('Loan', '1')"),
+            2
+        );
     }
 
     #[pg_test]
@@ -81,7 +104,10 @@ mod tests {
         );
         assert_eq!(versions, "1,1,2,3");
         assert!(one::<bool>("SELECT occurred_at = '2026-01-02T03:04:05Z' AND event_version = 2 FROM domain_events.event WHERE event_type = 'Loan.Paid'"));
-        assert_eq!(count("SELECT count(*) FROM domain_events.raise_events('[]')"), 0);
+        assert_eq!(
+            count("SELECT count(*) FROM domain_events.raise_events('[]')"),
+            0
+        );
     }
 
     #[pg_test(error = "aggregate Loan/7 is at version 1, expected 0")]
@@ -93,9 +119,12 @@ mod tests {
 
     #[pg_test(error = "invalid events[1].event_type: \"bad name\" contains the character ' '")]
     fn raise_events_names_the_bad_item() {
-        Spi::run(r#"SELECT * FROM domain_events.raise_events('[
+        Spi::run(
+            r#"SELECT * FROM domain_events.raise_events('[
             {"aggregate_type": "Loan", "aggregate_id": "7", "event_type": "Loan.Created"},
-            {"aggregate_type": "Loan", "aggregate_id": "7", "event_type": "bad name"}]')"#).unwrap();
+            {"aggregate_type": "Loan", "aggregate_id": "7", "event_type": "bad name"}]')"#,
+        )
+        .unwrap();
     }
 
     #[pg_test(error = "invalid events[0]: has the unknown key \"recorded_at\"")]
@@ -105,7 +134,8 @@ mod tests {
 
     #[pg_test(error = "invalid payload: must be a JSON object, got an array")]
     fn payload_must_be_an_object() {
-        Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created', '[1,2]')").unwrap();
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created', '[1,2]')")
+            .unwrap();
     }
 
     #[pg_test(error = "event_type must not be null")]
@@ -122,7 +152,10 @@ mod tests {
     #[pg_test]
     fn disabled_store_records_nothing() {
         Spi::run("SET domain_events.enabled = off").unwrap();
-        assert_eq!(count("SELECT count(*) FROM domain_events.raise_event('Loan', '1', 'Loan.Created')"), 0);
+        assert_eq!(
+            count("SELECT count(*) FROM domain_events.raise_event('Loan', '1', 'Loan.Created')"),
+            0
+        );
         assert_eq!(count("SELECT count(*) FROM domain_events.event"), 0);
         assert_eq!(count("SELECT count(*) FROM domain_events.aggregate"), 0);
     }
@@ -198,7 +231,8 @@ mod tests {
     #[pg_test]
     fn maintain_premakes_and_applies_retention_by_whole_partitions() {
         Spi::run("SET domain_events.premake_months = 2").unwrap();
-        let created = count("SELECT count(*) FROM domain_events.maintain() WHERE action = 'created'");
+        let created =
+            count("SELECT count(*) FROM domain_events.maintain() WHERE action = 'created'");
         assert!((2..=3).contains(&created), "created {created}");
         assert!(one::<bool>("SELECT to_regclass('domain_events.event_p' || to_char((now() + interval '2 months') AT TIME ZONE 'UTC', 'YYYYMM')) IS NOT NULL"));
         Spi::run(r#"SELECT * FROM domain_events.import_events('[
@@ -213,7 +247,9 @@ mod tests {
         Spi::run("SET domain_events.retention_action = 'detach'").unwrap();
         let detached = one::<String>("SELECT string_agg(partition_name, ',') FROM domain_events.maintain() WHERE action = 'detached'");
         assert_eq!(detached, "archived_p200301");
-        assert_eq!(count("SELECT count(*) FROM domain_events.archived_p200301"), 1);
+        assert_eq!(
+            count("SELECT count(*) FROM domain_events.archived_p200301"),
+            1
+        );
     }
-
 }

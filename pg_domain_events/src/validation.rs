@@ -12,8 +12,13 @@ pub const MAX_NAME_CHARS: usize = 100;
 /// Longest aggregate id.
 pub const MAX_AGGREGATE_ID_CHARS: usize = 200;
 /// Metadata keys with a documented meaning; their values must be strings or numbers.
-pub const DOCUMENTED_METADATA_KEYS: [&str; 5] =
-    ["actor", "correlation_id", "causation_id", "tenant_id", "source"];
+pub const DOCUMENTED_METADATA_KEYS: [&str; 5] = [
+    "actor",
+    "correlation_id",
+    "causation_id",
+    "tenant_id",
+    "source",
+];
 
 const NAME_HINT: &str = "Names are dot-separated segments of ASCII letters, digits, '_' or '-', each starting with a letter, at most 100 characters: e.g. Loan, Loan.StatusChanged, ticket.created.";
 
@@ -27,32 +32,43 @@ pub fn check_name(field: &str, name: &str) -> Result<(), EventError> {
     } else if name.chars().count() > MAX_NAME_CHARS {
         Some(format!("is longer than {MAX_NAME_CHARS} characters"))
     } else if let Some(bad) = name.chars().find(|c| !c.is_ascii()) {
-        Some(format!("contains the non-ASCII character {bad:?} (U+{:04X})", bad as u32))
+        Some(format!(
+            "contains the non-ASCII character {bad:?} (U+{:04X})",
+            bad as u32
+        ))
     } else {
-        name.split('.').find_map(|segment| match segment.chars().next() {
-            None => Some("has an empty segment (leading, trailing or double dot)".to_string()),
-            Some(first) if !first.is_ascii_alphabetic() => {
-                Some(format!("segment {segment:?} does not start with a letter"))
-            }
-            Some(_) => segment
-                .chars()
-                .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
-                .map(|c| format!("contains the character {c:?}")),
-        })
+        name.split('.')
+            .find_map(|segment| match segment.chars().next() {
+                None => Some("has an empty segment (leading, trailing or double dot)".to_string()),
+                Some(first) if !first.is_ascii_alphabetic() => {
+                    Some(format!("segment {segment:?} does not start with a letter"))
+                }
+                Some(_) => segment
+                    .chars()
+                    .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+                    .map(|c| format!("contains the character {c:?}")),
+            })
     };
     match reason {
-        Some(reason) => Err(EventError::invalid(field, format!("{name:?} {reason}"), NAME_HINT)),
+        Some(reason) => Err(EventError::invalid(
+            field,
+            format!("{name:?} {reason}"),
+            NAME_HINT,
+        )),
         None => Ok(()),
     }
 }
 
 /// Checks an aggregate id: 1–200 characters, not blank, no control characters.
 pub fn check_aggregate_id(field: &str, id: &str) -> Result<(), EventError> {
-    const HINT: &str = "Aggregate ids are 1 to 200 printable characters: a uuid, a number or a slug.";
+    const HINT: &str =
+        "Aggregate ids are 1 to 200 printable characters: a uuid, a number or a slug.";
     let reason = if id.trim().is_empty() {
         Some("must not be empty or blank".to_string())
     } else if id.chars().count() > MAX_AGGREGATE_ID_CHARS {
-        Some(format!("is longer than {MAX_AGGREGATE_ID_CHARS} characters"))
+        Some(format!(
+            "is longer than {MAX_AGGREGATE_ID_CHARS} characters"
+        ))
     } else {
         id.chars()
             .find(|c| c.is_control())
@@ -89,7 +105,10 @@ pub fn payload_text(field: &str, payload: &Value, max_bytes: usize) -> Result<St
     if text.len() > max_bytes {
         return Err(EventError::invalid(
             field,
-            format!("is {} bytes, above domain_events.max_payload_bytes ({max_bytes})", text.len()),
+            format!(
+                "is {} bytes, above domain_events.max_payload_bytes ({max_bytes})",
+                text.len()
+            ),
             "Store large documents elsewhere and put a reference in the event.",
         ));
     }
@@ -150,13 +169,16 @@ pub fn check_expected_version(field: &str, expected: i64) -> Result<(), EventErr
 
 /// Checks an `event_version` (payload schema version, from 1).
 pub fn check_event_version(field: &str, version: i64) -> Result<i32, EventError> {
-    i32::try_from(version).ok().filter(|v| *v >= 1).ok_or_else(|| {
-        EventError::invalid(
-            field,
-            format!("{version} is not a schema version (1 or more)"),
-            "event_version numbers the payload's schema, starting at 1.",
-        )
-    })
+    i32::try_from(version)
+        .ok()
+        .filter(|v| *v >= 1)
+        .ok_or_else(|| {
+            EventError::invalid(
+                field,
+                format!("{version} is not a schema version (1 or more)"),
+                "event_version numbers the payload's schema, starting at 1.",
+            )
+        })
 }
 
 #[cfg(test)]
@@ -166,10 +188,28 @@ mod tests {
 
     #[test]
     fn names_follow_the_documented_rule() {
-        for ok in ["Loan", "UserCreated", "Loan.StatusChanged", "ticket.created", "work-order.v2", "a"] {
+        for ok in [
+            "Loan",
+            "UserCreated",
+            "Loan.StatusChanged",
+            "ticket.created",
+            "work-order.v2",
+            "a",
+        ] {
             assert_eq!(check_name("event_type", ok), Ok(()), "{ok}");
         }
-        for bad in ["", ".x", "x.", "a..b", "1abc", "Loan Status", "Loan;DROP", "L\u{043e}an", "a/b", "_x"] {
+        for bad in [
+            "",
+            ".x",
+            "x.",
+            "a..b",
+            "1abc",
+            "Loan Status",
+            "Loan;DROP",
+            "L\u{043e}an",
+            "a/b",
+            "_x",
+        ] {
             assert!(check_name("event_type", bad).is_err(), "{bad:?} accepted");
         }
         assert!(check_name("event_type", &"a".repeat(101)).is_err());
@@ -188,7 +228,10 @@ mod tests {
 
     #[test]
     fn payloads_must_be_objects_within_the_limit() {
-        assert_eq!(payload_text("payload", &json!({"a": 1}), 100).unwrap(), r#"{"a":1}"#);
+        assert_eq!(
+            payload_text("payload", &json!({"a": 1}), 100).unwrap(),
+            r#"{"a":1}"#
+        );
         for bad in [json!([1]), json!("s"), json!(1), json!(null), json!(true)] {
             assert!(payload_text("payload", &bad, 100).is_err());
         }
@@ -197,7 +240,10 @@ mod tests {
 
     #[test]
     fn metadata_defaults_fill_only_absent_keys() {
-        let defaults = [("actor", Some("session-user".to_string())), ("correlation_id", None)];
+        let defaults = [
+            ("actor", Some("session-user".to_string())),
+            ("correlation_id", None),
+        ];
         let text = metadata_text("metadata", &json!({}), &defaults).unwrap();
         assert_eq!(text, r#"{"actor":"session-user"}"#);
         let text = metadata_text("metadata", &json!({"actor": "given"}), &defaults).unwrap();

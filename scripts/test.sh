@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every check and test: formatting, clippy, the extension's backend tests (#[pg_test]),
+# then the end-to-end suites against a fresh private cluster (scripts/cluster.sh).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export PATH="$HOME/.cargo/bin:$PATH"
+PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
+export PGDE_PORT="${PGDE_PORT:-54329}"
+
+scripts/setup.sh
+
+echo "== format and lints"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "== extension: build and install into PostgreSQL 15"
+(cd pg_domain_events && cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null)
+
+echo "== extension: backend tests"
+mkdir -p target/pgrx-test-data
+chown postgres target/pgrx-test-data 2>/dev/null || true
+(cd pg_domain_events && cargo pgrx test pg15 --runas postgres --pgdata "$ROOT/target/pgrx-test-data")
+
+echo "== end-to-end tests against a fresh private cluster"
+scripts/cluster.sh destroy
+scripts/cluster.sh start
+trap 'scripts/cluster.sh stop immediate || true' EXIT
+export PGDE_TEST_DSN="host=127.0.0.1 port=$PGDE_PORT user=postgres dbname=postgres"
+cargo build -p listener --quiet
+cargo nextest run --workspace --exclude pg_domain_events --no-fail-fast
