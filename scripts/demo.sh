@@ -14,6 +14,8 @@ PSQL=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGDE_PORT" -U postgres)
 
 scripts/setup.sh
 echo "== building and installing the extension"
+# Stop the cluster first: overwriting a loaded shared library in place crashes its backends.
+scripts/cluster.sh stop
 (cd pg_domain_events && cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null)
 cargo build -p listener --quiet
 scripts/cluster.sh start

@@ -15,13 +15,16 @@ echo "== format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-echo "== extension: build and install into PostgreSQL 15"
-(cd pg_domain_events && cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null)
-
 echo "== extension: backend tests"
 mkdir -p target/pgrx-test-data
 chown postgres target/pgrx-test-data 2>/dev/null || true
 (cd pg_domain_events && cargo pgrx test pg15 --runas postgres --pgdata "$ROOT/target/pgrx-test-data")
+
+# Installed after the backend tests, whose build carries the test schema. The private cluster is
+# stopped first: overwriting a loaded shared library in place crashes the backends using it.
+echo "== extension: build and install into PostgreSQL 15"
+scripts/cluster.sh stop immediate
+(cd pg_domain_events && cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null)
 
 echo "== end-to-end tests against a fresh private cluster"
 scripts/cluster.sh destroy

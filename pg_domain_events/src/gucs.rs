@@ -46,6 +46,11 @@ pub static RETENTION_ACTION: GucSetting<RetentionAction> =
     GucSetting::<RetentionAction>::new(RetentionAction::Detach);
 /// Months of partitions `maintain()` creates ahead of the current one.
 pub static PREMAKE_MONTHS: GucSetting<i32> = GucSetting::<i32>::new(2);
+/// Database the maintenance worker runs `maintain()` in (postmaster start only).
+pub static MAINTENANCE_DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// Seconds between two `maintain()` runs of the worker; 0 pauses it.
+pub static MAINTENANCE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
 /// Default `metadata.actor` of raised events.
 pub static ACTOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Default `metadata.correlation_id` of raised events.
@@ -106,6 +111,24 @@ pub fn init() {
         120,
         GucContext::Suset,
         GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"domain_events.maintenance_database",
+        c"Database in which the maintenance worker runs domain_events.maintain().",
+        c"Only read at server start; the worker needs shared_preload_libraries = 'pg_domain_events'.",
+        &MAINTENANCE_DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"domain_events.maintenance_interval",
+        c"Seconds between two runs of domain_events.maintain() by the maintenance worker; 0 pauses it.",
+        c"",
+        &MAINTENANCE_INTERVAL,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     for (name, setting, what) in [
         (

@@ -11,6 +11,7 @@ mod errors;
 mod event;
 mod gucs;
 mod immutability;
+mod maintenance;
 mod partition;
 mod store;
 mod validation;
@@ -24,6 +25,10 @@ pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
+    // SAFETY: a plain flag Postgres sets while loading shared_preload_libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        maintenance::register();
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -38,6 +43,11 @@ pub mod pg_test {
     /// Settings of the throwaway cluster `cargo pgrx test` runs.
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["wal_level = logical"]
+        vec![
+            "wal_level = logical",
+            "shared_preload_libraries = 'pg_domain_events'",
+            "domain_events.maintenance_database = 'pgrx_tests'",
+            "domain_events.maintenance_interval = 1",
+        ]
     }
 }

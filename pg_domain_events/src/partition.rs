@@ -143,6 +143,10 @@ pub fn ensure(month: Month) -> bool {
         return false;
     }
     store::run(store::PARTITION_LOCK);
+    // Another backend may have created it while we waited. Advisory locks do not process
+    // catalog invalidations (relation locks do), so do it here or the lookup may be stale.
+    // SAFETY: plain call into the invalidation machinery, as any lock acquisition does.
+    unsafe { pg_sys::AcceptInvalidationMessages() };
     if partition_exists(month) {
         return false;
     }

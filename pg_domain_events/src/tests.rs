@@ -252,4 +252,23 @@ mod tests {
             1
         );
     }
+
+    #[pg_test]
+    fn the_maintenance_worker_premakes_partitions() {
+        // The test cluster preloads the library with a 1 s interval in this database.
+        // pg_class, not to_regclass: a catalog scan sees the worker's commit, whereas the
+        // syscache of this long-running statement would keep its negative entry.
+        let wanted = "SELECT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'event_p' || to_char((now() + interval '2 months') AT TIME ZONE 'UTC', 'YYYYMM'))";
+        for _ in 0..300 {
+            if one::<bool>(wanted) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let worker = Spi::get_one::<String>(
+            "SELECT string_agg(concat_ws(' ', datname, state, wait_event_type, wait_event, query), ' | ') \
+             FROM pg_stat_activity WHERE backend_type = 'pg_domain_events maintenance'",
+        );
+        panic!("the maintenance worker did not premake the partition two months ahead within 30 s; worker: {worker:?}");
+    }
 }
