@@ -7,16 +7,13 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
-PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
 export PGDE_PORT="${PGDE_PORT:-54329}"
 DB=pgde_demo
 PSQL=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGDE_PORT" -U postgres)
 
 scripts/setup.sh
 echo "== building and installing the extension"
-# Stop the cluster first: overwriting a loaded shared library in place crashes its backends.
-scripts/cluster.sh stop
-(cd pg_domain_events && cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null)
+scripts/install-extension.sh debug
 cargo build -p listener --quiet
 scripts/cluster.sh start
 

@@ -6,7 +6,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
-PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
 export PGDE_PORT="${PGDE_PORT:-54329}"
 
 scripts/setup.sh
@@ -20,11 +19,9 @@ mkdir -p target/pgrx-test-data
 chown postgres target/pgrx-test-data 2>/dev/null || true
 (cd pg_domain_events && cargo pgrx test pg15 --runas postgres --pgdata "$ROOT/target/pgrx-test-data")
 
-# Installed after the backend tests, whose build carries the test schema. The private cluster is
-# stopped first: overwriting a loaded shared library in place crashes the backends using it.
+# Installed after the backend tests, whose build carries the test schema.
 echo "== extension: build and install into PostgreSQL 15"
-scripts/cluster.sh stop immediate
-(cd pg_domain_events && cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null)
+scripts/install-extension.sh debug
 
 echo "== end-to-end tests against a fresh private cluster"
 scripts/cluster.sh destroy

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Builds the extension and installs it into PostgreSQL 15's directories.
+#
+#   scripts/install-extension.sh [debug|release]     (default: debug)
+#
+# Files are written next to their destination and renamed into place: overwriting a shared
+# library in place (what `cargo pgrx install` does) crashes every backend that has it loaded.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PROFILE="${1:-debug}"
+PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
+export PATH="$HOME/.cargo/bin:$PATH"
+OUT="$ROOT/target/pgrx-package/$PROFILE"
+
+flags=()
+[ "$PROFILE" = debug ] && flags+=(--debug)
+rm -rf "$OUT"
+(cd "$ROOT/pg_domain_events" &&
+    cargo pgrx package --pg-config "$PG_CONFIG" "${flags[@]}" --out-dir "$OUT" >/dev/null)
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+place() { # place SOURCE_FILE DEST_DIR MODE
+    local tmp
+    tmp="$2/.$(basename "$1").$$"
+    as_root install -m "$3" "$1" "$tmp"
+    as_root mv -f "$tmp" "$2/$(basename "$1")"
+}
+
+libdir="$("$PG_CONFIG" --pkglibdir)"
+extdir="$("$PG_CONFIG" --sharedir)/extension"
+place "$OUT$libdir/pg_domain_events.so" "$libdir" 755
+for file in "$OUT$extdir"/pg_domain_events*; do
+    place "$file" "$extdir" 644
+done
+echo "installed pg_domain_events ($PROFILE) into $libdir and $extdir"
