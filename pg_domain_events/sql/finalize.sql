@@ -88,3 +88,32 @@ GRANT domain_events_reader TO domain_events_listener;
 GRANT INSERT, UPDATE ON domain_events.subscription TO domain_events_listener;
 GRANT INSERT, UPDATE ON domain_events.dead_letter TO domain_events_listener;
 GRANT USAGE ON SEQUENCE domain_events.dead_letter_id_seq TO domain_events_listener;
+
+-- Table capture: the trigger runs with the rights of the user changing the row and raises
+-- through raise_events, so tracking grants nothing; track() needs the table's TRIGGER privilege.
+CREATE VIEW domain_events.tracked_tables AS
+SELECT t.tgrelid::regclass AS table_name,
+       -- tgargs holds the one argument, NUL-terminated
+       pg_catalog.convert_from(pg_catalog.substr(t.tgargs, 1, pg_catalog.length(t.tgargs) - 1),
+                               'UTF8')::jsonb AS config
+  FROM pg_catalog.pg_trigger t
+ WHERE t.tgname = 'domain_events_capture' AND NOT t.tgisinternal;
+GRANT SELECT ON domain_events.tracked_tables TO domain_events_reader;
+CREATE FUNCTION domain_events.track(
+    tbl regclass, aggregate_type text, id_column name DEFAULT 'id', columns name[] DEFAULT NULL,
+    ignore_columns name[] DEFAULT '{}', column_events jsonb DEFAULT '{}', id_columns name[] DEFAULT NULL)
+RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT domain_events.track_relation($1::oid, $2, $3::text, $4::text[], $5::text[], $6, $7::text[]) $$;
+
+CREATE FUNCTION domain_events.untrack(tbl regclass) RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT domain_events.untrack_relation($1::oid) $$;
+
+GRANT EXECUTE ON FUNCTION
+    domain_events.track(regclass, text, name, name[], name[], jsonb, name[]),
+    domain_events.track_relation(oid, text, text, text[], text[], jsonb, text[]),
+    domain_events.untrack_relation(oid),
+    domain_events.untrack(regclass),
+    domain_events.capture_row_change()
+    TO PUBLIC;

@@ -58,8 +58,19 @@ pub static CORRELATION_ID: GucSetting<Option<CString>> = GucSetting::<Option<CSt
 /// Default `metadata.causation_id` of raised events.
 pub static CAUSATION_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
-/// Registers the settings; called from `_PG_init`.
-pub fn init() {
+/// Registers the settings; called from `_PG_init`. Postmaster-level settings exist only when
+/// the library is preloaded: Postgres refuses to define them in a running server.
+pub fn init(preloading: bool) {
+    if preloading {
+        GucRegistry::define_string_guc(
+            c"domain_events.maintenance_database",
+            c"Database in which the maintenance worker runs domain_events.maintain().",
+            c"Only read at server start; the worker needs shared_preload_libraries = 'pg_domain_events'.",
+            &MAINTENANCE_DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     GucRegistry::define_enum_guc(
         c"domain_events.enabled",
         c"Whether raising events records them: on, off (no-op) or read_only (error).",
@@ -110,14 +121,6 @@ pub fn init() {
         0,
         120,
         GucContext::Suset,
-        GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
-        c"domain_events.maintenance_database",
-        c"Database in which the maintenance worker runs domain_events.maintain().",
-        c"Only read at server start; the worker needs shared_preload_libraries = 'pg_domain_events'.",
-        &MAINTENANCE_DATABASE,
-        GucContext::Postmaster,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

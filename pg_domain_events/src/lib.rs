@@ -7,6 +7,7 @@
 use pgrx::prelude::*;
 
 mod api;
+mod capture;
 mod errors;
 mod event;
 mod gucs;
@@ -24,9 +25,10 @@ pgrx::extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 /// Called once per backend when the library loads.
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    gucs::init();
     // SAFETY: a plain flag Postgres sets while loading shared_preload_libraries.
-    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    gucs::init(preloading);
+    if preloading {
         maintenance::register();
     }
 }

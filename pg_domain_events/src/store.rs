@@ -115,6 +115,47 @@ pub fn detach_partition(name: &str, archived: &str) -> String {
     )
 }
 
+/// Raises the events of one captured row change (a JSON array) through the public function, so
+/// the privileges of the user changing the row apply.
+pub const RAISE_CAPTURED: &str = "SELECT count(*) FROM domain_events.raise_events($1::jsonb)";
+
+/// Whether a table has the capture trigger.
+pub const IS_TRACKED: &str = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger \
+     WHERE tgrelid = $1 AND tgname = 'domain_events_capture')";
+
+const DESCRIBE_TABLE: &str = "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname) \
+     FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.oid = $1 AND c.relkind IN ('r', 'p')";
+
+const TABLE_COLUMNS: &str = "SELECT attname::text FROM pg_catalog.pg_attribute \
+     WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum";
+
+/// The qualified, quoted name of an ordinary or partitioned table; `None` for anything else.
+pub fn describe_table(oid: pg_sys::Oid) -> Option<String> {
+    query_column::<String>(DESCRIBE_TABLE, &[oid.into()])
+        .into_iter()
+        .next()
+}
+
+/// The live columns of a table, in order.
+pub fn table_columns(oid: pg_sys::Oid) -> Vec<String> {
+    query_column::<String>(TABLE_COLUMNS, &[oid.into()])
+}
+
+/// Creates the capture trigger; `config` is JSON, passed as the trigger's one argument.
+pub fn create_capture_trigger(table: &str, config: &str) -> String {
+    let config = pgrx::spi::quote_literal(config);
+    format!(
+        "CREATE TRIGGER domain_events_capture AFTER INSERT OR UPDATE OR DELETE ON {table} \
+           FOR EACH ROW EXECUTE FUNCTION domain_events.capture_row_change({config})"
+    )
+}
+
+/// Removes the capture trigger.
+pub fn drop_capture_trigger(table: &str) -> String {
+    format!("DROP TRIGGER domain_events_capture ON {table}")
+}
+
 thread_local! {
     /// The saved plan of [`INSERT_EVENTS`], prepared once per backend. Postgres' plan cache
     /// re-plans it by itself when the tables change (even after DROP/CREATE EXTENSION).

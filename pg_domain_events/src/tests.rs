@@ -271,4 +271,82 @@ mod tests {
         );
         panic!("the maintenance worker did not premake the partition two months ahead within 30 s; worker: {worker:?}");
     }
+
+    fn capture_setup() {
+        Spi::run("CREATE TABLE loans (id bigint PRIMARY KEY, status text, amount numeric, updated_at timestamptz DEFAULT now())").unwrap();
+        Spi::run("SELECT domain_events.track('loans', 'Loan', ignore_columns => '{updated_at}', column_events => '{\"status\": \"Loan.StatusChanged\"}')").unwrap();
+    }
+
+    #[pg_test]
+    fn tracked_tables_raise_created_updated_and_deleted() {
+        capture_setup();
+        Spi::run("INSERT INTO loans VALUES (42, 'submitted', 100)").unwrap();
+        Spi::run("UPDATE loans SET updated_at = now() + interval '1 s'").unwrap(); // ignored column only
+        Spi::run("UPDATE loans SET status = 'approved'").unwrap();
+        Spi::run("UPDATE loans SET amount = 120, status = 'funded'").unwrap();
+        Spi::run("DELETE FROM loans").unwrap();
+        assert_eq!(
+            one::<String>("SELECT string_agg(event_type || '@' || aggregate_version || ' ' || payload::text, ' | ' ORDER BY position) FROM domain_events.event"),
+            r#"Loan.Created@1 {"id": 42, "amount": 100, "status": "submitted"} | Loan.StatusChanged@2 {"new_status": "approved", "old_status": "submitted"} | Loan.Updated@3 {"amount": {"new": 120, "old": 100}} | Loan.StatusChanged@4 {"new_status": "funded", "old_status": "approved"} | Loan.Deleted@5 {"id": 42, "amount": 120, "status": "funded"}"#
+        );
+        assert_eq!(
+            one::<String>("SELECT DISTINCT metadata->>'table' FROM domain_events.event"),
+            "public.loans"
+        );
+    }
+
+    #[pg_test]
+    fn tracking_survives_added_columns_and_can_be_removed() {
+        capture_setup();
+        Spi::run("ALTER TABLE loans ADD COLUMN note text").unwrap();
+        Spi::run("INSERT INTO loans (id, status, amount, note) VALUES (1, 'new', 1, 'hello')")
+            .unwrap();
+        assert_eq!(
+            one::<String>("SELECT payload->>'note' FROM domain_events.event"),
+            "hello"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM domain_events.tracked_tables"),
+            1
+        );
+        Spi::run("SELECT domain_events.untrack('loans')").unwrap();
+        Spi::run("INSERT INTO loans (id, status, amount) VALUES (2, 'new', 1)").unwrap();
+        assert_eq!(count("SELECT count(*) FROM domain_events.event"), 1);
+        assert_eq!(
+            count("SELECT count(*) FROM domain_events.tracked_tables"),
+            0
+        );
+    }
+
+    #[pg_test]
+    fn composite_and_uuid_ids_are_supported() {
+        Spi::run("CREATE TABLE lines (order_id uuid, n int, qty int, PRIMARY KEY (order_id, n))")
+            .unwrap();
+        Spi::run("SELECT domain_events.track('lines', 'OrderLine', id_columns => '{order_id,n}', columns => '{qty}')").unwrap();
+        Spi::run("INSERT INTO lines VALUES ('7b0c4a52-3d39-4a39-9a4b-2f7c1d1e0b11', 3, 1)")
+            .unwrap();
+        assert_eq!(
+            one::<String>("SELECT aggregate_id || ' ' || payload::text FROM domain_events.event"),
+            r#"7b0c4a52-3d39-4a39-9a4b-2f7c1d1e0b11:3 {"qty": 1}"#
+        );
+    }
+
+    #[pg_test(error = "table public.loans has no column \"nope\"")]
+    fn tracking_an_unknown_column_names_the_table() {
+        Spi::run("CREATE TABLE loans (id bigint PRIMARY KEY)").unwrap();
+        Spi::run("SELECT domain_events.track('loans', 'Loan', id_column => 'nope')").unwrap();
+    }
+
+    #[pg_test(error = "table public.loans is not tracked")]
+    fn untracking_an_untracked_table_is_an_error() {
+        Spi::run("CREATE TABLE loans (id bigint PRIMARY KEY)").unwrap();
+        Spi::run("SELECT domain_events.untrack('loans')").unwrap();
+    }
+
+    #[pg_test(error = "table public.loans id column \"id\" must not be null")]
+    fn a_null_id_is_refused_with_the_table_name() {
+        Spi::run("CREATE TABLE loans (id bigint, status text)").unwrap();
+        Spi::run("SELECT domain_events.track('loans', 'Loan')").unwrap();
+        Spi::run("INSERT INTO loans VALUES (NULL, 'x')").unwrap();
+    }
 }
