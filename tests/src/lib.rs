@@ -6,6 +6,7 @@
 
 use tokio_postgres::{Client, NoTls};
 
+pub mod listener_support;
 pub mod store_support;
 
 /// Connection string of the private cluster's superuser, database `postgres`.
@@ -28,7 +29,11 @@ pub fn dsn_for(dbname: &str) -> String {
 pub async fn connect(dsn: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(dsn, NoTls)
         .await
-        .unwrap_or_else(|e| panic!("cannot connect to the private cluster ({dsn}): {e}; run scripts/cluster.sh start"));
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot connect to the private cluster ({dsn}): {e}; run scripts/cluster.sh start"
+            )
+        });
     tokio::spawn(async move {
         let _ = connection.await;
     });

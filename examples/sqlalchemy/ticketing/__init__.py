@@ -1,0 +1,1 @@
+"""A ticketing domain whose entities collect domain events and raise them with pg_domain_events."""
