@@ -62,7 +62,10 @@ running() {
 start() {
     [ -f "$DATA/PG_VERSION" ] || init_cluster
     if running; then return 0; fi
-    as_owner "$PGBIN/pg_ctl" -D "$DATA" -l "$LOG" -w -t 60 start >/dev/null
+    # Without the caller's Rust backtrace settings: they would put backtraces into the DETAIL
+    # of every error the extension raises.
+    as_owner env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE \
+        "$PGBIN/pg_ctl" -D "$DATA" -l "$LOG" -w -t 60 start >/dev/null
 }
 
 stop() {

@@ -8,13 +8,18 @@ CREATE TRIGGER event_no_truncate BEFORE TRUNCATE ON domain_events.event
 CREATE TRIGGER event_no_truncate BEFORE TRUNCATE ON domain_events.event_default
     FOR EACH STATEMENT EXECUTE FUNCTION domain_events.refuse_event_change();
 
+-- The current month and domain_events.premake_months ahead exist from the start, so the first
+-- raise_event of a new database does not create a partition inside the caller's transaction
+-- (which would lock the event table until that transaction ends).
+SELECT count(*) FROM domain_events.maintain();
+
 -- raise_event for uuid and bigint aggregate ids: ids are stored as text.
 CREATE FUNCTION domain_events.raise_event(
     aggregate_type text, aggregate_id uuid, event_type text,
     payload jsonb DEFAULT '{}', metadata jsonb DEFAULT '{}', expected_version bigint DEFAULT NULL,
     occurred_at timestamptz DEFAULT now(), event_version integer DEFAULT 1)
 RETURNS TABLE (id uuid, "position" bigint, aggregate_version bigint, recorded_at timestamptz)
-LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$ SELECT * FROM domain_events.raise_event($1, $2::text, $3, $4, $5, $6, $7, $8) $$;
 
 CREATE FUNCTION domain_events.raise_event(
@@ -22,7 +27,7 @@ CREATE FUNCTION domain_events.raise_event(
     payload jsonb DEFAULT '{}', metadata jsonb DEFAULT '{}', expected_version bigint DEFAULT NULL,
     occurred_at timestamptz DEFAULT now(), event_version integer DEFAULT 1)
 RETURNS TABLE (id uuid, "position" bigint, aggregate_version bigint, recorded_at timestamptz)
-LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$ SELECT * FROM domain_events.raise_event($1, $2::text, $3, $4, $5, $6, $7, $8) $$;
 
 -- Reads run with the caller's rights: domain_events_reader may read the tables.
@@ -90,7 +95,8 @@ GRANT INSERT, UPDATE ON domain_events.dead_letter TO domain_events_listener;
 GRANT USAGE ON SEQUENCE domain_events.dead_letter_id_seq TO domain_events_listener;
 
 -- Table capture: the trigger runs with the rights of the user changing the row and raises
--- through raise_events, so tracking grants nothing; track() needs the table's TRIGGER privilege.
+-- through raise_events, so tracking grants nothing; track() also needs the table's TRIGGER
+-- privilege. Tracking is a way of raising, so it belongs to domain_events_writer.
 CREATE VIEW domain_events.tracked_tables AS
 SELECT t.tgrelid::regclass AS table_name,
        -- tgargs holds the one argument, NUL-terminated
@@ -116,4 +122,6 @@ GRANT EXECUTE ON FUNCTION
     domain_events.untrack_relation(oid),
     domain_events.untrack(regclass),
     domain_events.capture_row_change()
-    TO PUBLIC;
+    TO domain_events_writer;
+REVOKE ALL ON FUNCTION domain_events.track(regclass, text, name, name[], name[], jsonb, name[]),
+    domain_events.untrack(regclass) FROM PUBLIC;

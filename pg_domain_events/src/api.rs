@@ -80,7 +80,7 @@ fn raise_events(
 }
 
 /// Imports history (items may carry `recorded_at`); for migrations, owner only.
-#[pg_extern(volatile, parallel_unsafe)]
+#[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn import_events(
     events: Option<JsonB>,

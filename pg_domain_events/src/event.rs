@@ -171,7 +171,12 @@ impl NewEvent {
         }
         let required_text = |key: &str| -> Result<&str, EventError> {
             match map.get(key) {
-                None | Some(Value::Null) => Err(EventError::null(field(key))),
+                None => Err(EventError::invalid(
+                    field(key),
+                    "is missing",
+                    "Each event needs aggregate_type, aggregate_id and event_type.",
+                )),
+                Some(Value::Null) => Err(EventError::null(field(key))),
                 Some(Value::String(s)) => Ok(s.as_str()),
                 Some(other) => Err(EventError::invalid(
                     field(key),

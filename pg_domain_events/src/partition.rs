@@ -165,6 +165,10 @@ pub fn ensure(month: Month) -> bool {
     } else {
         store::run(&store::create_partition(&name, &from, &to));
     }
+    // SAFETY: a plain flag Postgres sets while an extension script runs.
+    if unsafe { pg_sys::creating_extension } {
+        store::run(&store::disown_partition(&name));
+    }
     true
 }
 

@@ -94,6 +94,12 @@ pub fn attach_partition(name: &str, from: &str, to: &str) -> String {
     )
 }
 
+/// Partitions made while `CREATE EXTENSION` runs would become members of the extension:
+/// pg_dump would skip their rows and retention could not drop them.
+pub fn disown_partition(name: &str) -> String {
+    format!("ALTER EXTENSION pg_domain_events DROP TABLE domain_events.{name}")
+}
+
 /// The monthly partitions attached to the event table.
 pub const LIST_PARTITIONS: &str = "SELECT c.relname::text FROM pg_catalog.pg_inherits i \
      JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid \

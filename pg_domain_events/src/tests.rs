@@ -231,9 +231,8 @@ mod tests {
     #[pg_test]
     fn maintain_premakes_and_applies_retention_by_whole_partitions() {
         Spi::run("SET domain_events.premake_months = 2").unwrap();
-        let created =
-            count("SELECT count(*) FROM domain_events.maintain() WHERE action = 'created'");
-        assert!((2..=3).contains(&created), "created {created}");
+        // CREATE EXTENSION premade them (and the maintenance worker may run too): check the outcome.
+        Spi::run("SELECT * FROM domain_events.maintain()").unwrap();
         assert!(one::<bool>("SELECT to_regclass('domain_events.event_p' || to_char((now() + interval '2 months') AT TIME ZONE 'UTC', 'YYYYMM')) IS NOT NULL"));
         Spi::run(r#"SELECT * FROM domain_events.import_events('[
             {"aggregate_type": "Loan", "aggregate_id": "1", "event_type": "Loan.Created", "recorded_at": "2001-01-15T00:00:00Z"},
