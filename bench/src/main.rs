@@ -1,0 +1,31 @@
+//! Benchmarks of pg_domain_events, measured against baselines in the same run.
+//!
+//! `cargo run -p bench --release -- store` compares the event store with a plain INSERT and
+//! a PL/pgSQL implementation of the same contract. Each benchmark is a subcommand in its own
+//! module; this file only wires them up.
+
+use clap::{Parser, Subcommand};
+
+mod store;
+
+/// Benchmarks of pg_domain_events (run against the private cluster, not as tests).
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// raise_events / raise_event against plain INSERT and PL/pgSQL: batch throughput and
+    /// single-event commit latency.
+    Store(store::StoreArgs),
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Store(args) => store::run(args).await,
+    }
+}

@@ -1,0 +1,638 @@
+//! The event-store benchmark: `raise_events` batch throughput and `raise_event` commit latency,
+//! next to (b) a plain INSERT of the same rows into an equivalent unpartitioned table and (c)
+//! a PL/pgSQL implementation of the same contract (`bench/sql/plpgsql_baseline.sql`).
+//!
+//! All three write the same logical events, in the same order, to their own tables in one
+//! fresh database; the implementations take turns (rotated every round, alternated every
+//! single-event commit) so that drift on a shared machine hits them alike.
+
+use std::collections::HashMap;
+use std::error::Error;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::{BufMut, BytesMut};
+use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+use tokio_postgres::{Client, NoTls, Statement};
+
+/// The database every run creates afresh (dropped first if a previous run left it).
+const DATABASE: &str = "pgde_bench";
+
+/// Event types of the workload, taken in turn.
+const EVENT_TYPES: [&str; 4] = [
+    "Loan.Opened",
+    "Loan.StatusChanged",
+    "Loan.Funded",
+    "Loan.Repaid",
+];
+
+/// Options of `bench store`.
+#[derive(clap::Args, Debug)]
+pub struct StoreArgs {
+    /// Connection string of the private cluster (a superuser); the run creates and uses a
+    /// fresh database `pgde_bench` on it.
+    #[arg(
+        long,
+        env = "PGDE_BENCH_DSN",
+        default_value = "host=127.0.0.1 port=54329 user=postgres dbname=postgres"
+    )]
+    dsn: String,
+    /// Timed rounds; the throughput reported is the median over rounds.
+    #[arg(long, default_value_t = 9)]
+    rounds: usize,
+    /// Batches per implementation per round.
+    #[arg(long, default_value_t = 20)]
+    batches_per_round: usize,
+    /// Events per batch (one transaction).
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    /// Aggregates per batch: the events of a batch are spread over them.
+    #[arg(long, default_value_t = 100)]
+    aggregates: usize,
+    /// Single-event commits measured per implementation.
+    #[arg(long, default_value_t = 5000)]
+    commits: usize,
+    /// Untimed warm-up: single-event commits per implementation (batches: one round).
+    #[arg(long, default_value_t = 500)]
+    warmup: usize,
+    /// Approximate payload size in bytes of JSON text (the default is a ~210-byte loan-shaped
+    /// object; under 40 a bare `{"n": ...}`; above, padded).
+    #[arg(long, default_value_t = 200)]
+    payload_bytes: usize,
+    /// Keep the `pgde_bench` database after the run.
+    #[arg(long)]
+    keep_database: bool,
+}
+
+/// The three implementations compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Impl {
+    /// `domain_events.raise_events` / `raise_event`.
+    Extension,
+    /// A multi-row (or single-row) INSERT into `bench_plain.event`.
+    Plain,
+    /// `bench_plpgsql.raise_events` / `raise_event`.
+    Plpgsql,
+}
+
+const IMPLS: [Impl; 3] = [Impl::Extension, Impl::Plain, Impl::Plpgsql];
+
+/// JSON text sent as a `jsonb` parameter as it is, so that client-side serialisation stays
+/// out of the timings and every implementation receives identical bytes.
+#[derive(Debug, Clone)]
+struct Jsonb(String);
+
+impl ToSql for Jsonb {
+    fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
+        out.put_u8(1); // jsonb binary format version
+        out.put_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB
+    }
+
+    to_sql_checked!();
+}
+
+/// One event of the workload.
+#[derive(Debug, Clone)]
+struct Event {
+    aggregate_id: String,
+    event_type: &'static str,
+    payload: Jsonb,
+    metadata: Jsonb,
+    /// The version it gets (each implementation writes the same sequence to its own store);
+    /// only the plain INSERT sends it, the others compute it.
+    version: i64,
+    /// `expected_version`, set on the first event of an aggregate in a batch.
+    expected: Option<i64>,
+}
+
+/// A batch: its events and the `raise_events` argument built from them.
+struct Batch {
+    events: Vec<Event>,
+    json: Jsonb,
+}
+
+/// Generates the workload: realistic ~200-byte payloads, small metadata, aggregates reused
+/// across batches so stream heads are both created and advanced.
+struct Workload {
+    versions: HashMap<String, i64>,
+    aggregate_pool: usize,
+    next_event: u64,
+    payload_bytes: usize,
+}
+
+impl Workload {
+    fn new(aggregate_pool: usize, payload_bytes: usize) -> Workload {
+        Workload {
+            versions: HashMap::new(),
+            aggregate_pool,
+            next_event: 0,
+            payload_bytes,
+        }
+    }
+
+    fn aggregate_id(n: usize) -> String {
+        // A stable uuid-looking id per aggregate number.
+        format!("7f3c{:04x}-5d1e-4a8b-9c2f-{:012x}", n % 0x10000, n)
+    }
+
+    fn event(&mut self, aggregate: usize, first_in_batch: bool) -> Event {
+        let aggregate_id = Self::aggregate_id(aggregate);
+        let version = self.versions.entry(aggregate_id.clone()).or_insert(0);
+        let expected = first_in_batch.then_some(*version);
+        *version += 1;
+        let n = self.next_event;
+        self.next_event += 1;
+        let event_type = EVENT_TYPES[(n % EVENT_TYPES.len() as u64) as usize];
+        let status = ["submitted", "approved", "funded", "repaid"][(n % 4) as usize];
+        let mut payload = serde_json::json!({
+            "loan_id": aggregate_id,
+            "customer_id": format!("c-{:08}", n % 50_000),
+            "amount": 1000 + (n * 7919) % 250_000,
+            "currency": "EUR",
+            "rate": 7.25,
+            "term_months": 12 + n % 48,
+            "status": status,
+            "reason": "automatic decision by the scoring service",
+        });
+        // Sized to `--payload-bytes`: padded through `note`, or a bare counter when tiny.
+        let natural = payload.to_string().len();
+        if self.payload_bytes < 40 {
+            payload = serde_json::json!({ "n": n });
+        } else if self.payload_bytes > natural + 12 {
+            payload["note"] = "x".repeat(self.payload_bytes - natural - 12).into();
+        }
+        let metadata = serde_json::json!({
+            "actor": "bench",
+            "correlation_id": format!("corr-{n}"),
+            "source": "core",
+        });
+        Event {
+            aggregate_id,
+            event_type,
+            payload: Jsonb(payload.to_string()),
+            metadata: Jsonb(metadata.to_string()),
+            version: *version,
+            expected,
+        }
+    }
+
+    /// A batch of `size` events over `aggregates` aggregates, interleaved.
+    fn batch(&mut self, index: usize, size: usize, aggregates: usize) -> Batch {
+        let first = (index * aggregates) % self.aggregate_pool;
+        let mut seen = vec![false; aggregates];
+        let events: Vec<Event> = (0..size)
+            .map(|i| {
+                let slot = i % aggregates;
+                let first_in_batch = !std::mem::replace(&mut seen[slot], true);
+                self.event((first + slot) % self.aggregate_pool, first_in_batch)
+            })
+            .collect();
+        let items: Vec<serde_json::Value> = events
+            .iter()
+            .map(|e| {
+                let mut item = serde_json::json!({
+                    "aggregate_type": "Loan",
+                    "aggregate_id": e.aggregate_id,
+                    "event_type": e.event_type,
+                    "payload": serde_json::from_str::<serde_json::Value>(&e.payload.0).expect("json"),
+                    "metadata": serde_json::from_str::<serde_json::Value>(&e.metadata.0).expect("json"),
+                });
+                if let Some(expected) = e.expected {
+                    item["expected_version"] = expected.into();
+                }
+                item
+            })
+            .collect();
+        let json = Jsonb(serde_json::Value::Array(items).to_string());
+        Batch { events, json }
+    }
+}
+
+/// Prepared statements of one implementation.
+struct Statements {
+    batch: Statement,
+    single: Statement,
+}
+
+async fn connect(dsn: &str) -> anyhow::Result<Client> {
+    let (client, connection) = tokio_postgres::connect(dsn, NoTls).await.with_context(|| {
+        format!("cannot connect ({dsn}); is the cluster up (scripts/cluster.sh start)?")
+    })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            eprintln!("bench: connection error: {e}");
+        }
+    });
+    Ok(client)
+}
+
+/// `dsn` with its database replaced by `dbname`.
+fn dsn_for(dsn: &str, dbname: &str) -> String {
+    let rest: Vec<&str> = dsn
+        .split_whitespace()
+        .filter(|kv| !kv.starts_with("dbname="))
+        .collect();
+    format!("{} dbname={dbname}", rest.join(" "))
+}
+
+/// Creates the fresh database with the extension and both baselines.
+async fn prepare_database(args: &StoreArgs) -> anyhow::Result<Client> {
+    let admin = connect(&args.dsn).await?;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
+        .await
+        .context("drop the previous bench database")?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
+        .await?;
+    let client = connect(&dsn_for(&args.dsn, DATABASE)).await?;
+    client
+        .batch_execute("CREATE EXTENSION pg_domain_events")
+        .await
+        .context(
+            "CREATE EXTENSION pg_domain_events (install it first: cargo pgrx install --release)",
+        )?;
+    client
+        .batch_execute(include_str!("../sql/plain_baseline.sql"))
+        .await
+        .context("bench/sql/plain_baseline.sql")?;
+    client
+        .batch_execute(include_str!("../sql/plpgsql_baseline.sql"))
+        .await
+        .context("bench/sql/plpgsql_baseline.sql")?;
+    // Partitions of the current month exist before the clock starts, for both stores.
+    client
+        .query("SELECT * FROM domain_events.maintain()", &[])
+        .await?;
+    Ok(client)
+}
+
+async fn prepare_statements(
+    client: &Client,
+    batch_size: usize,
+) -> anyhow::Result<HashMap<Impl, Statements>> {
+    let mut values = String::new();
+    for row in 0..batch_size {
+        let p = row * 6;
+        if row > 0 {
+            values.push_str(", ");
+        }
+        values.push_str(&format!(
+            "(${}, ${}, ${}, ${}, ${}, ${})",
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4,
+            p + 5,
+            p + 6
+        ));
+    }
+    let plain_columns =
+        "INSERT INTO bench_plain.event (aggregate_type, aggregate_id, aggregate_version, event_type, payload, metadata) VALUES ";
+    let mut statements = HashMap::new();
+    statements.insert(
+        Impl::Extension,
+        Statements {
+            batch: client.prepare("SELECT count(*) FROM domain_events.raise_events($1::jsonb)").await?,
+            single: client
+                .prepare(
+                    "SELECT position FROM domain_events.raise_event($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb)",
+                )
+                .await?,
+        },
+    );
+    statements.insert(
+        Impl::Plain,
+        Statements {
+            batch: client.prepare(&format!("{plain_columns}{values}")).await?,
+            single: client
+                .prepare(&format!("{plain_columns}($1, $2, $3, $4, $5, $6)"))
+                .await?,
+        },
+    );
+    statements.insert(
+        Impl::Plpgsql,
+        Statements {
+            batch: client.prepare("SELECT count(*) FROM bench_plpgsql.raise_events($1::jsonb)").await?,
+            single: client
+                .prepare(
+                    "SELECT position FROM bench_plpgsql.raise_event($1::text, $2::text, $3::text, $4::jsonb, $5::jsonb)",
+                )
+                .await?,
+        },
+    );
+    Ok(statements)
+}
+
+/// Writes one batch in one transaction (a single autocommitted statement).
+async fn write_batch(
+    client: &Client,
+    imp: Impl,
+    st: &Statements,
+    batch: &Batch,
+) -> anyhow::Result<()> {
+    match imp {
+        Impl::Extension | Impl::Plpgsql => {
+            let n: i64 = client.query_one(&st.batch, &[&batch.json]).await?.get(0);
+            if n as usize != batch.events.len() {
+                bail!("{imp:?} wrote {n} events of {}", batch.events.len());
+            }
+        }
+        Impl::Plain => {
+            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(batch.events.len() * 6);
+            for e in &batch.events {
+                params.extend_from_slice(&[
+                    &"Loan" as &(dyn ToSql + Sync),
+                    &e.aggregate_id,
+                    &e.version,
+                    &e.event_type,
+                    &e.payload,
+                    &e.metadata,
+                ]);
+            }
+            let n = client.execute(&st.batch, &params).await?;
+            if n as usize != batch.events.len() {
+                bail!("plain INSERT wrote {n} rows of {}", batch.events.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Commits one event (autocommit); returns how long the round trip took.
+async fn write_single(
+    client: &Client,
+    imp: Impl,
+    st: &Statements,
+    e: &Event,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    match imp {
+        Impl::Extension | Impl::Plpgsql => {
+            client
+                .query_one(
+                    &st.single,
+                    &[
+                        &"Loan",
+                        &e.aggregate_id,
+                        &e.event_type,
+                        &e.payload,
+                        &e.metadata,
+                    ],
+                )
+                .await?;
+        }
+        Impl::Plain => {
+            client
+                .execute(
+                    &st.single,
+                    &[
+                        &"Loan",
+                        &e.aggregate_id,
+                        &e.version,
+                        &e.event_type,
+                        &e.payload,
+                        &e.metadata,
+                    ],
+                )
+                .await?;
+        }
+    }
+    Ok(started.elapsed())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// The `p`-quantile (nearest rank) of sorted durations, in milliseconds.
+fn quantile_ms(sorted: &[Duration], p: f64) -> f64 {
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1].as_secs_f64() * 1000.0
+}
+
+/// Measured figures of one implementation.
+#[derive(Debug, Default, Clone)]
+struct Figures {
+    rounds_eps: Vec<f64>,
+    median_eps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// Runs `bench store`.
+pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
+    if args.rounds == 0 || args.batches_per_round == 0 || args.batch_size == 0 || args.commits == 0
+    {
+        bail!("rounds, batches-per-round, batch-size and commits must be positive");
+    }
+    if args.batch_size * 6 > usize::from(u16::MAX) {
+        bail!(
+            "batch-size is at most 10922: the plain INSERT binds 6 parameters a row, 65535 at most"
+        );
+    }
+    if args.aggregates == 0 || args.aggregates > args.batch_size {
+        bail!("aggregates must be between 1 and the batch size");
+    }
+    let client = prepare_database(&args).await?;
+    let server: String = client.query_one("SHOW server_version", &[]).await?.get(0);
+    let settings: String = client
+        .query_one(
+            "SELECT format('fsync=%s, synchronous_commit=%s, shared_buffers=%s, wal_level=%s',
+                           current_setting('fsync'), current_setting('synchronous_commit'),
+                           current_setting('shared_buffers'), current_setting('wal_level'))",
+            &[],
+        )
+        .await?
+        .get(0);
+    let statements = prepare_statements(&client, args.batch_size).await?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+
+    // Every implementation writes the same batches, each to its own store, so they share one
+    // workload: the versions in it are what each store will hand out.
+    let pool = args.aggregates * 20;
+    let mut workload = Workload::new(pool, args.payload_bytes);
+    let batch_count = (args.rounds + 1) * args.batches_per_round;
+    let batches: Vec<Batch> = (0..batch_count)
+        .map(|i| workload.batch(i, args.batch_size, args.aggregates))
+        .collect();
+    let payload_bytes = batches[0]
+        .events
+        .iter()
+        .map(|e| e.payload.0.len())
+        .sum::<usize>()
+        / batches[0].events.len();
+
+    eprintln!(
+        "bench store: {} rounds x {} batches x {} events over {} aggregates (~{payload_bytes}-byte payloads), {} single-event commits each",
+        args.rounds, args.batches_per_round, args.batch_size, args.aggregates, args.commits
+    );
+
+    // Batch throughput. Round 0 is the warm-up.
+    let mut figures: HashMap<Impl, Figures> =
+        IMPLS.iter().map(|i| (*i, Figures::default())).collect();
+    client.batch_execute("CHECKPOINT").await?;
+    for round in 0..=args.rounds {
+        let batches =
+            &batches[round * args.batches_per_round..(round + 1) * args.batches_per_round];
+        for k in 0..IMPLS.len() {
+            let imp = IMPLS[(round + k) % IMPLS.len()];
+            let started = Instant::now();
+            for batch in batches {
+                write_batch(&client, imp, &statements[&imp], batch)
+                    .await
+                    .with_context(|| format!("{imp:?} batch"))?;
+            }
+            let eps = (batches.len() * args.batch_size) as f64 / started.elapsed().as_secs_f64();
+            if round > 0 {
+                figures.get_mut(&imp).expect("impl").rounds_eps.push(eps);
+                eprintln!("  round {round}: {imp:?} {eps:.0} events/s");
+            }
+        }
+    }
+
+    // Single-event commit latency, alternating implementations every commit.
+    client.batch_execute("CHECKPOINT").await?;
+    let mut latencies: HashMap<Impl, Vec<Duration>> = IMPLS
+        .iter()
+        .map(|i| (*i, Vec::with_capacity(args.commits)))
+        .collect();
+    for i in 0..args.warmup + args.commits {
+        let event = workload.event(i % pool, false);
+        for k in 0..IMPLS.len() {
+            let imp = IMPLS[(i + k) % IMPLS.len()];
+            let took = write_single(&client, imp, &statements[&imp], &event)
+                .await
+                .with_context(|| format!("{imp:?} single event"))?;
+            if i >= args.warmup {
+                latencies.get_mut(&imp).expect("impl").push(took);
+            }
+        }
+    }
+    for (imp, mut samples) in latencies {
+        samples.sort();
+        let f = figures.get_mut(&imp).expect("impl");
+        f.p50_ms = quantile_ms(&samples, 0.50);
+        f.p99_ms = quantile_ms(&samples, 0.99);
+        f.median_eps = median(&mut f.rounds_eps.clone());
+    }
+    verify_stores(&client).await?;
+
+    print_report(&args, &figures, &server, &settings, cores, payload_bytes);
+
+    drop(client);
+    if !args.keep_database {
+        let admin = connect(&args.dsn).await?;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
+            .await?;
+    }
+    Ok(())
+}
+
+/// All three stores hold the same number of events with the same per-aggregate versions: the
+/// comparison was of equal work.
+async fn verify_stores(client: &Client) -> anyhow::Result<()> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM domain_events.event),
+                    (SELECT count(*) FROM bench_plain.event),
+                    (SELECT count(*) FROM bench_plpgsql.event),
+                    (SELECT md5(string_agg(aggregate_id || ':' || aggregate_version, ',' ORDER BY aggregate_id, aggregate_version)) FROM domain_events.event),
+                    (SELECT md5(string_agg(aggregate_id || ':' || aggregate_version, ',' ORDER BY aggregate_id, aggregate_version)) FROM bench_plain.event),
+                    (SELECT md5(string_agg(aggregate_id || ':' || aggregate_version, ',' ORDER BY aggregate_id, aggregate_version)) FROM bench_plpgsql.event)",
+            &[],
+        )
+        .await?;
+    let counts: [i64; 3] = [row.get(0), row.get(1), row.get(2)];
+    let digests: [String; 3] = [row.get(3), row.get(4), row.get(5)];
+    if counts[0] != counts[1]
+        || counts[1] != counts[2]
+        || digests[0] != digests[1]
+        || digests[1] != digests[2]
+    {
+        bail!("the stores differ after the run: counts {counts:?}, version digests {digests:?}");
+    }
+    Ok(())
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+fn print_report(
+    args: &StoreArgs,
+    f: &HashMap<Impl, Figures>,
+    server: &str,
+    settings: &str,
+    cores: usize,
+    payload_bytes: usize,
+) {
+    let (ext, plain, pl) = (&f[&Impl::Extension], &f[&Impl::Plain], &f[&Impl::Plpgsql]);
+    let vs_plain = ext.median_eps / plain.median_eps;
+    let vs_pl = ext.median_eps / pl.median_eps;
+    let p50 = ext.p50_ms / plain.p50_ms;
+    let p99 = ext.p99_ms / plain.p99_ms;
+    println!();
+    println!("pg_domain_events store benchmark: PostgreSQL {server}, {cores} cores, {settings}");
+    println!(
+        "batches of {} events over {} aggregates (~{payload_bytes}-byte payloads), 1 transaction each; \
+         median of {} rounds x {} batches; {} single-event autocommits each after {} warm-up",
+        args.batch_size, args.aggregates, args.rounds, args.batches_per_round, args.commits, args.warmup
+    );
+    println!();
+    println!("| measure | pg_domain_events | plain INSERT | PL/pgSQL | vs plain INSERT | vs PL/pgSQL | target |");
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    println!(
+        "| batch throughput, events/s | {:.0} | {:.0} | {:.0} | {vs_plain:.2}x | {vs_pl:.2}x | >= 0.7x plain ({}), >= 2x PL/pgSQL ({}) |",
+        ext.median_eps,
+        plain.median_eps,
+        pl.median_eps,
+        verdict(vs_plain >= 0.7),
+        verdict(vs_pl >= 2.0)
+    );
+    println!(
+        "| commit latency p50, ms | {:.3} | {:.3} | {:.3} | {p50:.2}x | {:.2}x | <= 1.2x plain ({}) |",
+        ext.p50_ms,
+        plain.p50_ms,
+        pl.p50_ms,
+        ext.p50_ms / pl.p50_ms,
+        verdict(p50 <= 1.2)
+    );
+    println!(
+        "| commit latency p99, ms | {:.3} | {:.3} | {:.3} | {p99:.2}x | {:.2}x | <= 1.2x plain ({}) |",
+        ext.p99_ms,
+        plain.p99_ms,
+        pl.p99_ms,
+        ext.p99_ms / pl.p99_ms,
+        verdict(p99 <= 1.2)
+    );
+    println!();
+    println!(
+        "throughput per round (events/s): pg_domain_events {:?}, plain {:?}, PL/pgSQL {:?}",
+        rounded(&ext.rounds_eps),
+        rounded(&plain.rounds_eps),
+        rounded(&pl.rounds_eps)
+    );
+}
+
+fn rounded(values: &[f64]) -> Vec<u64> {
+    values.iter().map(|v| v.round() as u64).collect()
+}

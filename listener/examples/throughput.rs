@@ -1,0 +1,334 @@
+//! Listener benchmark: events/s from the WAL to a no-op handler through pgoutput, next to
+//! `pg_recvlogical` reading the same WAL, and commit→handler latency at a fixed offered rate.
+//!
+//! ```sh
+//! scripts/cluster.sh start
+//! cargo run --release -p listener --example throughput -- \
+//!     --dsn "host=127.0.0.1 port=54329 user=postgres" --events 200000 --rate 5000 --seconds 10
+//! ```
+//!
+//! It creates a throwaway database (dropped at the end), a publication and two slots created
+//! before the writes, so both consumers read exactly the same WAL:
+//! 1. `--events` events are raised (batches of 1000) while nobody reads;
+//! 2. the listener library drains its slot to a no-op handler (timed until the last event);
+//! 3. `pg_recvlogical` drains the other slot up to the same end LSN (`--endpos`, output discarded);
+//! 4. a writer offers `--rate` events/s (transactions of 50) for `--seconds`, and the listener's
+//!    handler records commit→handle latency (commit = the writer's COMMIT returned).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use listener::config::{Config, HandlerConfig, HandlerKind};
+use listener::{Event, Filter, Handler, HandlerError, Listener, Registry, RetryPolicy};
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+struct Args {
+    dsn: String,
+    events: u64,
+    rate: u64,
+    seconds: u64,
+    recvlogical: String,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        dsn: "host=127.0.0.1 port=54329 user=postgres".into(),
+        events: 200_000,
+        rate: 5_000,
+        seconds: 10,
+        recvlogical: "/usr/lib/postgresql/15/bin/pg_recvlogical".into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--dsn" => a.dsn = value,
+            "--events" => a.events = value.parse().expect("--events"),
+            "--rate" => a.rate = value.parse().expect("--rate"),
+            "--seconds" => a.seconds = value.parse().expect("--seconds"),
+            "--pg-recvlogical" => a.recvlogical = value,
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    a
+}
+
+fn param(dsn: &str, key: &str, default: &str) -> String {
+    dsn.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.to_string())
+        .unwrap_or_else(|| default.to_string())
+}
+
+async fn connect(dsn: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(dsn, NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+/// Counts events; with `latency`, records when each event arrived.
+#[derive(Default)]
+struct Probe {
+    count: AtomicU64,
+    arrivals: Option<Mutex<Vec<(uuid::Uuid, Instant)>>>,
+}
+
+/// The registry owns its handlers; the benchmark keeps a second reference to read the counts.
+struct Shared(Arc<Probe>);
+
+#[async_trait::async_trait]
+impl Handler for Shared {
+    async fn handle(&self, event: &Event) -> Result<(), HandlerError> {
+        self.0.count.fetch_add(1, Ordering::Relaxed);
+        if let Some(arrivals) = &self.0.arrivals {
+            arrivals
+                .lock()
+                .map_err(|_| HandlerError::definite("poisoned"))?
+                .push((event.id, Instant::now()));
+        }
+        Ok(())
+    }
+}
+
+fn listener_config(dsn: &str, dbname: &str, slot: &str) -> Config {
+    let mut config = Config::default();
+    config.database.host = param(dsn, "host", "127.0.0.1");
+    config.database.port = param(dsn, "port", "5432").parse().expect("port");
+    config.database.user = param(dsn, "user", "postgres");
+    config.database.dbname = dbname.to_string();
+    config.replication.slot = slot.to_string();
+    config.replication.publication = "bench".into();
+    config.replication.create_slot = false;
+    config.handlers = vec![HandlerConfig {
+        name: None,
+        kind: HandlerKind::Stdout,
+        events: vec!["*".into()],
+        max_attempts: 1,
+        initial_backoff_ms: 1,
+        max_backoff_ms: 1,
+    }];
+    config
+}
+
+fn batch(size: usize, n: u64) -> serde_json::Value {
+    serde_json::Value::Array(
+        (0..size)
+            .map(|i| {
+                serde_json::json!({
+                    "aggregate_type": "Loan",
+                    "aggregate_id": format!("loan-{}", (n + i as u64) % 1000),
+                    "event_type": "Loan.Funded",
+                    "payload": {"amount": 100000, "rate": 7.5, "term_months": 12, "note": "benchmark"},
+                })
+            })
+            .collect(),
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let a = args();
+    let dbname = format!("pgde_bench_{}", std::process::id());
+    let admin = connect(&format!("{} dbname=postgres", a.dsn)).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {dbname}"))
+        .await
+        .expect("create database");
+    let db = connect(&format!("{} dbname={dbname}", a.dsn)).await;
+    // One statement per call: a multi-statement string is one transaction, and a slot cannot be
+    // created in a transaction that wrote.
+    for sql in [
+        "CREATE EXTENSION pg_domain_events",
+        "SELECT domain_events.maintain()",
+        "CREATE PUBLICATION bench FOR TABLE domain_events.event \
+         WITH (publish_via_partition_root = true, publish = 'insert')",
+        "SELECT pg_create_logical_replication_slot('bench_listener_' || pg_backend_pid(), 'pgoutput')",
+    ] {
+        db.batch_execute(sql).await.expect("setup");
+    }
+    let pid: i32 = db
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let slot = format!("bench_listener_{pid}");
+    let recv_slot = format!("bench_recv_{pid}");
+    db.execute(
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+        &[&recv_slot],
+    )
+    .await
+    .expect("second slot");
+
+    // 1. Write the backlog.
+    let started = Instant::now();
+    let mut written = 0;
+    while written < a.events {
+        let size = (a.events - written).min(1000) as usize;
+        db.query(
+            "SELECT 1 FROM domain_events.raise_events($1)",
+            &[&batch(size, written)],
+        )
+        .await
+        .expect("raise_events");
+        written += size as u64;
+    }
+    let end_lsn: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    println!(
+        "wrote {} events in {:.2?} ({:.0} ev/s)",
+        a.events,
+        started.elapsed(),
+        a.events as f64 / started.elapsed().as_secs_f64()
+    );
+
+    // 2. The listener drains its slot.
+    let probe = Arc::new(Probe::default());
+    let mut registry = Registry::new();
+    registry.register(
+        "noop",
+        [Filter::All],
+        RetryPolicy::default(),
+        Shared(probe.clone()),
+    );
+    let cancel = CancellationToken::new();
+    let listener = Listener::new(listener_config(&a.dsn, &dbname, &slot), registry);
+    let started = Instant::now();
+    let token = cancel.clone();
+    let task = tokio::spawn(async move { listener.run(token).await });
+    while probe.count.load(Ordering::Relaxed) < a.events {
+        assert!(!task.is_finished(), "the listener stopped early");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let ours = started.elapsed();
+    cancel.cancel();
+    task.await.expect("join").expect("listener");
+    let ours_rate = a.events as f64 / ours.as_secs_f64();
+    println!("listener (pgoutput → no-op handler): {ours:.2?}, {ours_rate:.0} ev/s");
+
+    // 3. pg_recvlogical over the same WAL.
+    let started = Instant::now();
+    let status = tokio::process::Command::new(&a.recvlogical)
+        .args([
+            "-h",
+            &param(&a.dsn, "host", "127.0.0.1"),
+            "-p",
+            &param(&a.dsn, "port", "5432"),
+        ])
+        .args([
+            "-U",
+            &param(&a.dsn, "user", "postgres"),
+            "-d",
+            &dbname,
+            "-S",
+            &recv_slot,
+        ])
+        .args(["--start", "--no-loop", "-f", "/dev/null", "-E", &end_lsn])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=bench",
+            "-o",
+            "messages=true",
+        ])
+        .status()
+        .await
+        .expect("run pg_recvlogical");
+    let theirs = started.elapsed();
+    assert!(status.success(), "pg_recvlogical failed: {status}");
+    let theirs_rate = a.events as f64 / theirs.as_secs_f64();
+    println!("pg_recvlogical (same WAL, discarded): {theirs:.2?}, {theirs_rate:.0} ev/s");
+    println!(
+        "ratio listener / pg_recvlogical: {:.2}",
+        ours_rate / theirs_rate
+    );
+
+    // 4. Latency at a fixed offered rate.
+    let probe = Arc::new(Probe {
+        count: AtomicU64::new(0),
+        arrivals: Some(Mutex::new(Vec::new())),
+    });
+    let mut registry = Registry::new();
+    registry.register(
+        "probe",
+        [Filter::All],
+        RetryPolicy::default(),
+        Shared(probe.clone()),
+    );
+    let mut config = listener_config(&a.dsn, &dbname, &slot);
+    config.replication.ack_interval_ms = 100;
+    let listener = Listener::new(config, registry);
+    let cancel = CancellationToken::new();
+    let token = cancel.clone();
+    let task = tokio::spawn(async move { listener.run(token).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per_txn = 50u64;
+    let interval = Duration::from_secs_f64(per_txn as f64 / a.rate as f64);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut commits: HashMap<uuid::Uuid, Instant> = HashMap::new();
+    let mut offered = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(a.seconds);
+    let mut writer = connect(&format!("{} dbname={dbname}", a.dsn)).await;
+    while Instant::now() < deadline {
+        ticker.tick().await;
+        let tx = writer.transaction().await.expect("begin");
+        let rows = tx
+            .query(
+                "SELECT id FROM domain_events.raise_events($1)",
+                &[&batch(per_txn as usize, offered)],
+            )
+            .await
+            .expect("raise");
+        tx.commit().await.expect("commit");
+        let at = Instant::now();
+        for row in rows {
+            commits.insert(row.get(0), at);
+        }
+        offered += per_txn;
+    }
+    let wait_until = Instant::now() + Duration::from_secs(30);
+    while probe.count.load(Ordering::Relaxed) < offered && Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cancel.cancel();
+    task.await.expect("join").expect("listener");
+    let arrivals = probe.arrivals.as_ref().unwrap().lock().unwrap().clone();
+    let mut latencies: Vec<Duration> = arrivals
+        .iter()
+        .filter_map(|(id, at)| commits.get(id).map(|c| at.saturating_duration_since(*c)))
+        .collect();
+    latencies.sort();
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+    println!(
+        "latency at {} ev/s offered ({} events, {:.0} ev/s achieved): p50 {:.2?}, p99 {:.2?}, max {:.2?}",
+        a.rate,
+        latencies.len(),
+        offered as f64 / a.seconds as f64,
+        pct(0.50),
+        pct(0.99),
+        latencies.last().copied().unwrap_or_default()
+    );
+
+    db.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .expect("drop slot");
+    db.execute("SELECT pg_drop_replication_slot($1)", &[&recv_slot])
+        .await
+        .expect("drop slot");
+    drop(writer);
+    drop(db);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    admin
+        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
+        .await
+        .expect("drop database");
+}

@@ -1,0 +1,694 @@
+//! Configuration: one TOML file, then `PGDE_*` environment overrides, then command-line flags.
+//!
+//! Every key of the `database`, `replication` and `log` tables can be overridden by the
+//! environment as `PGDE_<TABLE>_<KEY>` (e.g. `PGDE_DATABASE_PORT=5433`,
+//! `PGDE_REPLICATION_SLOT=orders`) and on the command line with `--set table.key=value` or one of
+//! the dedicated flags. Secrets never come from the file or the command line: the password is
+//! read from `PGDE_PASSWORD`, else `PGPASSWORD`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dispatch::{Filter, RetryPolicy};
+
+/// Tables of the file that environment variables may override.
+const OVERRIDABLE: [&str; 3] = ["database", "replication", "log"];
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file, an override or the merged result is not valid.
+    #[error("invalid configuration{}: {message}", origin.as_ref().map(|o| format!(" ({o})")).unwrap_or_default())]
+    Invalid {
+        /// Where the bad value came from (a file, an env var, a flag).
+        origin: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(origin: Option<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        origin,
+        message: message.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where to connect.
+    pub database: DatabaseConfig,
+    /// Slot, publication and stream tuning.
+    pub replication: ReplicationConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Handlers, each `[[handlers]]` table one handler.
+    pub handlers: Vec<HandlerConfig>,
+}
+
+/// `[database]`: the server to follow. The password comes from the environment only, and
+/// `Debug` leaves it out.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Host name or IP address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Role; needs the `REPLICATION` attribute and `domain_events_listener`.
+    pub user: String,
+    /// Database where the extension is installed.
+    pub dbname: String,
+    /// `application_name` shown in `pg_stat_replication` and `pg_stat_activity`.
+    pub application_name: String,
+    /// Seconds to wait for a TCP connection and authentication.
+    pub connect_timeout_secs: u64,
+    /// TLS: `disable`, `prefer`, `require`, `verify-ca` or `verify-full` (libpq semantics).
+    pub sslmode: crate::tls::SslMode,
+    /// CA certificates (PEM) trusted in `verify-ca`/`verify-full`; the system store otherwise.
+    pub sslrootcert: Option<PathBuf>,
+    /// From `PGDE_PASSWORD` or `PGPASSWORD`; never read from the file.
+    #[serde(skip)]
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("dbname", &self.dbname)
+            .field("application_name", &self.application_name)
+            .field("connect_timeout_secs", &self.connect_timeout_secs)
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> DatabaseConfig {
+        DatabaseConfig {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            user: "postgres".into(),
+            dbname: "postgres".into(),
+            application_name: "pg_domain_events_listener".into(),
+            connect_timeout_secs: 10,
+            sslmode: crate::tls::SslMode::default(),
+            sslrootcert: None,
+            password: None,
+        }
+    }
+}
+
+/// `[replication]`: slot, publication, durable position and stream timing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Logical replication slot (`pgoutput`); created when missing if `create_slot`.
+    pub slot: String,
+    /// Publication of `domain_events.event`; created when missing if `create_publication`.
+    pub publication: String,
+    /// Row name in `domain_events.subscription` holding the durable position; defaults to the slot.
+    pub subscription: Option<String>,
+    /// Create the slot when it does not exist.
+    pub create_slot: bool,
+    /// Create the publication when it does not exist (needs ownership of the event table).
+    pub create_publication: bool,
+    /// Maximum seconds between two standby status updates (keep below `wal_sender_timeout`).
+    pub status_interval_secs: u64,
+    /// Seconds without any message from the server (while reading) after which the connection is
+    /// considered dead and re-opened; periodic status updates ask the server for a reply, so a
+    /// live server is never silent that long. 0 turns the check off.
+    pub server_timeout_secs: u64,
+    /// How often newly handled transactions are confirmed to the server, in milliseconds.
+    pub ack_interval_ms: u64,
+    /// How often the durable position is written to the subscription row, in milliseconds.
+    pub checkpoint_interval_ms: u64,
+    /// Seconds between heartbeats (`pg_logical_emit_message(true, ...)`); 0 turns them off.
+    pub heartbeat_interval_secs: u64,
+    /// Events and commits buffered between the stream and the handlers.
+    pub queue_capacity: usize,
+    /// First delay before reconnecting after a transient failure, in milliseconds.
+    pub reconnect_min_backoff_ms: u64,
+    /// Largest delay between reconnect attempts, in milliseconds.
+    pub reconnect_max_backoff_ms: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> ReplicationConfig {
+        ReplicationConfig {
+            slot: "pg_domain_events".into(),
+            publication: "pg_domain_events".into(),
+            subscription: None,
+            create_slot: true,
+            create_publication: true,
+            status_interval_secs: 10,
+            server_timeout_secs: 120,
+            ack_interval_ms: 100,
+            checkpoint_interval_ms: 1000,
+            heartbeat_interval_secs: 0,
+            queue_capacity: 4096,
+            reconnect_min_backoff_ms: 500,
+            reconnect_max_backoff_ms: 30_000,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    /// The subscription row's name.
+    pub fn subscription_name(&self) -> &str {
+        self.subscription.as_deref().unwrap_or(&self.slot)
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter: `info`, `debug`, `listener=debug,warn`… (`RUST_LOG` wins when set).
+    pub level: String,
+    /// `pretty` (human) or `json` (one object per line).
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Pretty,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One `[[handlers]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerConfig {
+    /// Unique name used in logs; defaults to the kind.
+    pub name: Option<String>,
+    /// Built-in handler: `stdout`.
+    pub kind: HandlerKind,
+    /// Event filters: `"*"`, `"Loan.*"`, exact event types. Default `["*"]`.
+    #[serde(default = "all_events")]
+    pub events: Vec<String>,
+    /// Calls per event before giving up (transient failures only).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay in milliseconds (doubles each retry).
+    #[serde(default = "default_initial_backoff_ms")]
+    pub initial_backoff_ms: u64,
+    /// Largest retry delay in milliseconds.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+fn all_events() -> Vec<String> {
+    vec!["*".into()]
+}
+fn default_max_attempts() -> u32 {
+    RetryPolicy::default().max_attempts
+}
+fn default_initial_backoff_ms() -> u64 {
+    RetryPolicy::default().initial_backoff.as_millis() as u64
+}
+fn default_max_backoff_ms() -> u64 {
+    RetryPolicy::default().max_backoff.as_millis() as u64
+}
+
+/// Built-in handler kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerKind {
+    /// JSON lines on standard output ([`crate::sink::StdoutSink`]).
+    Stdout,
+}
+
+impl HandlerConfig {
+    /// The handler's name.
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| match self.kind {
+            HandlerKind::Stdout => "stdout".into(),
+        })
+    }
+
+    /// Parsed filters.
+    pub fn filters(&self) -> Result<Vec<Filter>, ConfigError> {
+        self.events
+            .iter()
+            .map(|f| {
+                f.parse()
+                    .map_err(|e| invalid(Some(format!("handler {}", self.name())), format!("{e}")))
+            })
+            .collect()
+    }
+
+    /// The retry policy.
+    pub fn retry(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            initial_backoff: Duration::from_millis(self.initial_backoff_ms),
+            max_backoff: Duration::from_millis(self.max_backoff_ms),
+        }
+    }
+}
+
+/// Overrides given on the command line, applied after the environment.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `(dotted key, value)` pairs, e.g. `("database.port", "5433")`.
+    pub pairs: Vec<(String, String)>,
+}
+
+impl Config {
+    /// Loads `path` (if any), applies `PGDE_*` variables from `env`, then `flags`, and validates.
+    /// `env` is passed in (rather than read here) so that tests are hermetic.
+    pub fn load(
+        path: Option<&Path>,
+        env: &[(String, String)],
+        flags: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str::<toml::Table>(&text)
+                    .map_err(|e| invalid(Some(path.display().to_string()), e.to_string()))?
+            }
+            None => toml::Table::new(),
+        };
+        if let Some(db) = table.get("database").and_then(|d| d.as_table()) {
+            if db.contains_key("password") {
+                return Err(invalid(
+                    path.map(|p| p.display().to_string()),
+                    "database.password is not allowed in the file: secrets come from the \
+                     environment only (PGDE_PASSWORD or PGPASSWORD)",
+                ));
+            }
+        }
+        let mut overridden = false;
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("PGDE_") else {
+                continue;
+            };
+            let Some((section, key)) = rest.split_once('_') else {
+                continue;
+            };
+            let section = section.to_ascii_lowercase();
+            if !OVERRIDABLE.contains(&section.as_str()) {
+                continue;
+            }
+            let key = key.to_ascii_lowercase();
+            if section == "database" && key == "password" {
+                continue;
+            }
+            set(&mut table, &section, &key, value, name)?;
+            overridden = true;
+        }
+        for (dotted, value) in &flags.pairs {
+            let (section, key) = dotted.split_once('.').ok_or_else(|| {
+                invalid(
+                    Some(format!("--set {dotted}")),
+                    "expected table.key=value, e.g. database.port=5433",
+                )
+            })?;
+            if section == "database" && key == "password" {
+                return Err(invalid(
+                    Some("--set".into()),
+                    "the password comes from PGDE_PASSWORD or PGPASSWORD only",
+                ));
+            }
+            set(&mut table, section, key, value, &format!("--set {dotted}"))?;
+            overridden = true;
+        }
+        let origin = match (path, overridden) {
+            (Some(p), false) => Some(p.display().to_string()),
+            (Some(p), true) => Some(format!("{} with PGDE_* and flag overrides", p.display())),
+            (None, true) => Some("PGDE_* and flag overrides".to_string()),
+            (None, false) => None,
+        };
+        let mut config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| invalid(origin, e.to_string()))?;
+        let lookup = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        config.database.password = lookup("PGDE_PASSWORD").or_else(|| lookup("PGPASSWORD"));
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks names and ranges, so that mistakes fail at startup with a clear message.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let r = &self.replication;
+        if !is_simple_name(&r.slot) || r.slot.contains('$') {
+            return Err(invalid(
+                Some("replication.slot".into()),
+                format!(
+                    "{:?}: use 1-63 lowercase letters, digits and underscores",
+                    r.slot
+                ),
+            ));
+        }
+        if !is_simple_name(&r.publication)
+            || r.publication.starts_with(|c: char| c.is_ascii_digit())
+        {
+            return Err(invalid(
+                Some("replication.publication".into()),
+                format!(
+                    "{:?}: use a lowercase identifier of at most 63 characters",
+                    r.publication
+                ),
+            ));
+        }
+        if r.subscription_name().is_empty() {
+            return Err(invalid(
+                Some("replication.subscription".into()),
+                "must not be empty",
+            ));
+        }
+        if r.status_interval_secs == 0 || r.ack_interval_ms == 0 || r.checkpoint_interval_ms == 0 {
+            return Err(invalid(
+                Some("replication".into()),
+                "status_interval_secs, ack_interval_ms and checkpoint_interval_ms must be positive",
+            ));
+        }
+        if r.server_timeout_secs != 0 && r.server_timeout_secs <= r.status_interval_secs {
+            return Err(invalid(
+                Some("replication.server_timeout_secs".into()),
+                "must exceed status_interval_secs (replies are asked for at that interval)",
+            ));
+        }
+        if r.queue_capacity == 0 {
+            return Err(invalid(
+                Some("replication.queue_capacity".into()),
+                "must be positive",
+            ));
+        }
+        if self.handlers.is_empty() {
+            return Err(invalid(
+                None,
+                "no handlers configured: add a [[handlers]] table, e.g. kind = \"stdout\"",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for handler in &self.handlers {
+            handler.filters()?;
+            if handler.events.is_empty() {
+                return Err(invalid(
+                    Some(format!("handler {}", handler.name())),
+                    "events is empty",
+                ));
+            }
+            if handler.max_attempts == 0 {
+                return Err(invalid(
+                    Some(format!("handler {}", handler.name())),
+                    "max_attempts must be ≥ 1",
+                ));
+            }
+            if !names.insert(handler.name()) {
+                return Err(invalid(
+                    Some(format!("handler {}", handler.name())),
+                    "two handlers have this name; give each a distinct `name`",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Lowercase letters, digits, `_` and `$`, 1 to 63 characters: needs no quoting anywhere.
+fn is_simple_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$')
+}
+
+/// Sets `section.key` to `value`, typed as TOML when it parses as a TOML value (numbers,
+/// booleans, arrays) and as a string otherwise.
+fn set(
+    table: &mut toml::Table,
+    section: &str,
+    key: &str,
+    value: &str,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    let typed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let entry = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let inner = entry.as_table_mut().ok_or_else(|| {
+        invalid(
+            Some(origin.to_string()),
+            format!("{section} is not a table"),
+        )
+    })?;
+    inner.insert(key.to_string(), typed);
+    Ok(())
+}
+
+/// Command-line flags shared by the subcommands that read the configuration.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, short, env = "PGDE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Overrides `database.host`.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Overrides `database.port`.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Overrides `database.user`.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Overrides `database.dbname`.
+    #[arg(long)]
+    pub dbname: Option<String>,
+    /// Overrides `replication.slot`.
+    #[arg(long)]
+    pub slot: Option<String>,
+    /// Overrides `replication.publication`.
+    #[arg(long)]
+    pub publication: Option<String>,
+    /// Overrides `replication.subscription`.
+    #[arg(long)]
+    pub subscription: Option<String>,
+    /// Overrides `log.level`.
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Overrides `log.format` (`pretty` or `json`).
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// Overrides any key: `--set replication.heartbeat_interval_secs=30` (repeatable).
+    #[arg(long = "set", value_name = "TABLE.KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+impl ConfigArgs {
+    /// The flags as overrides, dedicated flags first, then `--set` in order.
+    pub fn overrides(&self) -> Result<Overrides, ConfigError> {
+        let mut pairs = Vec::new();
+        let mut add = |key: &str, value: Option<String>| {
+            if let Some(value) = value {
+                pairs.push((key.to_string(), value));
+            }
+        };
+        add("database.host", self.host.clone().map(quote));
+        add("database.port", self.port.map(|p| p.to_string()));
+        add("database.user", self.user.clone().map(quote));
+        add("database.dbname", self.dbname.clone().map(quote));
+        add("replication.slot", self.slot.clone().map(quote));
+        add(
+            "replication.publication",
+            self.publication.clone().map(quote),
+        );
+        add(
+            "replication.subscription",
+            self.subscription.clone().map(quote),
+        );
+        add("log.level", self.log_level.clone().map(quote));
+        add("log.format", self.log_format.clone().map(quote));
+        for item in &self.set {
+            let (key, value) = item.split_once('=').ok_or_else(|| {
+                invalid(Some(format!("--set {item}")), "expected TABLE.KEY=VALUE")
+            })?;
+            pairs.push((key.trim().to_string(), value.to_string()));
+        }
+        Ok(Overrides { pairs })
+    }
+
+    /// Loads the configuration these flags describe, with the process environment.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Config::load(self.config.as_deref(), &env, &self.overrides()?)
+    }
+}
+
+/// Quotes a string flag as a TOML string, so that values such as `5432` given to `--dbname` stay
+/// strings.
+fn quote(s: String) -> String {
+    toml::Value::String(s).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// A temporary config file, removed on drop (one test helper does not justify a dependency).
+    struct TempFile(PathBuf);
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn write(text: &str) -> TempFile {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("pgde-config-{}-{n}.toml", std::process::id()));
+        std::fs::write(&path, text).expect("write temp config");
+        TempFile(path)
+    }
+
+    const FILE: &str = r#"
+        [database]
+        host = "db.internal"
+        port = 5433
+        dbname = "app"
+
+        [replication]
+        slot = "orders"
+
+        [[handlers]]
+        kind = "stdout"
+        events = ["Loan.*", "User.Created"]
+    "#;
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let file = write(FILE);
+        let config = Config::load(
+            Some(&file.0),
+            &env(&[
+                ("PGDE_DATABASE_PORT", "6000"),
+                ("PGDE_REPLICATION_HEARTBEAT_INTERVAL_SECS", "30"),
+                ("PGDE_TEST_DSN", "ignored: not a config table"),
+                ("PGPASSWORD", "from-pgpassword"),
+            ]),
+            &Overrides {
+                pairs: vec![
+                    ("database.port".into(), "7000".into()),
+                    ("log.format".into(), "json".into()),
+                ],
+            },
+        )
+        .unwrap();
+        assert_eq!(config.database.host, "db.internal");
+        assert_eq!(config.database.port, 7000);
+        assert_eq!(config.database.dbname, "app");
+        assert_eq!(config.replication.slot, "orders");
+        assert_eq!(config.replication.subscription_name(), "orders");
+        assert_eq!(config.replication.heartbeat_interval_secs, 30);
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.database.password.as_deref(), Some("from-pgpassword"));
+        let debug = format!("{config:?}");
+        assert!(
+            !debug.contains("from-pgpassword"),
+            "Debug shows the password: {debug}"
+        );
+        assert_eq!(config.handlers[0].filters().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn pgde_password_wins_over_pgpassword() {
+        let file = write(FILE);
+        let config = Config::load(
+            Some(&file.0),
+            &env(&[("PGPASSWORD", "b"), ("PGDE_PASSWORD", "a")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(config.database.password.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn rejects_secrets_unknown_keys_and_bad_names() {
+        let file = write("[database]\npassword = \"x\"\n[[handlers]]\nkind = \"stdout\"\n");
+        let err = Config::load(Some(&file.0), &[], &Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("secrets come from the environment"),
+            "{err}"
+        );
+
+        let file = write(FILE);
+        let err = Config::load(
+            Some(&file.0),
+            &env(&[("PGDE_DATABASE_PROT", "1")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("prot"), "{err}");
+
+        let err = Config::load(
+            Some(&file.0),
+            &[],
+            &Overrides {
+                pairs: vec![("replication.slot".into(), "Bad-Slot".into())],
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("replication.slot"), "{err}");
+
+        let file = write("[database]\nport = 1\n");
+        let err = Config::load(Some(&file.0), &[], &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("no handlers"), "{err}");
+    }
+
+    #[test]
+    fn example_file_is_valid() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("example.toml");
+        Config::load(Some(&example), &[], &Overrides::default()).unwrap();
+    }
+}

@@ -1,0 +1,133 @@
+//! The `listener` binary: parses flags, loads the configuration, wires the built-in handlers and
+//! runs the library until SIGINT or SIGTERM.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use listener::config::{ConfigArgs, LogConfig, LogFormat};
+use listener::error::report;
+use listener::service::{registry_from_config, Listener};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+/// Follows committed pg_domain_events through logical replication and dispatches them.
+#[derive(Debug, Parser)]
+#[command(name = "listener", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Stream events to the configured handlers until SIGINT/SIGTERM.
+    Run(ConfigArgs),
+    /// Print the effective configuration (file + environment + flags) as TOML and exit.
+    PrintConfig(ConfigArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (args, run) = match &cli.command {
+        Command::Run(args) => (args, true),
+        Command::PrintConfig(args) => (args, false),
+    };
+    let config = match args.load() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {}", report(&err));
+            return ExitCode::from(2);
+        }
+    };
+    if !run {
+        return match toml::to_string_pretty(&config) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    init_logging(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            error!(error = %err, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let registry = match registry_from_config(&config) {
+            Ok(registry) => registry,
+            Err(err) => {
+                error!(error = %report(&err), "invalid handler configuration");
+                return ExitCode::from(2);
+            }
+        };
+        let cancel = CancellationToken::new();
+        let signals = tokio::spawn(watch_signals(cancel.clone()));
+        let result = Listener::new(config, registry).run(cancel).await;
+        signals.abort();
+        match result {
+            Ok(()) => {
+                info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                error!(error = %report(&err), "listener stopped");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// Cancels on the first SIGINT/SIGTERM (graceful: finish in-flight, confirm, exit 0); exits at
+/// once on the second.
+async fn watch_signals(cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        _ => {
+            warn!("cannot install signal handlers; stop the listener with SIGKILL");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    info!("shutting down: finishing the in-flight transaction");
+    cancel.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    warn!("second signal: exiting without confirming the in-flight transaction");
+    std::process::exit(130);
+}
+
+fn init_logging(log: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Logs go to stderr: stdout belongs to the stdout handler's JSON lines.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colours only on a terminal: log files and journald get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match log.format {
+        LogFormat::Pretty => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

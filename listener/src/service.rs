@@ -1,0 +1,658 @@
+//! The listener service: connects, streams, dispatches, confirms, and reconnects after transient
+//! failures until cancelled.
+//!
+//! One session = one SQL connection (extension check, publication, subscription row, heartbeats)
+//! plus one replication connection. Inside a session three tasks cooperate:
+//!
+//! ```text
+//!  server ──XLogData──▶ stream loop ──Item (bounded)──▶ dispatcher ──▶ handlers
+//!     ▲                     │  ▲                             │
+//!     └──status updates─────┘  └──────── Ack (watch) ────────┤
+//!                                                            ▼
+//!                                          checkpointer ──▶ domain_events.subscription
+//! ```
+//!
+//! The stream loop confirms to the server only what the dispatcher acknowledged (a transaction's
+//! commit end LSN after all of its events were handled), or, when nothing of ours is in flight,
+//! the server's keepalive position, so that WAL is not retained while other tables are busy.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, HandlerKind};
+use crate::dispatch::{jitter, Ack, Dispatcher, Item, Registry};
+use crate::error::{report, Error};
+use crate::event::{Decoded, EventDecoder};
+use crate::lsn::Lsn;
+use crate::pgoutput::{self, PgOutputMessage};
+use crate::sink::StdoutSink;
+use crate::stream::{ConnectOptions, ReplicationConnection, ReplicationMessage, SlotState};
+use crate::subscription::{self, SubscriptionStore, HEARTBEAT_PREFIX};
+
+/// Builds the registry of built-in handlers described by `config.handlers`.
+pub fn registry_from_config(config: &Config) -> Result<Registry, Error> {
+    let mut registry = Registry::new();
+    for handler in &config.handlers {
+        let filters = handler.filters()?;
+        match handler.kind {
+            HandlerKind::Stdout => {
+                registry.register(handler.name(), filters, handler.retry(), StdoutSink::new());
+            }
+        }
+    }
+    Ok(registry)
+}
+
+/// A configured listener, ready to [`Listener::run`].
+pub struct Listener {
+    config: Config,
+    registry: Arc<Registry>,
+}
+
+impl Listener {
+    /// A listener following `config` and delivering to `registry`'s handlers.
+    pub fn new(config: Config, registry: Registry) -> Listener {
+        Listener {
+            config,
+            registry: Arc::new(registry),
+        }
+    }
+
+    /// Runs until `cancel` fires (then finishes the in-flight transaction, confirms it and returns
+    /// `Ok`) or a definite error occurs. Transient failures reconnect with exponential backoff.
+    pub async fn run(&self, cancel: CancellationToken) -> Result<(), Error> {
+        let r = &self.config.replication;
+        let min = Duration::from_millis(r.reconnect_min_backoff_ms.max(1));
+        let max = Duration::from_millis(r.reconnect_max_backoff_ms).max(min);
+        let mut backoff = min;
+        loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+            let mut streamed = false;
+            match self.session(&cancel, &mut streamed).await {
+                Ok(()) => return Ok(()),
+                Err(err) if err.is_transient() => {
+                    if streamed {
+                        backoff = min;
+                    }
+                    let delay = jitter(backoff);
+                    warn!(
+                        error = %report(&err),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "transient failure; reconnecting"
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = cancel.cancelled() => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(max);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    async fn session(&self, cancel: &CancellationToken, streamed: &mut bool) -> Result<(), Error> {
+        let db = &self.config.database;
+        let r = &self.config.replication;
+
+        // The replication connection comes first: its authentication errors are the clearest.
+        let mut conn = ReplicationConnection::connect(&ConnectOptions {
+            host: db.host.clone(),
+            port: db.port,
+            user: db.user.clone(),
+            password: db.password.clone(),
+            dbname: db.dbname.clone(),
+            application_name: db.application_name.clone(),
+            connect_timeout: Duration::from_secs(db.connect_timeout_secs),
+            sslmode: db.sslmode,
+            tls: crate::tls::connector(db.sslmode, db.sslrootcert.as_deref())?,
+        })
+        .await?;
+        let (client, sql_task) = subscription::connect(db).await?;
+        crate::publication::check_extension(&client, &db.dbname).await?;
+        crate::publication::ensure_publication(&client, &r.publication, r.create_publication)
+            .await?;
+        let store = SubscriptionStore::new(client, r.subscription_name());
+        let durable = store.load().await?;
+        let system = conn.identify_system().await?;
+        debug!(system_id = %system.system_id, timeline = system.timeline, xlogpos = %system.xlogpos, "identified the server");
+        let slot_error = |problem: String| Error::Slot {
+            name: r.slot.clone(),
+            problem,
+        };
+        let start = match conn.find_slot(&r.slot, &db.dbname).await? {
+            Some(confirmed) => durable
+                .unwrap_or_default()
+                .max(confirmed.unwrap_or_default()),
+            // Recreating it silently would skip every event committed since it disappeared.
+            None if durable.is_some() => {
+                return Err(slot_error(format!(
+                    "does not exist, but subscription {:?} has delivered up to {}: the slot was \
+                     dropped, and events committed since are in no slot. Replay them from \
+                     domain_events.event, then delete the subscription row to start a new slot",
+                    r.subscription_name(),
+                    durable.unwrap_or_default()
+                )))
+            }
+            None if !r.create_slot => {
+                return Err(slot_error(
+                    "does not exist and replication.create_slot is false".into(),
+                ))
+            }
+            None => match conn.create_slot(&r.slot).await? {
+                SlotState::Created(consistent_point) => consistent_point,
+                SlotState::CreatedConcurrently => {
+                    match conn.find_slot(&r.slot, &db.dbname).await? {
+                        Some(confirmed) => confirmed.unwrap_or_default(),
+                        None => {
+                            return Err(slot_error(
+                                "was created concurrently and dropped again".into(),
+                            ))
+                        }
+                    }
+                }
+            },
+        };
+        conn.start_replication(&r.slot, &r.publication, start)
+            .await?;
+        *streamed = true;
+        info!(slot = %r.slot, publication = %r.publication, lsn = %start, "streaming");
+
+        let session_cancel = cancel.child_token();
+        let (items_tx, items_rx) = mpsc::channel(r.queue_capacity);
+        let (acks_tx, acks_rx) = watch::channel(Ack {
+            lsn: start,
+            position: 0,
+        });
+        let dispatcher: JoinHandle<Result<(), Error>> =
+            tokio::spawn(Dispatcher::new(Arc::clone(&self.registry)).run(
+                items_rx,
+                acks_tx,
+                session_cancel.clone(),
+            ));
+        let checkpointer = tokio::spawn(checkpoint(
+            store,
+            acks_rx.clone(),
+            durable.unwrap_or_default(),
+            Duration::from_millis(r.checkpoint_interval_ms),
+            Duration::from_secs(r.heartbeat_interval_secs),
+        ));
+
+        let mut stream = StreamState::new(
+            start,
+            Duration::from_secs(r.status_interval_secs),
+            Duration::from_secs(r.server_timeout_secs),
+        );
+        let streamed_result = stream
+            .run(
+                &mut conn,
+                items_tx,
+                acks_rx.clone(),
+                &session_cancel,
+                r.ack_interval_ms,
+            )
+            .await;
+        // Whatever ended the stream, stop the dispatcher at its next transaction boundary.
+        session_cancel.cancel();
+        let dispatched = dispatcher
+            .await
+            .unwrap_or_else(|e| Err(Error::Protocol(format!("the dispatcher task failed: {e}"))));
+        let checkpointed = checkpointer.await;
+        if let Err(e) = &checkpointed {
+            warn!(error = %e, "the checkpoint task failed");
+        }
+        let _ = sql_task.await;
+
+        let final_ack = acks_rx.borrow().lsn;
+        if streamed_result.is_ok() {
+            // Confirm what the dispatcher finished before we close, then end the copy cleanly.
+            let confirm = stream.confirmable(final_ack);
+            if let Err(err) = conn.send_status(confirm, false).await {
+                warn!(error = %report(&err), "could not send the final status update");
+            } else {
+                info!(lsn = %confirm, "confirmed the last handled transaction");
+            }
+            conn.close(Duration::from_secs(5)).await;
+        }
+        // A handler failure explains a stream that stopped because the dispatcher went away.
+        dispatched?;
+        streamed_result
+    }
+}
+
+/// Periodically saves the dispatcher's progress into the subscription row and emits heartbeats;
+/// after the dispatcher finished (its watch sender dropped), saves one last time.
+async fn checkpoint(
+    store: SubscriptionStore,
+    mut acks: watch::Receiver<Ack>,
+    mut saved: Lsn,
+    every: Duration,
+    heartbeat_every: Duration,
+) {
+    let mut save_tick = tokio::time::interval(every);
+    save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let heartbeats = !heartbeat_every.is_zero();
+    let mut heartbeat_tick = tokio::time::interval(heartbeat_every.max(Duration::from_millis(1)));
+    heartbeat_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat_failed = false;
+    loop {
+        tokio::select! {
+            changed = acks.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            _ = save_tick.tick() => {
+                let ack = *acks.borrow();
+                if ack.lsn > saved {
+                    match store.save(ack).await {
+                        Ok(()) => saved = ack.lsn,
+                        Err(err) => warn!(error = %report(&err), "could not save the subscription position"),
+                    }
+                }
+            }
+            _ = heartbeat_tick.tick(), if heartbeats => {
+                match store.heartbeat().await {
+                    Ok(()) => heartbeat_failed = false,
+                    // Log the first failure of a streak only: a missing grant would flood the log.
+                    Err(err) if !heartbeat_failed => {
+                        heartbeat_failed = true;
+                        warn!(error = %report(&err), "heartbeat failed (may the role execute pg_logical_emit_message?)");
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+    let ack = *acks.borrow();
+    if ack.lsn > saved {
+        // Bounded: a shutdown must not hang on an unreachable server. The slot's confirmed
+        // position (sent separately) and redelivery cover a position that was not saved.
+        match tokio::time::timeout(Duration::from_secs(5), store.save(ack)).await {
+            Ok(Ok(())) => debug!(lsn = %ack.lsn, "saved the final subscription position"),
+            Ok(Err(err)) => {
+                warn!(error = %report(&err), "could not save the final subscription position")
+            }
+            Err(_) => warn!("timed out saving the final subscription position"),
+        }
+    }
+}
+
+/// The stream loop's bookkeeping.
+struct StreamState {
+    decoder: EventDecoder,
+    /// Inside Begin..Commit.
+    in_txn: bool,
+    /// Commit LSN of the current transaction (from Begin).
+    commit_lsn: Lsn,
+    /// End LSN of the last Commit handed to the dispatcher.
+    last_commit: Lsn,
+    /// Highest keepalive position: all WAL before it has been decoded and sent.
+    server_wal_end: Lsn,
+    /// An item the full queue did not take yet; reading pauses until it is delivered.
+    pending: Option<Item>,
+    /// Last position sent in a status update, and when.
+    last_sent: Lsn,
+    last_sent_at: Instant,
+    status_interval: Duration,
+    /// When the server last sent anything (or we last resumed reading after backpressure).
+    last_heard: Instant,
+    /// Silence after which the connection counts as dead; zero disables the check.
+    server_timeout: Duration,
+    warned_relations: std::collections::HashSet<u32>,
+}
+
+impl StreamState {
+    fn new(start: Lsn, status_interval: Duration, server_timeout: Duration) -> StreamState {
+        StreamState {
+            decoder: EventDecoder::default(),
+            in_txn: false,
+            commit_lsn: Lsn::ZERO,
+            last_commit: start,
+            server_wal_end: start,
+            pending: None,
+            last_sent: Lsn::ZERO,
+            last_sent_at: Instant::now(),
+            status_interval,
+            last_heard: Instant::now(),
+            server_timeout,
+            warned_relations: Default::default(),
+        }
+    }
+
+    /// The position we may confirm given the dispatcher's acknowledgement `acked`: the
+    /// acknowledged commit, or, when every transaction received so far is handled and we are not
+    /// inside one, the server's keepalive position (any later transaction commits beyond it).
+    fn confirmable(&self, acked: Lsn) -> Lsn {
+        if !self.in_txn && self.pending.is_none() && acked >= self.last_commit {
+            acked.max(self.server_wal_end)
+        } else {
+            acked
+        }
+    }
+
+    async fn send_status(
+        &mut self,
+        conn: &mut ReplicationConnection,
+        acked: Lsn,
+        reply: bool,
+    ) -> Result<(), Error> {
+        let lsn = self.confirmable(acked).max(self.last_sent);
+        conn.send_status(lsn, reply).await?;
+        if lsn > self.last_sent {
+            debug!(lsn = %lsn, "confirmed");
+        }
+        self.last_sent = lsn;
+        self.last_sent_at = Instant::now();
+        Ok(())
+    }
+
+    async fn run(
+        &mut self,
+        conn: &mut ReplicationConnection,
+        items: mpsc::Sender<Item>,
+        mut acks: watch::Receiver<Ack>,
+        cancel: &CancellationToken,
+        ack_interval_ms: u64,
+    ) -> Result<(), Error> {
+        let mut tick = tokio::time::interval(Duration::from_millis(ack_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(()),
+                _ = items.closed() => return Ok(()), // the dispatcher stopped; its result says why
+                permit = items.reserve(), if self.pending.is_some() => {
+                    let Ok(permit) = permit else { return Ok(()) };
+                    if let Some(item) = self.pending.take() {
+                        permit.send(item);
+                    }
+                    // We were not reading: the server's silence so far says nothing.
+                    self.last_heard = Instant::now();
+                }
+                _ = tick.tick() => {
+                    if !self.server_timeout.is_zero()
+                        && self.pending.is_none()
+                        && self.last_heard.elapsed() > self.server_timeout
+                    {
+                        // A half-open TCP connection (a vanished host, a dropped NAT entry)
+                        // never errors on its own: give up on it and reconnect.
+                        return Err(Error::ConnectionLost(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "no message from the server for {} s",
+                                self.last_heard.elapsed().as_secs()
+                            ),
+                        )));
+                    }
+                    let acked = acks.borrow_and_update().lsn;
+                    let due = self.last_sent_at.elapsed() >= self.status_interval;
+                    if self.confirmable(acked) > self.last_sent || due {
+                        // The periodic update asks for a reply: a live server answers with a
+                        // keepalive, which keeps `last_heard` fresh on an idle stream.
+                        self.send_status(conn, acked, due).await?;
+                    }
+                }
+                message = conn.next_message(), if self.pending.is_none() => {
+                    self.last_heard = Instant::now();
+                    match message? {
+                        None => return Err(Error::StreamEnded),
+                        Some(ReplicationMessage::Keepalive { wal_end, reply_requested, .. }) => {
+                            self.server_wal_end = self.server_wal_end.max(wal_end);
+                            if reply_requested {
+                                let acked = acks.borrow_and_update().lsn;
+                                self.send_status(conn, acked, false).await?;
+                            }
+                        }
+                        Some(ReplicationMessage::XLogData { wal_start, data, .. }) => {
+                            let decoded = pgoutput::decode(data)
+                                .map_err(|source| Error::Decode { lsn: wal_start, source })?;
+                            if let Some(item) = self.apply(decoded)? {
+                                match items.try_send(item) {
+                                    Ok(()) => {}
+                                    Err(mpsc::error::TrySendError::Full(item)) => self.pending = Some(item),
+                                    Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Updates the transaction state with one message; returns what to hand to the dispatcher.
+    fn apply(&mut self, message: PgOutputMessage) -> Result<Option<Item>, Error> {
+        match message {
+            PgOutputMessage::Begin(begin) => {
+                if self.in_txn {
+                    return Err(Error::Protocol("Begin inside a transaction".into()));
+                }
+                self.in_txn = true;
+                self.commit_lsn = begin.final_lsn;
+                Ok(None)
+            }
+            PgOutputMessage::Commit(commit) => {
+                if !self.in_txn {
+                    return Err(Error::Protocol("Commit outside a transaction".into()));
+                }
+                self.in_txn = false;
+                self.last_commit = commit.end_lsn;
+                Ok(Some(Item::Commit {
+                    end_lsn: commit.end_lsn,
+                }))
+            }
+            PgOutputMessage::Relation(relation) => {
+                self.decoder
+                    .relation(&relation)
+                    .map_err(|source| Error::Event {
+                        commit_lsn: self.commit_lsn,
+                        source,
+                    })?;
+                Ok(None)
+            }
+            PgOutputMessage::Insert(insert) => {
+                if !self.in_txn {
+                    return Err(Error::Protocol("Insert outside a transaction".into()));
+                }
+                match self
+                    .decoder
+                    .decode_insert(insert.relation, &insert.new, self.commit_lsn)
+                    .map_err(|source| Error::Event {
+                        commit_lsn: self.commit_lsn,
+                        source,
+                    })? {
+                    Decoded::Event(event) => Ok(Some(Item::Event(event))),
+                    Decoded::NotAnEvent(table) => {
+                        if self.warned_relations.insert(insert.relation) {
+                            warn!(table = %table, "the publication carries rows of a table that is not the event table; ignoring them");
+                        }
+                        Ok(None)
+                    }
+                }
+            }
+            PgOutputMessage::Update(change) => self.ignored(change.relation, "update"),
+            PgOutputMessage::Delete(change) => self.ignored(change.relation, "delete"),
+            PgOutputMessage::Truncate(truncate) => {
+                debug!(relations = truncate.relations.len(), "ignoring a truncate");
+                Ok(None)
+            }
+            PgOutputMessage::Message(message) => {
+                if message.prefix == HEARTBEAT_PREFIX {
+                    debug!(lsn = %message.lsn, "heartbeat");
+                }
+                Ok(None)
+            }
+            PgOutputMessage::Origin(_) | PgOutputMessage::Type(_) => Ok(None),
+        }
+    }
+
+    fn ignored(&mut self, relation: u32, what: &'static str) -> Result<Option<Item>, Error> {
+        // Events are immutable; an update or delete can only come from a publication that was
+        // widened by hand. It carries no new event, so it is skipped, loudly once per table.
+        if self.decoder.is_event_relation(relation) && self.warned_relations.insert(relation) {
+            warn!(
+                change = what,
+                "ignoring a change that is not an insert on the event table"
+            );
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The stream loop against a scripted fake walsender: behaviour a real server cannot be made
+    //! to show on demand (silence, an abrupt end of the copy).
+
+    use super::*;
+    use crate::tls::SslMode;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Reads one length-prefixed frontend message (after the optional tag byte).
+    async fn read_message(sock: &mut TcpStream, tagged: bool) -> (u8, Vec<u8>) {
+        let tag = if tagged {
+            sock.read_u8().await.expect("tag")
+        } else {
+            0
+        };
+        let len = sock.read_u32().await.expect("length") as usize;
+        let mut body = vec![0; len - 4];
+        sock.read_exact(&mut body).await.expect("body");
+        (tag, body)
+    }
+
+    /// Accepts one connection, authenticates it, answers START_REPLICATION with
+    /// CopyBothResponse, sends `then` after `delay`, and records the reply-requested flags of the
+    /// standby status updates it receives.
+    async fn fake_walsender(
+        delay: Duration,
+        then: Vec<u8>,
+    ) -> (u16, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let task = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.expect("accept");
+            read_message(&mut sock, false).await; // startup
+                                                  // AuthenticationOk, ReadyForQuery(idle).
+            sock.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0, b'Z', 0, 0, 0, 5, b'I'])
+                .await
+                .expect("auth");
+            let (tag, _) = read_message(&mut sock, true).await;
+            assert_eq!(tag, b'Q', "START_REPLICATION");
+            // CopyBothResponse: text format, no columns.
+            sock.write_all(&[b'W', 0, 0, 0, 7, 0, 0, 0])
+                .await
+                .expect("copy both");
+            sock.write_all(&then).await.expect("script");
+            let mut reply_flags = Vec::new();
+            loop {
+                let Ok(tag) = sock.read_u8().await else { break };
+                let Ok(len) = sock.read_u32().await else {
+                    break;
+                };
+                let mut body = vec![0; len as usize - 4];
+                if sock.read_exact(&mut body).await.is_err() {
+                    break;
+                }
+                if tag == b'd' && body.first() == Some(&b'r') {
+                    reply_flags.push(body[33]);
+                }
+            }
+            reply_flags
+        });
+        (port, task)
+    }
+
+    async fn run_against(port: u16, server_timeout: Duration) -> Result<(), Error> {
+        let mut conn = ReplicationConnection::connect(&ConnectOptions {
+            host: "127.0.0.1".into(),
+            port,
+            user: "u".into(),
+            password: None,
+            dbname: "d".into(),
+            application_name: "test".into(),
+            connect_timeout: Duration::from_secs(5),
+            sslmode: SslMode::Disable,
+            tls: None,
+        })
+        .await?;
+        conn.start_replication("s", "p", Lsn::ZERO).await?;
+        let (items, _items_rx) = mpsc::channel(8);
+        let (_acks_tx, acks_rx) = watch::channel(Ack::default());
+        let mut state = StreamState::new(Lsn::ZERO, Duration::from_millis(100), server_timeout);
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            state.run(&mut conn, items, acks_rx, &CancellationToken::new(), 20),
+        )
+        .await
+        .expect("the stream loop must not hang");
+        drop(conn);
+        result
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_is_a_lost_connection_after_asking_for_replies() {
+        let (port, server) = fake_walsender(Duration::ZERO, Vec::new()).await;
+        let started = Instant::now();
+        let err = run_against(port, Duration::from_millis(400))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::ConnectionLost(e) if e.kind() == std::io::ErrorKind::TimedOut),
+            "{err}"
+        );
+        assert!(err.is_transient());
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        let reply_flags = server.await.expect("server");
+        assert!(
+            reply_flags.contains(&1),
+            "periodic status updates must ask for a reply: {reply_flags:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn command_complete_ends_the_stream_transiently() {
+        // A walsender that shuts down sends CommandComplete "COPY 0" instead of CopyDone.
+        let mut script = vec![b'C', 0, 0, 0, 11];
+        script.extend_from_slice(b"COPY 0\0");
+        let (port, server) = fake_walsender(Duration::ZERO, script).await;
+        let err = run_against(port, Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::StreamEnded), "{err}");
+        assert!(err.is_transient());
+        server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn keepalives_keep_a_quiet_stream_alive() {
+        // A keepalive 300 ms in, with a 400 ms timeout: the connection survives it, so the
+        // timeout trips 400 ms after the keepalive, not 400 ms after the start.
+        let mut keepalive = vec![b'd', 0, 0, 0, 22, b'k'];
+        keepalive.extend_from_slice(&[0; 8]); // wal end
+        keepalive.extend_from_slice(&[0; 8]); // server time
+        keepalive.push(0); // no reply requested
+        let (port, server) = fake_walsender(Duration::from_millis(300), keepalive).await;
+        let started = Instant::now();
+        let err = run_against(port, Duration::from_millis(400))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::ConnectionLost(_)), "{err:?}");
+        eprintln!("DEBUG {err:?} {:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= Duration::from_millis(700),
+            "timed out {:?} after the start despite the keepalive",
+            started.elapsed()
+        );
+        server.await.expect("server");
+    }
+}

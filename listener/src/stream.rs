@@ -1,0 +1,802 @@
+//! The replication connection: startup and authentication, simple queries on a
+//! `replication=database` walsender, slot management, and CopyBoth streaming of XLogData and
+//! keepalives with standby status updates.
+//!
+//! Framing comes from `postgres-protocol`; its `Message::parse` does not know `W`
+//! (CopyBothResponse), so frames are classified by their header first.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use openssl::ssl::SslConnector;
+use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, ServerError};
+use crate::lsn::Lsn;
+use crate::tls::{SslMode, Transport};
+
+/// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01 UTC).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// Where and as whom to connect. `Debug` leaves the password out.
+#[derive(Clone)]
+pub struct ConnectOptions {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Role.
+    pub user: String,
+    /// Password, if the server asks for one.
+    pub password: Option<String>,
+    /// Database.
+    pub dbname: String,
+    /// `application_name`.
+    pub application_name: String,
+    /// Limit for TCP connect plus authentication.
+    pub connect_timeout: Duration,
+    /// TLS mode.
+    pub sslmode: SslMode,
+    /// Connector for TLS (`None` when `sslmode` is `disable`).
+    pub tls: Option<SslConnector>,
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("dbname", &self.dbname)
+            .field("application_name", &self.application_name)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("sslmode", &self.sslmode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A frame from the server.
+enum Frame {
+    /// `W`: CopyBothResponse; streaming has started.
+    CopyBoth,
+    /// Anything `postgres-protocol` parses.
+    Message(backend::Message),
+}
+
+/// One row of a simple query result, as text.
+pub type TextRow = Vec<Option<String>>;
+
+/// `IDENTIFY_SYSTEM` result.
+#[derive(Debug, Clone)]
+pub struct SystemInfo {
+    /// Cluster identifier.
+    pub system_id: String,
+    /// Current timeline.
+    pub timeline: u32,
+    /// Current WAL flush position.
+    pub xlogpos: Lsn,
+    /// Database of this connection.
+    pub dbname: Option<String>,
+}
+
+/// A message received while streaming.
+#[derive(Debug, Clone)]
+pub enum ReplicationMessage {
+    /// `w`: a chunk of logical decoding output (one pgoutput message).
+    XLogData {
+        /// WAL position of the data (0 for messages with no position, e.g. Relation).
+        wal_start: Lsn,
+        /// Server's current end of WAL.
+        wal_end: Lsn,
+        /// Server time, Postgres-epoch microseconds.
+        server_time: i64,
+        /// The pgoutput message.
+        data: Bytes,
+    },
+    /// `k`: primary keepalive.
+    Keepalive {
+        /// Everything before this position has been decoded and sent by the server.
+        wal_end: Lsn,
+        /// Server time, Postgres-epoch microseconds.
+        server_time: i64,
+        /// The server wants a status update now (it will time us out otherwise).
+        reply_requested: bool,
+    },
+}
+
+/// Outcome of [`ReplicationConnection::create_slot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    /// Another session created it between our lookup and our `CREATE_REPLICATION_SLOT`.
+    CreatedConcurrently,
+    /// We created it; streaming can start at its consistent point.
+    Created(Lsn),
+}
+
+/// A `replication=database` connection.
+pub struct ReplicationConnection {
+    // One stream, not split halves: reads and writes never overlap (a `select!` drops the
+    // pending read before running a branch that writes), and splitting would add a lock per I/O.
+    transport: Box<dyn Transport>,
+    inbuf: BytesMut,
+    outbuf: BytesMut,
+    streaming: bool,
+}
+
+impl ReplicationConnection {
+    /// Connects, authenticates (cleartext, MD5 or SCRAM-SHA-256) and waits for ReadyForQuery.
+    pub async fn connect(options: &ConnectOptions) -> Result<ReplicationConnection, Error> {
+        let addr = format!("{}:{}", options.host, options.port);
+        let timeout = options.connect_timeout;
+        match tokio::time::timeout(timeout, Self::connect_inner(options, &addr)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::ConnectTimeout { addr }),
+        }
+    }
+
+    async fn connect_inner(
+        options: &ConnectOptions,
+        addr: &str,
+    ) -> Result<ReplicationConnection, Error> {
+        let socket = TcpStream::connect(addr)
+            .await
+            .map_err(|source| Error::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        // Status updates are tiny and must not wait for Nagle.
+        socket.set_nodelay(true).map_err(Error::ConnectionLost)?;
+        let transport = negotiate_tls(socket, options).await?;
+        let mut conn = ReplicationConnection {
+            transport,
+            inbuf: BytesMut::with_capacity(64 * 1024),
+            outbuf: BytesMut::with_capacity(1024),
+            streaming: false,
+        };
+        let params = [
+            ("user", options.user.as_str()),
+            ("database", options.dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", options.application_name.as_str()),
+            ("client_encoding", "UTF8"),
+            // Fixes the text format of timestamptz values in the stream (see event::timestamp).
+            ("DateStyle", "ISO"),
+            ("TimeZone", "UTC"),
+        ];
+        frontend::startup_message(params, &mut conn.outbuf).map_err(Error::ConnectionLost)?;
+        conn.send().await?;
+        conn.authenticate(options).await?;
+        Ok(conn)
+    }
+
+    async fn authenticate(&mut self, options: &ConnectOptions) -> Result<(), Error> {
+        let password = || {
+            options
+                .password
+                .as_deref()
+                .ok_or_else(|| Error::PasswordRequired {
+                    user: options.user.clone(),
+                })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.read_message("authentication").await? {
+                backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(password()?.as_bytes(), &mut self.outbuf)
+                        .map_err(Error::ConnectionLost)?;
+                    self.send().await?;
+                }
+                backend::Message::AuthenticationMd5Password(body) => {
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        options.user.as_bytes(),
+                        password()?.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut self.outbuf)
+                        .map_err(Error::ConnectionLost)?;
+                    self.send().await?;
+                }
+                backend::Message::AuthenticationSasl(body) => {
+                    let mut offered = Vec::new();
+                    let mut mechanisms = body.mechanisms();
+                    while let Some(m) = mechanisms.next().map_err(Error::ConnectionLost)? {
+                        offered.push(m.to_string());
+                    }
+                    if !offered.iter().any(|m| m == sasl::SCRAM_SHA_256) {
+                        return Err(Error::Authentication(format!(
+                            "the server offers SASL mechanisms {offered:?}; only SCRAM-SHA-256 is \
+                             supported (without TLS there is no channel binding)"
+                        )));
+                    }
+                    let state =
+                        ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(
+                        sasl::SCRAM_SHA_256,
+                        state.message(),
+                        &mut self.outbuf,
+                    )
+                    .map_err(Error::ConnectionLost)?;
+                    scram = Some(state);
+                    self.send().await?;
+                }
+                backend::Message::AuthenticationSaslContinue(body) => {
+                    let state = scram.as_mut().ok_or_else(|| {
+                        Error::Protocol("SASL continue without a SASL exchange".into())
+                    })?;
+                    state.update(body.data()).map_err(|e| {
+                        Error::Authentication(format!("SCRAM exchange failed: {e}"))
+                    })?;
+                    frontend::sasl_response(state.message(), &mut self.outbuf)
+                        .map_err(Error::ConnectionLost)?;
+                    self.send().await?;
+                }
+                backend::Message::AuthenticationSaslFinal(body) => {
+                    let state = scram.as_mut().ok_or_else(|| {
+                        Error::Protocol("SASL final without a SASL exchange".into())
+                    })?;
+                    state.finish(body.data()).map_err(|e| {
+                        Error::Authentication(format!(
+                            "the server's SCRAM signature is invalid: {e}"
+                        ))
+                    })?;
+                }
+                backend::Message::AuthenticationKerberosV5
+                | backend::Message::AuthenticationScmCredential
+                | backend::Message::AuthenticationGss
+                | backend::Message::AuthenticationGssContinue(_)
+                | backend::Message::AuthenticationSspi => {
+                    return Err(Error::Authentication(
+                        "the server asks for an authentication method other than password, MD5 \
+                         or SCRAM-SHA-256"
+                            .into(),
+                    ))
+                }
+                backend::Message::ParameterStatus(_) | backend::Message::BackendKeyData(_) => {}
+                backend::Message::NoticeResponse(body) => log_notice(body.fields()),
+                backend::Message::ReadyForQuery(_) => return Ok(()),
+                _ => return Err(Error::Protocol("unexpected message during startup".into())),
+            }
+        }
+    }
+
+    /// Runs one statement with the simple query protocol and returns its rows as text.
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+        context: &'static str,
+    ) -> Result<Vec<TextRow>, Error> {
+        if self.streaming {
+            return Err(Error::Protocol("simple query while streaming".into()));
+        }
+        frontend::query(sql, &mut self.outbuf).map_err(Error::ConnectionLost)?;
+        self.send().await?;
+        let mut rows = Vec::new();
+        let mut failure = None;
+        loop {
+            match self.read_message(context).await {
+                Ok(backend::Message::DataRow(row)) => {
+                    let buf = row.buffer();
+                    let mut values = Vec::new();
+                    let mut ranges = row.ranges();
+                    while let Some(range) = ranges.next().map_err(Error::ConnectionLost)? {
+                        values.push(match range {
+                            Some(r) => Some(
+                                std::str::from_utf8(buf.get(r).ok_or_else(|| {
+                                    Error::Protocol("data row range out of bounds".into())
+                                })?)
+                                .map_err(|_| Error::Protocol("non-UTF-8 text value".into()))?
+                                .to_string(),
+                            ),
+                            None => None,
+                        });
+                    }
+                    rows.push(values);
+                }
+                Ok(backend::Message::ReadyForQuery(_)) => break,
+                Ok(backend::Message::NoticeResponse(body)) => log_notice(body.fields()),
+                Ok(_) => {}
+                // The server follows an ErrorResponse with ReadyForQuery; read up to it so the
+                // connection stays usable, and report the first error.
+                Err(err @ Error::Server { .. }) => failure = failure.or(Some(err)),
+                Err(err) => return Err(err),
+            }
+        }
+        match failure {
+            Some(err) => Err(err),
+            None => Ok(rows),
+        }
+    }
+
+    /// `IDENTIFY_SYSTEM`.
+    pub async fn identify_system(&mut self) -> Result<SystemInfo, Error> {
+        let rows = self
+            .simple_query("IDENTIFY_SYSTEM", "IDENTIFY_SYSTEM")
+            .await?;
+        let row = rows
+            .first()
+            .filter(|r| r.len() >= 4)
+            .ok_or_else(|| Error::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let field = |i: usize| row[i].clone().unwrap_or_default();
+        Ok(SystemInfo {
+            system_id: field(0),
+            timeline: field(1)
+                .parse()
+                .map_err(|_| Error::Protocol("IDENTIFY_SYSTEM: bad timeline".into()))?,
+            xlogpos: field(2)
+                .parse()
+                .map_err(|_| Error::Protocol("IDENTIFY_SYSTEM: bad xlogpos".into()))?,
+            dbname: row[3].clone(),
+        })
+    }
+
+    /// Looks up logical slot `slot`: `None` when it does not exist, else its confirmed position.
+    /// A slot of another plugin or database, or a lost one, is a definite error.
+    pub async fn find_slot(
+        &mut self,
+        slot: &str,
+        dbname: &str,
+    ) -> Result<Option<Option<Lsn>>, Error> {
+        let slot_error = |problem: String| Error::Slot {
+            name: slot.to_string(),
+            problem,
+        };
+        let query = format!(
+            "SELECT plugin, database, slot_type, wal_status, confirmed_flush_lsn \
+             FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+            postgres_protocol::escape::escape_literal(slot)
+        );
+        let rows = self
+            .simple_query(&query, "looking up the replication slot")
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let get = |i: usize| row.get(i).cloned().flatten();
+        if get(2).as_deref() != Some("logical") || get(0).as_deref() != Some("pgoutput") {
+            return Err(slot_error(format!(
+                "exists but is not a logical pgoutput slot (type {:?}, plugin {:?}); choose \
+                 another replication.slot",
+                get(2),
+                get(0)
+            )));
+        }
+        if get(1).as_deref() != Some(dbname) {
+            return Err(slot_error(format!(
+                "belongs to database {:?}, not {dbname:?}; slots are per database",
+                get(1)
+            )));
+        }
+        if get(3).as_deref() == Some("lost") {
+            return Err(slot_error(
+                "has been invalidated (wal_status = lost: it fell behind \
+                 max_slot_wal_keep_size); events past it are no longer in the WAL. Drop it \
+                 with pg_drop_replication_slot, replay the missed events from \
+                 domain_events.event, delete the subscription row and restart the listener"
+                    .into(),
+            ));
+        }
+        Ok(Some(get(4).and_then(|s| s.parse().ok())))
+    }
+
+    /// Creates logical slot `slot` with `pgoutput`. When another listener created it first, that
+    /// slot is used.
+    pub async fn create_slot(&mut self, slot: &str) -> Result<SlotState, Error> {
+        let create_sql =
+            format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT 'nothing')");
+        // Postgres must see every transaction running now end before the slot is consistent;
+        // say so, or a long transaction elsewhere looks like a hung listener.
+        info!(
+            slot,
+            "creating the replication slot (waits for transactions running now to end)"
+        );
+        match self
+            .simple_query(&create_sql, "creating the replication slot")
+            .await
+        {
+            Ok(rows) => {
+                let consistent_point = rows
+                    .first()
+                    .and_then(|r| r.get(1).cloned().flatten())
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| {
+                        Error::Protocol(
+                            "CREATE_REPLICATION_SLOT returned no consistent point".into(),
+                        )
+                    })?;
+                info!(slot, lsn = %consistent_point, "created the replication slot");
+                Ok(SlotState::Created(consistent_point))
+            }
+            // Created concurrently between our lookup and our CREATE: fine.
+            Err(Error::Server { error, .. }) if error.code == "42710" => {
+                Ok(SlotState::CreatedConcurrently)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// `START_REPLICATION` from `start` (the server starts at its confirmed position when that is
+    /// later) and waits for CopyBothResponse.
+    pub async fn start_replication(
+        &mut self,
+        slot: &str,
+        publication: &str,
+        start: Lsn,
+    ) -> Result<(), Error> {
+        let sql = format!(
+            "START_REPLICATION SLOT {slot} LOGICAL {start} \
+             (proto_version '1', publication_names '{publication}', messages 'true')"
+        );
+        frontend::query(&sql, &mut self.outbuf).map_err(Error::ConnectionLost)?;
+        self.send().await?;
+        loop {
+            match self.read_frame().await? {
+                Frame::CopyBoth => {
+                    self.streaming = true;
+                    return Ok(());
+                }
+                Frame::Message(backend::Message::ErrorResponse(body)) => {
+                    let error = server_error(body.fields())?;
+                    return Err(match error.code.as_str() {
+                        "42704" => Error::Slot {
+                            name: slot.to_string(),
+                            problem: format!("disappeared (was it dropped?): {error}"),
+                        },
+                        "55000" => Error::Slot {
+                            name: slot.to_string(),
+                            problem: format!("cannot be used: {error}"),
+                        },
+                        _ => Error::Server {
+                            context: "START_REPLICATION",
+                            error,
+                        },
+                    });
+                }
+                Frame::Message(backend::Message::NoticeResponse(body)) => log_notice(body.fields()),
+                Frame::Message(backend::Message::ParameterStatus(_)) => {}
+                Frame::Message(_) => {
+                    return Err(Error::Protocol(
+                        "unexpected reply to START_REPLICATION".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Next replication message; `Ok(None)` when the server ended the copy.
+    ///
+    /// Cancel-safe: partial input stays buffered, so this can sit in a `select!`.
+    pub async fn next_message(&mut self) -> Result<Option<ReplicationMessage>, Error> {
+        loop {
+            let message = match self.read_frame().await? {
+                Frame::Message(m) => m,
+                Frame::CopyBoth => return Err(Error::Protocol("second CopyBothResponse".into())),
+            };
+            match message {
+                backend::Message::CopyData(body) => {
+                    return parse_copy_data(body.into_bytes()).map(Some)
+                }
+                // A walsender that shuts down (server stop, or after we confirmed everything it
+                // sent) ends the stream with CommandComplete ("COPY 0") instead of CopyDone.
+                backend::Message::CopyDone | backend::Message::CommandComplete(_) => {
+                    self.streaming = false;
+                    return Ok(None);
+                }
+                backend::Message::ErrorResponse(body) => {
+                    let error = server_error(body.fields())?;
+                    return Err(Error::Server {
+                        context: "replication stream",
+                        error,
+                    });
+                }
+                backend::Message::NoticeResponse(body) => log_notice(body.fields()),
+                backend::Message::ParameterStatus(_) => {}
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "unexpected {} while streaming",
+                        describe(&other)
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Sends a standby status update (`r`) reporting `lsn` as written, flushed and applied.
+    pub async fn send_status(&mut self, lsn: Lsn, reply_requested: bool) -> Result<(), Error> {
+        let mut payload = [0u8; 34];
+        let mut out = &mut payload[..];
+        out.put_u8(b'r');
+        out.put_u64(lsn.0);
+        out.put_u64(lsn.0);
+        out.put_u64(lsn.0);
+        out.put_i64(now_pg_micros());
+        out.put_u8(u8::from(reply_requested));
+        let data = frontend::CopyData::new(&payload[..]).map_err(Error::ConnectionLost)?;
+        data.write(&mut self.outbuf);
+        self.send().await
+    }
+
+    /// Ends streaming cleanly: CopyDone, drain what the server still sends up to its
+    /// ReadyForQuery (bounded by `timeout`), then Terminate.
+    pub async fn close(mut self, timeout: Duration) {
+        if self.streaming {
+            frontend::copy_done(&mut self.outbuf);
+            if self.send().await.is_err() {
+                return;
+            }
+            let drain = async {
+                loop {
+                    match self.read_frame().await {
+                        Ok(Frame::Message(backend::Message::ReadyForQuery(_))) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            };
+            if tokio::time::timeout(timeout, drain).await.is_err() {
+                debug!("server did not finish the copy in time; closing anyway");
+            }
+        }
+        frontend::terminate(&mut self.outbuf);
+        let _ = self.send().await;
+        let _ = self.transport.shutdown().await;
+    }
+
+    async fn send(&mut self) -> Result<(), Error> {
+        let out = self.outbuf.split();
+        self.transport
+            .write_all(&out)
+            .await
+            .map_err(Error::ConnectionLost)
+    }
+
+    /// Reads a non-CopyBoth message, turning ErrorResponse into [`Error::Server`].
+    async fn read_message(&mut self, context: &'static str) -> Result<backend::Message, Error> {
+        match self.read_frame().await? {
+            Frame::Message(backend::Message::ErrorResponse(body)) => Err(Error::Server {
+                context,
+                error: server_error(body.fields())?,
+            }),
+            Frame::Message(m) => Ok(m),
+            Frame::CopyBoth => Err(Error::Protocol(format!(
+                "unexpected CopyBothResponse ({context})"
+            ))),
+        }
+    }
+
+    async fn read_frame(&mut self) -> Result<Frame, Error> {
+        loop {
+            if let Some(header) =
+                backend::Header::parse(&self.inbuf).map_err(Error::ConnectionLost)?
+            {
+                let total = header.len() as usize + 1;
+                if self.inbuf.len() >= total {
+                    if header.tag() == b'W' {
+                        self.inbuf.advance(total);
+                        return Ok(Frame::CopyBoth);
+                    }
+                    return match backend::Message::parse(&mut self.inbuf) {
+                        Ok(Some(message)) => Ok(Frame::Message(message)),
+                        Ok(None) => Err(Error::Protocol(
+                            "incomplete frame after length check".into(),
+                        )),
+                        Err(e) => Err(Error::Protocol(format!("malformed backend message: {e}"))),
+                    };
+                }
+                self.inbuf.reserve(total - self.inbuf.len());
+            }
+            if self.inbuf.capacity() - self.inbuf.len() < 8 * 1024 {
+                self.inbuf.reserve(64 * 1024);
+            }
+            let n = self
+                .transport
+                .read_buf(&mut self.inbuf)
+                .await
+                .map_err(Error::ConnectionLost)?;
+            if n == 0 {
+                return Err(Error::ConnectionLost(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                )));
+            }
+        }
+    }
+}
+
+/// Sends an SSLRequest unless TLS is disabled, and upgrades the socket when the server agrees.
+async fn negotiate_tls(
+    mut socket: TcpStream,
+    options: &ConnectOptions,
+) -> Result<Box<dyn Transport>, Error> {
+    let Some(connector) = options
+        .tls
+        .as_ref()
+        .filter(|_| options.sslmode != SslMode::Disable)
+    else {
+        return Ok(Box::new(socket));
+    };
+    let mut request = BytesMut::new();
+    frontend::ssl_request(&mut request);
+    socket
+        .write_all(&request)
+        .await
+        .map_err(Error::ConnectionLost)?;
+    let mut answer = [0u8; 1];
+    socket
+        .read_exact(&mut answer)
+        .await
+        .map_err(Error::ConnectionLost)?;
+    match answer[0] {
+        b'S' => crate::tls::handshake(connector, options.sslmode, &options.host, socket).await,
+        b'N' if options.sslmode.requires_tls() => Err(Error::Tls(format!(
+            "the server at {}:{} does not accept TLS, and sslmode is {}",
+            options.host, options.port, options.sslmode
+        ))),
+        b'N' => Ok(Box::new(socket)),
+        other => Err(Error::Protocol(format!(
+            "unexpected answer {other:#04x} to SSLRequest"
+        ))),
+    }
+}
+
+/// Names a backend message for error messages.
+fn describe(message: &backend::Message) -> &'static str {
+    match message {
+        backend::Message::CommandComplete(_) => "CommandComplete",
+        backend::Message::ReadyForQuery(_) => "ReadyForQuery",
+        backend::Message::RowDescription(_) => "RowDescription",
+        backend::Message::DataRow(_) => "DataRow",
+        backend::Message::EmptyQueryResponse => "EmptyQueryResponse",
+        backend::Message::NotificationResponse(_) => "NotificationResponse",
+        backend::Message::CopyOutResponse(_) => "CopyOutResponse",
+        backend::Message::CopyInResponse(_) => "CopyInResponse",
+        backend::Message::BackendKeyData(_) => "BackendKeyData",
+        _ => "backend message",
+    }
+}
+
+/// Parses the content of a CopyData during streaming.
+pub fn parse_copy_data(mut data: Bytes) -> Result<ReplicationMessage, Error> {
+    let short = || Error::Protocol("truncated replication message".into());
+    if data.is_empty() {
+        return Err(short());
+    }
+    match data.get_u8() {
+        b'w' => {
+            if data.len() < 24 {
+                return Err(short());
+            }
+            let wal_start = Lsn(data.get_u64());
+            let wal_end = Lsn(data.get_u64());
+            let server_time = data.get_i64();
+            Ok(ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                server_time,
+                data,
+            })
+        }
+        b'k' => {
+            if data.len() < 17 {
+                return Err(short());
+            }
+            Ok(ReplicationMessage::Keepalive {
+                wal_end: Lsn(data.get_u64()),
+                server_time: data.get_i64(),
+                reply_requested: data.get_u8() != 0,
+            })
+        }
+        tag => Err(Error::Protocol(format!(
+            "unknown replication message tag {tag:#04x}"
+        ))),
+    }
+}
+
+/// Current time as Postgres-epoch microseconds.
+pub fn now_pg_micros() -> i64 {
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    unix - PG_EPOCH_OFFSET_MICROS
+}
+
+/// Converts Postgres-epoch microseconds to a UTC time.
+pub fn pg_micros_to_utc(micros: i64) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp_micros(micros.checked_add(PG_EPOCH_OFFSET_MICROS)?)
+}
+
+fn server_error(mut fields: backend::ErrorFields<'_>) -> Result<Box<ServerError>, Error> {
+    let mut error = Box::new(ServerError {
+        severity: String::new(),
+        code: String::new(),
+        message: String::new(),
+        detail: None,
+        hint: None,
+    });
+    while let Some(field) = fields.next().map_err(Error::ConnectionLost)? {
+        let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+        match field.type_() {
+            b'V' => error.severity = value,
+            b'S' if error.severity.is_empty() => error.severity = value,
+            b'C' => error.code = value,
+            b'M' => error.message = value,
+            b'D' => error.detail = Some(value),
+            b'H' => error.hint = Some(value),
+            _ => {}
+        }
+    }
+    Ok(error)
+}
+
+fn log_notice(fields: backend::ErrorFields<'_>) {
+    match server_error(fields) {
+        Ok(notice) => debug!(code = %notice.code, message = %notice.message, "server notice"),
+        Err(err) => warn!(error = %err, "unreadable server notice"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_xlogdata_and_keepalive() {
+        let mut w = BytesMut::new();
+        w.put_u8(b'w');
+        w.put_u64(0x10);
+        w.put_u64(0x20);
+        w.put_i64(7);
+        w.put_slice(b"B...");
+        match parse_copy_data(w.freeze()).unwrap() {
+            ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                server_time,
+                data,
+            } => {
+                assert_eq!((wal_start, wal_end, server_time), (Lsn(0x10), Lsn(0x20), 7));
+                assert_eq!(&data[..], b"B...");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut k = BytesMut::new();
+        k.put_u8(b'k');
+        k.put_u64(0x30);
+        k.put_i64(9);
+        k.put_u8(1);
+        match parse_copy_data(k.freeze()).unwrap() {
+            ReplicationMessage::Keepalive {
+                wal_end,
+                server_time,
+                reply_requested,
+            } => {
+                assert_eq!(
+                    (wal_end, server_time, reply_requested),
+                    (Lsn(0x30), 9, true)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse_copy_data(Bytes::from_static(b"k\0\0")).is_err());
+        assert!(parse_copy_data(Bytes::from_static(b"w")).is_err());
+        assert!(parse_copy_data(Bytes::from_static(b"x")).is_err());
+        assert!(parse_copy_data(Bytes::new()).is_err());
+    }
+
+    #[test]
+    fn pg_epoch_round_trips() {
+        let now = now_pg_micros();
+        let utc = pg_micros_to_utc(now).unwrap();
+        assert!((chrono::Utc::now() - utc).num_seconds().abs() < 5);
+        assert_eq!(
+            pg_micros_to_utc(0).unwrap().to_rfc3339(),
+            "2000-01-01T00:00:00+00:00"
+        );
+    }
+}

@@ -1,0 +1,434 @@
+//! Helpers for the listener suites (`tests/tests/listener*.rs`): configurations pointing at a
+//! [`TestDb`], an in-process listener with a collecting handler, the `listener` binary as a child
+//! process, and slot/publication names unique per test (slots are cluster-wide).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use listener::config::{Config, HandlerConfig, HandlerKind};
+use listener::{Event, Filter, Handler, HandlerError, Listener, Registry, RetryPolicy};
+use tokio::task::JoinHandle;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::{admin_dsn, connect, TestDb};
+
+/// A value of `admin_dsn()` (`key=value` pairs).
+pub fn dsn_param(key: &str) -> Option<String> {
+    admin_dsn()
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.to_string())
+}
+
+/// A slot/publication name no other test uses: `pgde_lt_<prefix>_<random>`.
+pub fn unique_name(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("pgde_lt_{prefix}_{}", &id[..12])
+}
+
+/// A listener configuration for `db` with its own slot and publication `name`, one stdout handler.
+pub fn config_for(db: &TestDb, name: &str) -> Config {
+    let mut config = Config::default();
+    config.database.host = dsn_param("host").unwrap_or_else(|| "127.0.0.1".into());
+    config.database.port = dsn_param("port")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(54329);
+    config.database.user = dsn_param("user").unwrap_or_else(|| "postgres".into());
+    config.database.dbname = db.name.clone();
+    config.replication.slot = name.to_string();
+    config.replication.publication = name.to_string();
+    config.replication.ack_interval_ms = 50;
+    config.replication.checkpoint_interval_ms = 200;
+    config.replication.reconnect_min_backoff_ms = 100;
+    config.replication.reconnect_max_backoff_ms = 1000;
+    config.handlers = vec![HandlerConfig {
+        name: None,
+        kind: HandlerKind::Stdout,
+        events: vec!["*".into()],
+        max_attempts: 3,
+        initial_backoff_ms: 10,
+        max_backoff_ms: 100,
+    }];
+    config
+}
+
+/// Writes `config` as a TOML file for the binary; the file lives as long as the returned guard.
+pub fn write_config(config: &Config) -> TempFile {
+    let path = std::env::temp_dir().join(format!("pgde-lt-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, toml_of(config)).expect("write listener config");
+    TempFile(path)
+}
+
+fn toml_of(config: &Config) -> String {
+    toml::to_string(config).expect("config serializes to TOML")
+}
+
+/// A file removed on drop.
+pub struct TempFile(pub PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Collects every event it is given, in order.
+#[derive(Clone, Default)]
+pub struct Collector {
+    events: Arc<Mutex<Vec<Event>>>,
+}
+
+impl Collector {
+    /// A copy of what was received so far.
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().expect("collector lock").clone()
+    }
+
+    /// Number of events received so far.
+    pub fn len(&self) -> usize {
+        self.events.lock().expect("collector lock").len()
+    }
+
+    /// Whether nothing was received.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits until at least `n` events arrived; panics after `timeout`.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {n} events; got {}",
+                self.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for Collector {
+    async fn handle(&self, event: &Event) -> Result<(), HandlerError> {
+        self.events
+            .lock()
+            .map_err(|_| HandlerError::definite("collector poisoned"))?
+            .push(event.clone());
+        Ok(())
+    }
+}
+
+/// The listener library running on the test's runtime, delivering to a [`Collector`].
+pub struct InProcess {
+    /// What the handler received.
+    pub collector: Collector,
+    cancel: CancellationToken,
+    task: Option<JoinHandle<Result<(), listener::Error>>>,
+}
+
+impl InProcess {
+    /// Starts a listener with `config` (its handler list is replaced by one collector for `"*"`).
+    pub fn start(config: Config) -> InProcess {
+        let collector = Collector::default();
+        let mut registry = Registry::new();
+        registry.register(
+            "collector",
+            [Filter::All],
+            RetryPolicy::default(),
+            collector.clone(),
+        );
+        let cancel = CancellationToken::new();
+        let listener = Listener::new(config, registry);
+        let token = cancel.clone();
+        let task = tokio::spawn(async move { listener.run(token).await });
+        InProcess {
+            collector,
+            cancel,
+            task: Some(task),
+        }
+    }
+
+    /// Cancels (graceful shutdown) and returns the listener's result.
+    pub async fn stop(mut self) -> Result<(), listener::Error> {
+        self.cancel.cancel();
+        let task = self.task.take().expect("listener task");
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("listener did not stop within 30 s of cancellation")
+            .expect("listener task panicked")
+    }
+}
+
+impl InProcess {
+    /// Waits for the listener to stop by itself with an error (e.g. a definite failure).
+    pub async fn stop_after_error(mut self, timeout: Duration) -> listener::Error {
+        let task = self.task.take().expect("listener task");
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(Err(err))) => err,
+            Ok(Ok(Ok(()))) => panic!("the listener stopped without an error"),
+            Ok(Err(join)) => panic!("listener task panicked: {join}"),
+            Err(_) => panic!("the listener kept running for {timeout:?} instead of failing"),
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Waits until a walsender streams from slot `name` (caught up, state `streaming`).
+///
+/// Slot existence or `active` is not enough: a slot being created is active while it waits for
+/// the transactions running cluster-wide to end, and events committed meanwhile precede its
+/// consistent point, so they are (rightly) never delivered.
+pub async fn wait_slot_active(client: &Client, name: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let streaming: Option<bool> = client
+            .query_opt(
+                "SELECT s.active AND r.state = 'streaming' \
+                 FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                 WHERE s.slot_name = $1",
+                &[&name],
+            )
+            .await
+            .expect("query pg_replication_slots")
+            .and_then(|r| r.get(0));
+        if streaming == Some(true) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slot {name} not streaming after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `(confirmed_flush_lsn, restart_lsn)` of slot `name` as text.
+pub async fn slot_positions(client: &Client, name: &str) -> (String, String) {
+    let row = client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text, restart_lsn::text FROM pg_replication_slots \
+             WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .expect("slot exists");
+    (row.get(0), row.get(1))
+}
+
+/// The subscription row's lsn as text, if any.
+pub async fn subscription_lsn(client: &Client, name: &str) -> Option<String> {
+    client
+        .query_opt(
+            "SELECT lsn::text FROM domain_events.subscription WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .expect("query subscription")
+        .and_then(|r| r.get(0))
+}
+
+/// Drops slot `name` when dropped (retrying while its walsender is still exiting), so a failed
+/// test does not leave a slot retaining WAL on the shared cluster.
+pub struct SlotGuard(pub String);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        // Drop runs outside async context guarantees: use a private runtime on its own thread.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok((client, conn)) =
+                    tokio_postgres::connect(&admin_dsn(), tokio_postgres::NoTls).await
+                else {
+                    return;
+                };
+                tokio::spawn(conn);
+                for _ in 0..100 {
+                    let _ = client
+                        .query_opt(
+                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                             WHERE slot_name = $1 AND NOT active",
+                            &[&name],
+                        )
+                        .await;
+                    let gone = client
+                        .query_opt(
+                            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                            &[&name],
+                        )
+                        .await
+                        .map(|r| r.is_none())
+                        .unwrap_or(false);
+                    if gone {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Path of the `listener` binary (`PGDE_LISTENER_BIN`, else `<workspace>/target/debug/listener`).
+pub fn listener_binary() -> PathBuf {
+    let path = std::env::var_os("PGDE_LISTENER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/listener")
+        });
+    assert!(
+        path.exists(),
+        "listener binary not found at {}; run `cargo build -p listener` first",
+        path.display()
+    );
+    path
+}
+
+/// The `listener` binary running as a child process, stdout and stderr captured to files.
+pub struct ListenerProcess {
+    child: Child,
+    /// The JSON lines of the stdout handler.
+    pub stdout_path: PathBuf,
+    /// The logs.
+    pub stderr_path: PathBuf,
+    _files: (TempFile, TempFile),
+}
+
+impl ListenerProcess {
+    /// Runs `listener run --config <config>` with extra environment variables.
+    pub fn spawn(config: &TempFile, env: &[(&str, &str)]) -> ListenerProcess {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let stdout_path = std::env::temp_dir().join(format!("pgde-lt-{id}.out"));
+        let stderr_path = std::env::temp_dir().join(format!("pgde-lt-{id}.err"));
+        let mut command = Command::new(listener_binary());
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&config.0)
+            .env_remove("RUST_LOG")
+            .env_remove("PGPASSWORD")
+            .env_remove("PGDE_PASSWORD")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("spawn listener binary");
+        ListenerProcess {
+            child,
+            _files: (TempFile(stdout_path.clone()), TempFile(stderr_path.clone())),
+            stdout_path,
+            stderr_path,
+        }
+    }
+
+    /// OS process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Complete JSON lines written so far (a torn last line, possible after SIGKILL, is skipped).
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.stdout_path).unwrap_or_default();
+        let complete = match text.rfind('\n') {
+            Some(end) => &text[..=end],
+            None => "",
+        };
+        complete
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+            .collect()
+    }
+
+    /// The log output so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM (graceful shutdown).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for exit up to `timeout`; `None` if still running.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the stdout handler wrote at least `n` lines; panics after `timeout`.
+    pub async fn wait_lines(&mut self, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.lines();
+            if lines.len() >= n {
+                return lines;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "listener exited ({status}) after {} lines: {}",
+                    lines.len(),
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {n} lines; got {}; logs:\n{}",
+                lines.len(),
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for ListenerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A superuser connection to the cluster's `postgres` database.
+pub async fn admin() -> Client {
+    connect(&admin_dsn()).await
+}
