@@ -139,9 +139,23 @@ fn append(events: Vec<NewEvent>) -> Vec<StoredRow> {
                 .map(|v| (e.aggregate_type.clone(), e.aggregate_id.clone(), v))
         })
         .collect();
-    let batch = event::columns(events);
-    let ids = batch.ids.clone();
-    let stored = in_input_order(store::insert_batch(batch), &ids);
+    let stored = if events.len() == 1 && events[0].recorded_at.is_none() {
+        let event = events.into_iter().next().expect("one event");
+        vec![store::insert_one(store::OneEvent {
+            aggregate_type: event.aggregate_type,
+            aggregate_id: event.aggregate_id,
+            id: event::new_id(),
+            event_type: event.event_type,
+            event_version: event.event_version,
+            payload: event.payload,
+            metadata: event.metadata,
+            occurred_at: event.occurred_at,
+        })]
+    } else {
+        let batch = event::columns(events);
+        let ids = batch.ids.clone();
+        in_input_order(store::insert_batch(batch), &ids)
+    };
     for (row, expectation) in stored.iter().zip(expectations) {
         if let Some((aggregate_type, aggregate_id, expected)) = expectation {
             // The statement already wrote; raising the error aborts it, so nothing is kept.

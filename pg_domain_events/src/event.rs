@@ -301,6 +301,11 @@ fn timestamp(field: &str, value: &Value) -> Result<TimestampWithTimeZone, EventE
     }
 }
 
+/// A new event id: UUIDv7, time-ordered, monotonic within this backend.
+pub fn new_id() -> pgrx::Uuid {
+    pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes())
+}
+
 /// Builds the statement's columns: versions per aggregate are assigned in batch order.
 pub fn columns(events: Vec<NewEvent>) -> BatchColumns {
     let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();

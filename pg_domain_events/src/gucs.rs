@@ -46,8 +46,8 @@ pub static RETENTION_ACTION: GucSetting<RetentionAction> =
     GucSetting::<RetentionAction>::new(RetentionAction::Detach);
 /// Months of partitions `maintain()` creates ahead of the current one.
 pub static PREMAKE_MONTHS: GucSetting<i32> = GucSetting::<i32>::new(2);
-/// Database the maintenance worker runs `maintain()` in (postmaster start only).
-pub static MAINTENANCE_DATABASE: GucSetting<Option<CString>> =
+/// Comma-separated databases a maintenance worker runs `maintain()` in (postmaster start only).
+pub static MAINTENANCE_DATABASES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// Seconds between two `maintain()` runs of the worker; 0 pauses it.
 pub static MAINTENANCE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
@@ -63,10 +63,10 @@ pub static CAUSATION_ID: GucSetting<Option<CString>> = GucSetting::<Option<CStri
 pub fn init(preloading: bool) {
     if preloading {
         GucRegistry::define_string_guc(
-            c"domain_events.maintenance_database",
-            c"Database in which the maintenance worker runs domain_events.maintain().",
-            c"Only read at server start; the worker needs shared_preload_libraries = 'pg_domain_events'.",
-            &MAINTENANCE_DATABASE,
+            c"domain_events.maintenance_databases",
+            c"Comma-separated databases in which a maintenance worker runs domain_events.maintain().",
+            c"One background worker per database; read at server start; needs shared_preload_libraries = 'pg_domain_events'.",
+            &MAINTENANCE_DATABASES,
             GucContext::Postmaster,
             GucFlags::default(),
         );
@@ -159,6 +159,18 @@ pub fn init(preloading: bool) {
             GucFlags::default(),
         );
     }
+}
+
+/// The databases listed in `domain_events.maintenance_databases`.
+pub fn maintenance_databases() -> Vec<String> {
+    text(&MAINTENANCE_DATABASES)
+        .map(|list| {
+            list.split(',')
+                .map(|db| db.trim().to_string())
+                .filter(|db| !db.is_empty())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A string setting's value, `None` when unset or empty.

@@ -48,7 +48,7 @@ pub mod pg_test {
         vec![
             "wal_level = logical",
             "shared_preload_libraries = 'pg_domain_events'",
-            "domain_events.maintenance_database = 'pgrx_tests'",
+            "domain_events.maintenance_databases = 'postgres, pgrx_tests'",
             "domain_events.maintenance_interval = 1",
         ]
     }

@@ -1,7 +1,8 @@
-//! The maintenance background worker: runs `domain_events.maintain()` every
-//! `domain_events.maintenance_interval` seconds in `domain_events.maintenance_database`, so
-//! partitions exist before they are needed and retention happens without a cron job.
-//! Registered only when the library is in `shared_preload_libraries`.
+//! The maintenance background workers: one per database listed in
+//! `domain_events.maintenance_databases`, each running `domain_events.maintain()` every
+//! `domain_events.maintenance_interval` seconds, so partitions exist before they are needed
+//! (month after month) and retention happens without a cron job. Registered only when the
+//! library is in `shared_preload_libraries`.
 
 use std::time::Duration;
 
@@ -10,16 +11,19 @@ use pgrx::prelude::*;
 
 use crate::gucs;
 
-/// Registers the worker; called from `_PG_init` while preloading.
+/// Registers one worker per listed database; called from `_PG_init` while preloading.
 pub fn register() {
-    BackgroundWorkerBuilder::new("pg_domain_events maintenance")
-        .set_type("pg_domain_events maintenance")
-        .set_library("pg_domain_events")
-        .set_function("pg_domain_events_maintenance_main")
-        .enable_spi_access()
-        // After a crash or a failed connection (database not created yet), try again soon.
-        .set_restart_time(Some(Duration::from_secs(5)))
-        .load();
+    for database in gucs::maintenance_databases() {
+        BackgroundWorkerBuilder::new(&format!("pg_domain_events maintenance {database}"))
+            .set_type("pg_domain_events maintenance")
+            .set_library("pg_domain_events")
+            .set_function("pg_domain_events_maintenance_main")
+            .set_extra(&database)
+            .enable_spi_access()
+            // After a crash or a failed connection (database not created yet), try again soon.
+            .set_restart_time(Some(Duration::from_secs(5)))
+            .load();
+    }
 }
 
 /// Entry point of the worker process.
@@ -27,7 +31,7 @@ pub fn register() {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_domain_events_maintenance_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = gucs::text(&gucs::MAINTENANCE_DATABASE).unwrap_or_else(|| "postgres".into());
+    let database = BackgroundWorker::get_extra().to_string();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     log!("pg_domain_events maintenance worker started in database \"{database}\"");
     loop {
