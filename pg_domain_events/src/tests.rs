@@ -258,6 +258,8 @@ mod tests {
         let workers = "SELECT string_agg(datname, ',' ORDER BY datname) FROM pg_stat_activity \
                        WHERE backend_type = 'pg_domain_events maintenance'";
         for _ in 0..300 {
+            // Activity statistics are a snapshot per transaction unless cleared.
+            Spi::run("SELECT pg_stat_clear_snapshot()").unwrap();
             if Spi::get_one::<String>(workers).ok().flatten().as_deref()
                 == Some("pgrx_tests,postgres")
             {
