@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building, testing and the demo need, each only when missing:
 # Debian packages (PostgreSQL 15 server and headers, libclang for pgrx's bindgen, sudo for
-# `cargo pgrx test --runas`), cargo-pgrx pinned to the pgrx version of the extension crate,
+# `cargo pgrx test --runas`, OpenSSL headers for the listener's TLS), cargo-pgrx pinned to the pgrx version of the extension crate,
 # pgrx's PG 15 configuration, and cargo-nextest.
 set -euo pipefail
 
@@ -12,7 +12,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 missing=()
-for pkg in postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo; do
+for pkg in postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo libssl-dev pkg-config; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,11 +1,12 @@
 //! Benchmarks of pg_domain_events, measured against baselines in the same run.
 //!
 //! `cargo run -p bench --release -- store` compares the event store with a plain INSERT and
-//! a PL/pgSQL implementation of the same contract. Each benchmark is a subcommand in its own
+//! a PL/pgSQL implementation of the same contract; `capture` measures table capture. Each benchmark is a subcommand in its own
 //! module; this file only wires them up.
 
 use clap::{Parser, Subcommand};
 
+mod capture;
 mod store;
 
 /// Benchmarks of pg_domain_events (run against the private cluster, not as tests).
@@ -21,11 +22,15 @@ enum Command {
     /// raise_events / raise_event against plain INSERT and PL/pgSQL: batch throughput and
     /// single-event commit latency.
     Store(store::StoreArgs),
+    /// Table capture: a single-row UPDATE on a tracked table against the same UPDATE on an
+    /// untracked one.
+    Capture(capture::CaptureArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Store(args) => store::run(args).await,
+        Command::Capture(args) => capture::run(args).await,
     }
 }

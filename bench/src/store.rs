@@ -219,7 +219,7 @@ struct Statements {
     single: Statement,
 }
 
-async fn connect(dsn: &str) -> anyhow::Result<Client> {
+pub(crate) async fn connect(dsn: &str) -> anyhow::Result<Client> {
     let (client, connection) = tokio_postgres::connect(dsn, NoTls).await.with_context(|| {
         format!("cannot connect ({dsn}); is the cluster up (scripts/cluster.sh start)?")
     })?;
@@ -232,7 +232,7 @@ async fn connect(dsn: &str) -> anyhow::Result<Client> {
 }
 
 /// `dsn` with its database replaced by `dbname`.
-fn dsn_for(dsn: &str, dbname: &str) -> String {
+pub(crate) fn dsn_for(dsn: &str, dbname: &str) -> String {
     let rest: Vec<&str> = dsn
         .split_whitespace()
         .filter(|kv| !kv.starts_with("dbname="))
@@ -406,7 +406,7 @@ async fn write_single(
     Ok(started.elapsed())
 }
 
-fn median(values: &mut [f64]) -> f64 {
+pub(crate) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     if n % 2 == 1 {
@@ -417,7 +417,7 @@ fn median(values: &mut [f64]) -> f64 {
 }
 
 /// The `p`-quantile (nearest rank) of sorted durations, in milliseconds.
-fn quantile_ms(sorted: &[Duration], p: f64) -> f64 {
+pub(crate) fn quantile_ms(sorted: &[Duration], p: f64) -> f64 {
     let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1].as_secs_f64() * 1000.0
 }

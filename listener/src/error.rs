@@ -162,6 +162,14 @@ pub enum Error {
         #[source]
         source: HandlerError,
     },
+    /// An internal task ended abnormally (a handler panicked inside the dispatcher).
+    #[error("the {task} task failed: {reason}")]
+    Task {
+        /// Which task.
+        task: &'static str,
+        /// The panic message or cancellation.
+        reason: String,
+    },
     /// A statement on the ordinary SQL connection failed.
     #[error("{context}")]
     Sql {
@@ -200,7 +208,8 @@ impl Error {
             | Error::Protocol(_)
             | Error::Decode { .. }
             | Error::Event { .. }
-            | Error::Handler { .. } => Retry::Definite,
+            | Error::Handler { .. }
+            | Error::Task { .. } => Retry::Definite,
         }
     }
 

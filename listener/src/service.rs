@@ -201,9 +201,13 @@ impl Listener {
             .await;
         // Whatever ended the stream, stop the dispatcher at its next transaction boundary.
         session_cancel.cancel();
-        let dispatched = dispatcher
-            .await
-            .unwrap_or_else(|e| Err(Error::Protocol(format!("the dispatcher task failed: {e}"))));
+        // A panicking handler takes the dispatcher down; report it instead of unwinding here.
+        let dispatched = dispatcher.await.unwrap_or_else(|e| {
+            Err(Error::Task {
+                task: "dispatcher",
+                reason: e.to_string(),
+            })
+        });
         let checkpointed = checkpointer.await;
         if let Err(e) = &checkpointed {
             warn!(error = %e, "the checkpoint task failed");
@@ -552,10 +556,10 @@ mod tests {
             sock.write_all(&[b'W', 0, 0, 0, 7, 0, 0, 0])
                 .await
                 .expect("copy both");
+            tokio::time::sleep(delay).await;
             sock.write_all(&then).await.expect("script");
             let mut reply_flags = Vec::new();
-            loop {
-                let Ok(tag) = sock.read_u8().await else { break };
+            while let Ok(tag) = sock.read_u8().await {
                 let Ok(len) = sock.read_u32().await else {
                     break;
                 };
@@ -647,7 +651,6 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, Error::ConnectionLost(_)), "{err:?}");
-        eprintln!("DEBUG {err:?} {:?}", started.elapsed());
         assert!(
             started.elapsed() >= Duration::from_millis(700),
             "timed out {:?} after the start despite the keepalive",

@@ -244,7 +244,8 @@ pub struct SlotGuard(pub String);
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         let name = self.0.clone();
-        // Drop runs outside async context guarantees: use a private runtime on its own thread.
+        // `drop` cannot await, and the test's runtime may be shutting down: use a private
+        // runtime on a thread of its own.
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -252,37 +253,44 @@ impl Drop for SlotGuard {
             else {
                 return;
             };
-            rt.block_on(async move {
-                let Ok((client, conn)) =
-                    tokio_postgres::connect(&admin_dsn(), tokio_postgres::NoTls).await
-                else {
-                    return;
-                };
-                tokio::spawn(conn);
-                for _ in 0..100 {
-                    let _ = client
-                        .query_opt(
-                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-                             WHERE slot_name = $1 AND NOT active",
-                            &[&name],
-                        )
-                        .await;
-                    let gone = client
-                        .query_opt(
-                            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
-                            &[&name],
-                        )
-                        .await
-                        .map(|r| r.is_none())
-                        .unwrap_or(false);
-                    if gone {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            });
+            rt.block_on(drop_slot_eventually(name));
         })
         .join();
+    }
+}
+
+/// Drops slot `name` once no walsender holds it, reconnecting as needed, for up to 60 s (long
+/// enough to outlast a crash recovery of the shared cluster).
+async fn drop_slot_eventually(name: String) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok((client, conn)) =
+            tokio_postgres::connect(&admin_dsn(), tokio_postgres::NoTls).await
+        {
+            let driver = tokio::spawn(conn);
+            while Instant::now() < deadline {
+                let _ = client
+                    .query_opt(
+                        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                         WHERE slot_name = $1 AND NOT active",
+                        &[&name],
+                    )
+                    .await;
+                match client
+                    .query_opt(
+                        "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&name],
+                    )
+                    .await
+                {
+                    Ok(None) => return,
+                    Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(_) => break, // connection lost: reconnect
+                }
+            }
+            driver.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
