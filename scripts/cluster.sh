@@ -4,27 +4,43 @@
 # 127.0.0.1:$PGDE_PORT (default 54329)
 # with wal_level=logical, and runs as the `postgres` OS user because Postgres refuses root.
 #
-#   scripts/cluster.sh start | stop | restart | status | destroy | env
+#   scripts/cluster.sh start | stop | restart | status | destroy | env | state-dir
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PGBIN="${PGBIN:-/usr/lib/postgresql/15/bin}"
 PORT="${PGDE_PORT:-54329}"
-BASE="$ROOT/target/${PGDE_CLUSTER_NAME:-pgde-cluster}"
-DATA="$BASE/data"
-LOG="$BASE/postgres.log"
 RUN_AS="${PGDE_CLUSTER_USER:-postgres}"
 
 as_owner() {
     if [ "$(id -un)" = "$RUN_AS" ]; then "$@"; else runuser -u "$RUN_AS" -- "$@"; fi
 }
 
+# Cluster files live under target/, unless the postgres user cannot reach it (a checkout under
+# a private home directory): then under a per-checkout directory in /tmp.
+state_dir() {
+    mkdir -p "$ROOT/target"
+    chmod a+rx "$ROOT/target" 2>/dev/null || true
+    if as_owner test -x "$ROOT/target" 2>/dev/null; then
+        echo "$ROOT/target"
+    else
+        local dir
+        dir="${TMPDIR:-/tmp}/pgde-$(printf '%s' "$ROOT" | md5sum | cut -c1-12)"
+        mkdir -p "$dir" && chmod 755 "$dir"
+        echo "$dir"
+    fi
+}
+
+STATE="$(state_dir)"
+BASE="$STATE/${PGDE_CLUSTER_NAME:-pgde-cluster}"
+DATA="$BASE/data"
+LOG="$BASE/postgres.log"
+
 init_cluster() {
     mkdir -p "$BASE"
-    # The postgres user must be able to reach the data directory.
-    chmod a+rx "$ROOT/target" "$BASE" 2>/dev/null || true
+    chmod a+rx "$BASE"
     if ! as_owner test -x "$BASE"; then
-        echo "cluster.sh: user $RUN_AS cannot reach $BASE; make its parent directories traversable" >&2
+        echo "cluster.sh: user $RUN_AS cannot reach $BASE" >&2
         exit 1
     fi
     if [ "$(id -u)" = 0 ]; then chown "$RUN_AS" "$BASE"; fi
@@ -62,6 +78,10 @@ running() {
 start() {
     [ -f "$DATA/PG_VERSION" ] || init_cluster
     if running; then return 0; fi
+    if "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PORT" 2>/dev/null; then
+        echo "cluster.sh: another server already listens on 127.0.0.1:$PORT; stop it or choose another port with PGDE_PORT" >&2
+        exit 1
+    fi
     # Without the caller's Rust backtrace settings: they would put backtraces into the DETAIL
     # of every error the extension raises.
     as_owner env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE \
@@ -80,9 +100,10 @@ case "${1:-}" in
     restart) stop "${2:-fast}"; start ;;
     status) if running; then echo "running on 127.0.0.1:$PORT"; else echo "stopped"; exit 1; fi ;;
     destroy) stop immediate; rm -rf "$BASE" ;;
+    state-dir) echo "$STATE" ;;
     env)
         echo "export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres"
         echo "export PGDE_TEST_DSN='host=127.0.0.1 port=$PORT user=postgres dbname=postgres'"
         ;;
-    *) echo "usage: $0 start|stop [fast|immediate]|restart|status|destroy|env" >&2; exit 2 ;;
+    *) echo "usage: $0 start|stop [fast|immediate]|restart|status|destroy|env|state-dir" >&2; exit 2 ;;
 esac

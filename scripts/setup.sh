@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building, testing and the demo need, each only when missing:
 # Debian packages (PostgreSQL 15 server and headers, libclang for pgrx's bindgen, sudo for
-# `cargo pgrx test --runas`, OpenSSL headers for the listener's TLS), cargo-pgrx pinned to the pgrx version of the extension crate,
-# pgrx's PG 15 configuration, and cargo-nextest.
+# `cargo pgrx test --runas`, OpenSSL headers for the listener's TLS), cargo-pgrx pinned to the
+# pgrx version of the extension crate, pgrx's PG 15 configuration, and cargo-nextest.
 set -euo pipefail
 
 PGRX_VERSION=0.18.1

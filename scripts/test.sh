@@ -15,9 +15,10 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "== extension: backend tests"
-mkdir -p target/pgrx-test-data
-chown postgres target/pgrx-test-data 2>/dev/null || true
-(cd pg_domain_events && cargo pgrx test pg15 --runas postgres --pgdata "$ROOT/target/pgrx-test-data")
+PGRX_DATA="$(scripts/cluster.sh state-dir)/pgrx-test-data"
+mkdir -p "$PGRX_DATA"
+chown postgres "$PGRX_DATA" 2>/dev/null || true
+(cd pg_domain_events && cargo pgrx test pg15 --runas postgres --pgdata "$PGRX_DATA")
 
 # Installed after the backend tests, whose build carries the test schema.
 echo "== extension: build and install into PostgreSQL 15"
