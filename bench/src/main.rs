@@ -7,6 +7,7 @@
 use clap::{Parser, Subcommand};
 
 mod capture;
+mod pipeline;
 mod store;
 
 /// Benchmarks of pg_domain_events (run against the private cluster, not as tests).
@@ -25,12 +26,16 @@ enum Command {
     /// Table capture: a single-row UPDATE on a tracked table against the same UPDATE on an
     /// untracked one.
     Capture(capture::CaptureArgs),
+    /// The listener: WAL → no-op handler throughput next to pg_recvlogical, and
+    /// commit→handler latency at a fixed offered rate.
+    Pipeline(pipeline::PipelineArgs),
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Store(args) => store::run(args).await,
         Command::Capture(args) => capture::run(args).await,
+        Command::Pipeline(args) => pipeline::run(args).await,
     }
 }

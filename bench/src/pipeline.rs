@@ -1,11 +1,5 @@
-//! Listener benchmark: events/s from the WAL to a no-op handler through pgoutput, next to
+//! Listener pipeline: events/s from the WAL to a no-op handler through pgoutput, next to
 //! `pg_recvlogical` reading the same WAL, and commit→handler latency at a fixed offered rate.
-//!
-//! ```sh
-//! scripts/cluster.sh start
-//! cargo run --release -p listener --example throughput -- \
-//!     --dsn "host=127.0.0.1 port=54329 user=postgres" --events 200000 --rate 5000 --seconds 10
-//! ```
 //!
 //! It creates a throwaway database (dropped at the end), a publication and two slots created
 //! before the writes, so both consumers read exactly the same WAL:
@@ -20,40 +14,35 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use listener::config::{Config, HandlerConfig, HandlerKind};
 use listener::{Event, Filter, Handler, HandlerError, Listener, Registry, RetryPolicy};
-use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
-struct Args {
-    dsn: String,
-    events: u64,
-    rate: u64,
-    seconds: u64,
-    recvlogical: String,
-}
+use crate::store::{connect, dsn_for};
 
-fn args() -> Args {
-    let mut a = Args {
-        dsn: "host=127.0.0.1 port=54329 user=postgres".into(),
-        events: 200_000,
-        rate: 5_000,
-        seconds: 10,
-        recvlogical: "/usr/lib/postgresql/15/bin/pg_recvlogical".into(),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--dsn" => a.dsn = value,
-            "--events" => a.events = value.parse().expect("--events"),
-            "--rate" => a.rate = value.parse().expect("--rate"),
-            "--seconds" => a.seconds = value.parse().expect("--seconds"),
-            "--pg-recvlogical" => a.recvlogical = value,
-            other => panic!("unknown flag {other}"),
-        }
-    }
-    a
+/// Flags of `bench pipeline`.
+#[derive(clap::Args, Debug)]
+pub struct PipelineArgs {
+    /// Connection string of the cluster (a superuser); a throwaway database is created on it.
+    #[arg(
+        long,
+        env = "PGDE_BENCH_DSN",
+        default_value = "host=127.0.0.1 port=54329 user=postgres dbname=postgres"
+    )]
+    dsn: String,
+    /// Events in the backlog both consumers drain.
+    #[arg(long, default_value_t = 200_000)]
+    events: u64,
+    /// Offered rate of the latency phase, events/s.
+    #[arg(long, default_value_t = 5_000)]
+    rate: u64,
+    /// Duration of the latency phase.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// The pg_recvlogical binary.
+    #[arg(long, default_value = "/usr/lib/postgresql/15/bin/pg_recvlogical")]
+    recvlogical: String,
 }
 
 fn param(dsn: &str, key: &str, default: &str) -> String {
@@ -62,12 +51,6 @@ fn param(dsn: &str, key: &str, default: &str) -> String {
         .find(|(k, _)| *k == key)
         .map(|(_, v)| v.to_string())
         .unwrap_or_else(|| default.to_string())
-}
-
-async fn connect(dsn: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(dsn, NoTls).await.expect("connect");
-    tokio::spawn(connection);
-    client
 }
 
 /// Counts events; with `latency`, records when each event arrived.
@@ -129,16 +112,15 @@ fn batch(size: usize, n: u64) -> serde_json::Value {
     )
 }
 
-#[tokio::main]
-async fn main() {
-    let a = args();
+/// Runs the pipeline benchmark and prints its figures.
+pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
     let dbname = format!("pgde_bench_{}", std::process::id());
-    let admin = connect(&format!("{} dbname=postgres", a.dsn)).await;
+    let admin = connect(&dsn_for(&a.dsn, "postgres")).await?;
     admin
         .batch_execute(&format!("CREATE DATABASE {dbname}"))
         .await
-        .expect("create database");
-    let db = connect(&format!("{} dbname={dbname}", a.dsn)).await;
+        .context("create database")?;
+    let db = connect(&dsn_for(&a.dsn, &dbname)).await?;
     // One statement per call: a multi-statement string is one transaction, and a slot cannot be
     // created in a transaction that wrote.
     for sql in [
@@ -148,13 +130,9 @@ async fn main() {
          WITH (publish_via_partition_root = true, publish = 'insert')",
         "SELECT pg_create_logical_replication_slot('bench_listener_' || pg_backend_pid(), 'pgoutput')",
     ] {
-        db.batch_execute(sql).await.expect("setup");
+        db.batch_execute(sql).await.context("setup")?;
     }
-    let pid: i32 = db
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
     let slot = format!("bench_listener_{pid}");
     let recv_slot = format!("bench_recv_{pid}");
     db.execute(
@@ -162,7 +140,7 @@ async fn main() {
         &[&recv_slot],
     )
     .await
-    .expect("second slot");
+    .context("second slot")?;
 
     // 1. Write the backlog.
     let started = Instant::now();
@@ -174,13 +152,12 @@ async fn main() {
             &[&batch(size, written)],
         )
         .await
-        .expect("raise_events");
+        .context("raise_events")?;
         written += size as u64;
     }
     let end_lsn: String = db
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
+        .await?
         .get(0);
     println!(
         "wrote {} events in {:.2?} ({:.0} ev/s)",
@@ -204,12 +181,12 @@ async fn main() {
     let token = cancel.clone();
     let task = tokio::spawn(async move { listener.run(token).await });
     while probe.count.load(Ordering::Relaxed) < a.events {
-        assert!(!task.is_finished(), "the listener stopped early");
+        anyhow::ensure!(!task.is_finished(), "the listener stopped early");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let ours = started.elapsed();
     cancel.cancel();
-    task.await.expect("join").expect("listener");
+    task.await.expect("join").context("listener")?;
     let ours_rate = a.events as f64 / ours.as_secs_f64();
     println!("listener (pgoutput → no-op handler): {ours:.2?}, {ours_rate:.0} ev/s");
 
@@ -241,9 +218,9 @@ async fn main() {
         ])
         .status()
         .await
-        .expect("run pg_recvlogical");
+        .context("run pg_recvlogical")?;
     let theirs = started.elapsed();
-    assert!(status.success(), "pg_recvlogical failed: {status}");
+    anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
     let theirs_rate = a.events as f64 / theirs.as_secs_f64();
     println!("pg_recvlogical (same WAL, discarded): {theirs:.2?}, {theirs_rate:.0} ev/s");
     println!(
@@ -277,18 +254,18 @@ async fn main() {
     let mut commits: HashMap<uuid::Uuid, Instant> = HashMap::new();
     let mut offered = 0u64;
     let deadline = Instant::now() + Duration::from_secs(a.seconds);
-    let mut writer = connect(&format!("{} dbname={dbname}", a.dsn)).await;
+    let mut writer = connect(&dsn_for(&a.dsn, &dbname)).await?;
     while Instant::now() < deadline {
         ticker.tick().await;
-        let tx = writer.transaction().await.expect("begin");
+        let tx = writer.transaction().await.context("begin")?;
         let rows = tx
             .query(
                 "SELECT id FROM domain_events.raise_events($1)",
                 &[&batch(per_txn as usize, offered)],
             )
             .await
-            .expect("raise");
-        tx.commit().await.expect("commit");
+            .context("raise")?;
+        tx.commit().await.context("commit")?;
         let at = Instant::now();
         for row in rows {
             commits.insert(row.get(0), at);
@@ -300,8 +277,13 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     cancel.cancel();
-    task.await.expect("join").expect("listener");
-    let arrivals = probe.arrivals.as_ref().unwrap().lock().unwrap().clone();
+    task.await.expect("join").context("listener")?;
+    let arrivals = probe
+        .arrivals
+        .as_ref()
+        .and_then(|a| a.lock().ok().map(|a| a.clone()))
+        .unwrap_or_default();
+    anyhow::ensure!(!arrivals.is_empty(), "no event reached the handler");
     let mut latencies: Vec<Duration> = arrivals
         .iter()
         .filter_map(|(id, at)| commits.get(id).map(|c| at.saturating_duration_since(*c)))
@@ -320,15 +302,16 @@ async fn main() {
 
     db.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .await
-        .expect("drop slot");
+        .context("drop slot")?;
     db.execute("SELECT pg_drop_replication_slot($1)", &[&recv_slot])
         .await
-        .expect("drop slot");
+        .context("drop slot")?;
     drop(writer);
     drop(db);
     tokio::time::sleep(Duration::from_millis(200)).await;
     admin
         .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
         .await
-        .expect("drop database");
+        .context("drop database")?;
+    Ok(())
 }
