@@ -2,17 +2,21 @@
 -- The schema itself (domain_events) is created by CREATE EXTENSION from the control file.
 
 -- Roles are cluster-wide and outlive the extension: create them once, reuse them in every database.
+-- Two databases may run CREATE EXTENSION at the same moment; the loser of that race sees a
+-- unique violation on pg_authid rather than duplicate_object, and both mean "already there".
 DO $roles$
+DECLARE
+    role_name text;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'domain_events_writer') THEN
-        CREATE ROLE domain_events_writer NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'domain_events_reader') THEN
-        CREATE ROLE domain_events_reader NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'domain_events_listener') THEN
-        CREATE ROLE domain_events_listener NOLOGIN;
-    END IF;
+    FOREACH role_name IN ARRAY ARRAY['domain_events_writer', 'domain_events_reader', 'domain_events_listener'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
+            BEGIN
+                EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', role_name);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;
+            END;
+        END IF;
+    END LOOP;
 END
 $roles$;
 
@@ -75,8 +79,13 @@ CREATE TABLE domain_events.dead_letter (
     attempts        integer     NOT NULL,
     first_failed_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     last_failed_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- Set by redrive(); the subscription's listener re-delivers the event and clears it.
+    redrive_requested_at timestamptz,
     UNIQUE (subscription, handler, event_id)
 );
+-- The listener looks for the requested rows of its subscription.
+CREATE INDEX dead_letter_redrive_idx ON domain_events.dead_letter (subscription)
+    WHERE redrive_requested_at IS NOT NULL;
 COMMENT ON TABLE domain_events.dead_letter IS
     'Events a listener handler gave up on after its retries; redrive them once the cause is fixed.';
 
