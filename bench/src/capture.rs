@@ -44,12 +44,15 @@ const SCHEMA: &str = "
 
 async fn prepare(args: &CaptureArgs) -> anyhow::Result<Client> {
     let admin = connect(&args.dsn).await?;
+    // Two calls: a multi-statement string runs as one transaction, which DROP DATABASE refuses.
     admin
-        .batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE); CREATE DATABASE {DATABASE}"
-        ))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
         .await
-        .context("re-create the bench database")?;
+        .context("drop the previous bench database")?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
+        .await
+        .context("create the bench database")?;
     let client = connect(&dsn_for(&args.dsn, DATABASE)).await?;
     client
         .batch_execute("CREATE EXTENSION pg_domain_events")
@@ -61,7 +64,7 @@ async fn prepare(args: &CaptureArgs) -> anyhow::Result<Client> {
             .execute(
                 &format!(
                     "INSERT INTO {table} (id, status, amount, borrower)
-                     SELECT g, 'approved', 1000 + g, 'borrower-' || g FROM generate_series(1, $1) g"
+                     SELECT g, 'approved', 1000 + g, 'borrower-' || g FROM generate_series(1, $1::bigint) g"
                 ),
                 &[&args.rows],
             )
@@ -76,7 +79,7 @@ async fn prepare(args: &CaptureArgs) -> anyhow::Result<Client> {
 fn update_sql(table: &str) -> String {
     format!(
         "UPDATE {table} SET amount = amount + 1, updated_at = now(),
-                status = CASE WHEN $2 % 4 = 0 THEN (CASE status WHEN 'approved' THEN 'funded' ELSE 'approved' END) ELSE status END
+                status = CASE WHEN $2::bigint % 4 = 0 THEN (CASE status WHEN 'approved' THEN 'funded' ELSE 'approved' END) ELSE status END
           WHERE id = $1"
     )
 }

@@ -66,6 +66,23 @@ AS $$
                       WHERE a.aggregate_type = $1 AND a.aggregate_id = $2), 0)
 $$;
 
+-- Dead letters: ask the subscription's listener to deliver them again (all, or one event).
+-- Runs with the caller's rights: it needs UPDATE on dead_letter (domain_events_listener).
+CREATE FUNCTION domain_events.redrive(subscription text, event_id uuid DEFAULT NULL)
+RETURNS integer
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH requested AS (
+        UPDATE domain_events.dead_letter d
+           SET redrive_requested_at = pg_catalog.now()
+         WHERE d.subscription = $1 AND ($2 IS NULL OR d.event_id = $2)
+        RETURNING 1
+    )
+    SELECT pg_catalog.count(*)::integer FROM requested
+$$;
+COMMENT ON FUNCTION domain_events.redrive(text, uuid) IS
+    'Marks dead letters of a subscription (all, or those of one event) for redelivery by its listener; returns how many.';
+
 -- Least privilege: nothing is executable by PUBLIC; each role gets exactly its functions.
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA domain_events FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA domain_events FROM PUBLIC;
@@ -91,7 +108,9 @@ GRANT EXECUTE ON FUNCTION
 
 GRANT domain_events_reader TO domain_events_listener;
 GRANT INSERT, UPDATE ON domain_events.subscription TO domain_events_listener;
-GRANT INSERT, UPDATE ON domain_events.dead_letter TO domain_events_listener;
+-- DELETE: a dead letter redriven successfully is removed.
+GRANT INSERT, UPDATE, DELETE ON domain_events.dead_letter TO domain_events_listener;
+GRANT EXECUTE ON FUNCTION domain_events.redrive(text, uuid) TO domain_events_listener;
 GRANT USAGE ON SEQUENCE domain_events.dead_letter_id_seq TO domain_events_listener;
 
 -- Table capture: the trigger runs with the rights of the user changing the row and raises

@@ -134,6 +134,7 @@ thread_local! {
     /// creates a new trigger), so each is parsed once per backend.
     static CONFIGS: RefCell<HashMap<pg_sys::Oid, CaptureConfig>> = RefCell::new(HashMap::new());
     static RAISE_PLAN: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
+    static RAISE_ONE_PLAN: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
 }
 
 fn row_json(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc) -> Map<String, Value> {
@@ -191,31 +192,72 @@ fn capture_row_change<'a>(
             Some(row_json(data.tg_newtuple, desc)),
         ),
     };
-    let events = config
+    let mut events = config
         .events_for(operation, old.as_ref(), new.as_ref())
         .or_report();
-    if !events.is_empty() {
-        raise(&Value::Array(events).to_string());
+    match events.len() {
+        0 => {}
+        1 => raise_one(events.pop().expect("one event")),
+        _ => raise_many(&Value::Array(events).to_string()),
     }
     Ok(None)
 }
 
-fn raise(events: &str) {
+/// Runs a saved plan of `sql` (prepared once per backend in `cell`).
+fn run_saved(
+    cell: &'static std::thread::LocalKey<RefCell<Option<OwnedPreparedStatement>>>,
+    sql: &'static str,
+    types: &[PgOid],
+    args: &[DatumWithOid],
+) {
     Spi::connect_mut(|client| {
-        RAISE_PLAN.with(|cell| {
-            let mut slot = cell.borrow_mut();
+        cell.with(|slot| {
+            let mut slot = slot.borrow_mut();
             let plan = slot.get_or_insert_with(|| {
                 client
-                    .prepare_mut(store::RAISE_CAPTURED, &[PgOid::from(pg_sys::TEXTOID)])
+                    .prepare_mut(sql, types)
                     .unwrap_or_else(|e| panic!("preparing the capture statement failed: {e}"))
                     .keep()
             });
-            let args: [DatumWithOid; 1] = [events.into()];
             client
-                .update(&*plan, None, &args)
+                .update(&*plan, None, args)
                 .unwrap_or_else(|e| panic!("raising captured events failed: {e}"));
         })
     })
+}
+
+fn raise_many(events: &str) {
+    run_saved(
+        &RAISE_PLAN,
+        store::RAISE_CAPTURED,
+        &[PgOid::from(pg_sys::TEXTOID)],
+        &[events.into()],
+    );
+}
+
+fn raise_one(event: Value) {
+    let text = |key: &str| {
+        event
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let json = |key: &str| {
+        event
+            .get(key)
+            .map(Value::to_string)
+            .unwrap_or_else(|| "{}".into())
+    };
+    let args: [DatumWithOid; 5] = [
+        text("aggregate_type").into(),
+        text("aggregate_id").into(),
+        text("event_type").into(),
+        json("payload").into(),
+        json("metadata").into(),
+    ];
+    let types = [PgOid::from(pg_sys::TEXTOID); 5];
+    run_saved(&RAISE_ONE_PLAN, store::RAISE_CAPTURED_ONE, &types, &args);
 }
 
 fn text_array(

@@ -144,6 +144,10 @@ pub fn detach_partition(name: &str, archived: &str) -> String {
 /// the privileges of the user changing the row apply.
 pub const RAISE_CAPTURED: &str = "SELECT count(*) FROM domain_events.raise_events($1::jsonb)";
 
+/// The usual case of one event per row change, through the single-event fast path.
+pub const RAISE_CAPTURED_ONE: &str = "SELECT count(*) FROM domain_events.raise_event(\
+     $1, $2, $3, $4::jsonb, $5::jsonb)";
+
 /// Whether a table has the capture trigger.
 pub const IS_TRACKED: &str = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger \
      WHERE tgrelid = $1 AND tgname = 'domain_events_capture')";
