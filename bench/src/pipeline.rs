@@ -93,6 +93,8 @@ fn listener_config(dsn: &str, dbname: &str, slot: &str) -> Config {
         max_attempts: 1,
         initial_backoff_ms: 1,
         max_backoff_ms: 1,
+        on_failure: Default::default(),
+        function: None,
     }];
     config
 }

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dispatch::{Filter, RetryPolicy};
+use crate::dead_letter::DECODE_HANDLER;
+use crate::dispatch::{Filter, OnFailure, RetryPolicy};
 
 /// Tables of the file that environment variables may override.
 const OVERRIDABLE: [&str; 3] = ["database", "replication", "log"];
@@ -150,6 +151,13 @@ pub struct ReplicationConfig {
     pub reconnect_min_backoff_ms: u64,
     /// Largest delay between reconnect attempts, in milliseconds.
     pub reconnect_max_backoff_ms: u64,
+    /// How often requested redeliveries of dead letters are looked for, in milliseconds (also
+    /// at the start of every session); `0` turns redrive off.
+    pub redrive_interval_ms: u64,
+    /// Handler tasks. Events are routed by a hash of (aggregate type, aggregate id): per
+    /// aggregate order holds, unrelated aggregates are handled in parallel. `1`: one task, in
+    /// commit order.
+    pub workers: usize,
 }
 
 impl Default for ReplicationConfig {
@@ -168,6 +176,8 @@ impl Default for ReplicationConfig {
             queue_capacity: 4096,
             reconnect_min_backoff_ms: 500,
             reconnect_max_backoff_ms: 30_000,
+            redrive_interval_ms: 5_000,
+            workers: 1,
         }
     }
 }
@@ -228,6 +238,12 @@ pub struct HandlerConfig {
     /// Largest retry delay in milliseconds.
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
+    /// What happens once an event failed for good: `dead_letter` (default) or `block`.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// `kind = "sql"`: the function `schema.function(event jsonb)` to call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
 }
 
 fn all_events() -> Vec<String> {
@@ -249,6 +265,8 @@ fn default_max_backoff_ms() -> u64 {
 pub enum HandlerKind {
     /// JSON lines on standard output ([`crate::sink::StdoutSink`]).
     Stdout,
+    /// A SQL function called exactly once per event ([`crate::sink::SqlHandler`]).
+    Sql,
 }
 
 impl HandlerConfig {
@@ -256,6 +274,7 @@ impl HandlerConfig {
     pub fn name(&self) -> String {
         self.name.clone().unwrap_or_else(|| match self.kind {
             HandlerKind::Stdout => "stdout".into(),
+            HandlerKind::Sql => "sql".into(),
         })
     }
 
@@ -406,6 +425,12 @@ impl Config {
                 "must exceed status_interval_secs (replies are asked for at that interval)",
             ));
         }
+        if r.workers == 0 || r.workers > 1024 {
+            return Err(invalid(
+                Some("replication.workers".into()),
+                "must be between 1 and 1024",
+            ));
+        }
         if r.queue_capacity == 0 {
             return Err(invalid(
                 Some("replication.queue_capacity".into()),
@@ -431,6 +456,38 @@ impl Config {
                 return Err(invalid(
                     Some(format!("handler {}", handler.name())),
                     "max_attempts must be ≥ 1",
+                ));
+            }
+            match (handler.kind, &handler.function) {
+                (HandlerKind::Sql, None) => {
+                    return Err(invalid(
+                        Some(format!("handler {}", handler.name())),
+                        "kind = \"sql\" needs function = \"schema.function\"",
+                    ))
+                }
+                (HandlerKind::Sql, Some(function)) => {
+                    crate::sink::quote_function(function).map_err(|e| {
+                        invalid(Some(format!("handler {}", handler.name())), e.to_string())
+                    })?;
+                    if r.workers > 1 {
+                        return Err(invalid(
+                            Some(format!("handler {}", handler.name())),
+                            "a sql handler is exactly-once in stream order only: use workers = 1",
+                        ));
+                    }
+                }
+                (HandlerKind::Stdout, Some(_)) => {
+                    return Err(invalid(
+                        Some(format!("handler {}", handler.name())),
+                        "function is for kind = \"sql\" only",
+                    ))
+                }
+                (HandlerKind::Stdout, None) => {}
+            }
+            if handler.name() == DECODE_HANDLER {
+                return Err(invalid(
+                    Some(format!("handler {}", handler.name())),
+                    "the name is reserved for dead letters of undecodable rows; choose another",
                 ));
             }
             if !names.insert(handler.name()) {
@@ -684,6 +741,52 @@ mod tests {
         let file = write("[database]\nport = 1\n");
         let err = Config::load(Some(&file.0), &[], &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("no handlers"), "{err}");
+    }
+
+    #[test]
+    fn sql_handlers_need_a_function_and_one_worker() {
+        let load = |text: &str| {
+            let file = write(text);
+            Config::load(Some(&file.0), &[], &Overrides::default())
+        };
+        let ok = load("[[handlers]]\nkind = \"sql\"\nfunction = \"app.on_event\"\n").unwrap();
+        assert_eq!(ok.handlers[0].name(), "sql");
+        for (text, expected) in [
+            ("[[handlers]]\nkind = \"sql\"\n", "needs function"),
+            (
+                "[[handlers]]\nkind = \"sql\"\nfunction = \"on_event\"\n",
+                "schema.function",
+            ),
+            (
+                "[[handlers]]\nkind = \"sql\"\nfunction = \"app.f; DROP TABLE x\"\n",
+                "schema.function",
+            ),
+            (
+                "[replication]\nworkers = 4\n[[handlers]]\nkind = \"sql\"\nfunction = \"app.f\"\n",
+                "workers = 1",
+            ),
+            (
+                "[[handlers]]\nkind = \"stdout\"\nfunction = \"app.f\"\n",
+                "sql\" only",
+            ),
+            (
+                "[[handlers]]\nkind = \"stdout\"\nname = \"decode\"\n",
+                "reserved",
+            ),
+            (
+                "[replication]\nworkers = 0\n[[handlers]]\nkind = \"stdout\"\n",
+                "workers",
+            ),
+            (
+                "[[handlers]]\nkind = \"stdout\"\non_failure = \"retry\"\n",
+                "on_failure",
+            ),
+        ] {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
+        let block = load("[[handlers]]\nkind = \"stdout\"\non_failure = \"block\"\n").unwrap();
+        assert_eq!(block.handlers[0].on_failure, OnFailure::Block);
     }
 
     #[test]

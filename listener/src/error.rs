@@ -2,8 +2,9 @@
 //!
 //! Every failure is either *transient* (the connection dropped, the server is restarting, another
 //! listener still holds the slot: reconnect with backoff and resume from the confirmed position) or
-//! *definite* (bad credentials, missing extension, dropped slot or publication, a row we cannot
-//! decode: retrying cannot help, so the listener stops and says why). [`Error::is_transient`] is
+//! *definite* (bad credentials, missing extension, dropped slot or publication, an event table we
+//! cannot map, a failure of a blocking handler: retrying cannot help, so the listener stops and
+//! says why). Failures of single events are not errors here: they become dead letters. [`Error::is_transient`] is
 //! the one place that decides, and [`classify_sqlstate`] the one place that maps SQLSTATEs.
 
 use std::fmt;
@@ -137,7 +138,7 @@ pub enum Error {
         #[source]
         source: DecodeError,
     },
-    /// An inserted row could not be turned into an [`crate::event::Event`].
+    /// The stream carried a row of a relation the listener has no layout for.
     #[error("cannot decode an event of the transaction committed at {commit_lsn}")]
     Event {
         /// Commit LSN of the transaction.
@@ -146,7 +147,8 @@ pub enum Error {
         #[source]
         source: EventError,
     },
-    /// A handler failed on an event and retries were exhausted (or the failure was definite).
+    /// A blocking handler failed on an event and retries were exhausted (or the failure was
+    /// definite, or it panicked).
     #[error(
         "handler {handler:?} failed {} after {attempts} attempt(s)",
         event_id.map_or_else(|| "to flush".to_string(), |id| format!("on event {id}"))
@@ -162,7 +164,8 @@ pub enum Error {
         #[source]
         source: HandlerError,
     },
-    /// An internal task ended abnormally (a handler panicked inside the dispatcher).
+    /// An internal task ended abnormally (a panic in the listener itself; handler panics are
+    /// caught and treated as handler failures).
     #[error("the {task} task failed: {reason}")]
     Task {
         /// Which task.

@@ -170,6 +170,22 @@ impl EventDecoder {
         matches!(self.relations.get(&oid), Some(Known::Events(_)))
     }
 
+    /// Best effort for a row [`EventDecoder::decode_insert`] refused: its `id` and `position`
+    /// when those columns parse.
+    pub fn identify(&self, oid: u32, row: &Tuple) -> (Option<Uuid>, Option<i64>) {
+        let Some(Known::Events(map)) = self.relations.get(&oid) else {
+            return (None, None);
+        };
+        let text = |index: usize| match row.0.get(index) {
+            Some(TupleValue::Text(bytes)) => std::str::from_utf8(bytes).ok(),
+            _ => None,
+        };
+        (
+            text(map.id).and_then(|s| Uuid::parse_str(s).ok()),
+            text(map.position).and_then(|s| s.parse().ok()),
+        )
+    }
+
     /// Decodes an inserted row of relation `oid`.
     pub fn decode_insert(
         &self,

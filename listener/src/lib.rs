@@ -9,19 +9,22 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod dead_letter;
 pub mod dispatch;
 pub mod error;
 pub mod event;
 pub mod lsn;
 pub mod pgoutput;
 pub mod publication;
+mod redrive;
 pub mod service;
 pub mod sink;
 pub mod stream;
 pub mod subscription;
 pub mod tls;
 
-pub use dispatch::{Filter, Handler, HandlerError, Registry, RetryPolicy};
+pub use dead_letter::{DeadLetter, DeadLetterSink, DeadLetterStore};
+pub use dispatch::{Filter, Handler, HandlerError, OnFailure, Registry, RetryPolicy};
 pub use error::Error;
 pub use event::Event;
 pub use lsn::Lsn;

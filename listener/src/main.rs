@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use listener::config::{ConfigArgs, LogConfig, LogFormat};
+use listener::dead_letter::{render_table, DeadLetterStore};
 use listener::error::report;
 use listener::service::{registry_from_config, Listener};
 use tokio_util::sync::CancellationToken;
@@ -25,6 +26,25 @@ enum Command {
     Run(ConfigArgs),
     /// Print the effective configuration (file + environment + flags) as TOML and exit.
     PrintConfig(ConfigArgs),
+    /// Inspect and redrive the dead letters of the configured subscription.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetterCommand {
+    /// Print the subscription's dead letters as a tab-separated table.
+    List(ConfigArgs),
+    /// Ask the running listener to deliver dead letters again (all, or one event's).
+    Redrive {
+        /// Only the dead letters of this event.
+        #[arg(long, value_name = "UUID")]
+        event_id: Option<uuid::Uuid>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -32,6 +52,7 @@ fn main() -> ExitCode {
     let (args, run) = match &cli.command {
         Command::Run(args) => (args, true),
         Command::PrintConfig(args) => (args, false),
+        Command::DeadLetters { command } => return dead_letters(command),
     };
     let config = match args.load() {
         Ok(config) => config,
@@ -86,6 +107,65 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// `listener dead-letters …`: one SQL connection, one statement, plain output on stdout.
+fn dead_letters(command: &DeadLetterCommand) -> ExitCode {
+    let (args, event_id) = match command {
+        DeadLetterCommand::List(args) => (args, None),
+        DeadLetterCommand::Redrive { event_id, config } => (config, Some(*event_id)),
+    };
+    let config = match args.load() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {}", report(&err));
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let subscription = config.replication.subscription_name().to_string();
+    let result = runtime.block_on(async {
+        let (client, connection) = listener::subscription::connect(&config.database).await?;
+        let store = DeadLetterStore::new(std::sync::Arc::new(client), subscription.clone());
+        let outcome = match event_id {
+            None => {
+                print!("{}", render_table(&store.list().await?));
+                ExitCode::SUCCESS
+            }
+            Some(event_id) => {
+                let count = store.request_redrive(event_id).await?;
+                println!(
+                    "requested redelivery of {count} dead letter(s) of subscription {subscription:?}"
+                );
+                if count == 0 && event_id.is_some() {
+                    // Asked for one event that has no dead letter: most likely a typo.
+                    eprintln!("error: no dead letter of that event in this subscription");
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+        };
+        drop(store);
+        let _ = connection.await;
+        Ok::<_, listener::Error>(outcome)
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {}", report(&err));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Cancels on the first SIGINT/SIGTERM (graceful: finish in-flight, confirm, exit 0); exits at

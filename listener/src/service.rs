@@ -23,14 +23,16 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use uuid::Uuid;
 
 use crate::config::{Config, HandlerKind};
-use crate::dispatch::{jitter, Ack, Dispatcher, Item, Registry};
+use crate::dead_letter::DeadLetterStore;
+use crate::dispatch::{jitter, Ack, Dispatcher, Item, Registry, Undecodable};
 use crate::error::{report, Error};
-use crate::event::{Decoded, EventDecoder};
+use crate::event::{Decoded, EventDecoder, EventError};
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, PgOutputMessage};
-use crate::sink::StdoutSink;
+use crate::sink::{SqlHandler, StdoutSink};
 use crate::stream::{ConnectOptions, ReplicationConnection, ReplicationMessage, SlotState};
 use crate::subscription::{self, SubscriptionStore, HEARTBEAT_PREFIX};
 
@@ -41,7 +43,33 @@ pub fn registry_from_config(config: &Config) -> Result<Registry, Error> {
         let filters = handler.filters()?;
         match handler.kind {
             HandlerKind::Stdout => {
-                registry.register(handler.name(), filters, handler.retry(), StdoutSink::new());
+                registry.register_with(
+                    handler.name(),
+                    filters,
+                    handler.retry(),
+                    handler.on_failure,
+                    Arc::new(StdoutSink::new()),
+                );
+            }
+            HandlerKind::Sql => {
+                let function = handler.function.as_deref().unwrap_or_default();
+                let sql = SqlHandler::new(
+                    config.database.clone(),
+                    function,
+                    handler.name(),
+                    config.replication.subscription_name(),
+                )
+                .map_err(|e| crate::config::ConfigError::Invalid {
+                    origin: Some(format!("handler {}", handler.name())),
+                    message: e.to_string(),
+                })?;
+                registry.register_with(
+                    handler.name(),
+                    filters,
+                    handler.retry(),
+                    handler.on_failure,
+                    Arc::new(sql),
+                );
             }
         }
     }
@@ -119,6 +147,11 @@ impl Listener {
         crate::publication::check_extension(&client, &db.dbname).await?;
         crate::publication::ensure_publication(&client, &r.publication, r.create_publication)
             .await?;
+        let client = Arc::new(client);
+        let dead_letters = Arc::new(DeadLetterStore::new(
+            Arc::clone(&client),
+            r.subscription_name(),
+        ));
         let store = SubscriptionStore::new(client, r.subscription_name());
         let durable = store.load().await?;
         let system = conn.identify_system().await?;
@@ -171,12 +204,24 @@ impl Listener {
             lsn: start,
             position: 0,
         });
-        let dispatcher: JoinHandle<Result<(), Error>> =
-            tokio::spawn(Dispatcher::new(Arc::clone(&self.registry)).run(
-                items_rx,
-                acks_tx,
+        let mut dispatcher = Dispatcher::new(Arc::clone(&self.registry), dead_letters.clone())
+            .with_workers(r.workers);
+        let redriver = if r.redrive_interval_ms > 0 {
+            let (jobs_tx, jobs_rx) = mpsc::channel(1);
+            dispatcher = dispatcher.with_redrives(jobs_rx);
+            Some(tokio::spawn(crate::redrive::run(
+                DeadLetterStore::clone(&dead_letters),
+                jobs_tx,
+                Duration::from_millis(r.redrive_interval_ms),
                 session_cancel.clone(),
-            ));
+            )))
+        } else {
+            None
+        };
+        // The SQL connection closes once its last user is gone (awaited below).
+        drop(dead_letters);
+        let dispatcher: JoinHandle<Result<(), Error>> =
+            tokio::spawn(dispatcher.run(items_rx, acks_tx, session_cancel.clone()));
         let checkpointer = tokio::spawn(checkpoint(
             store,
             acks_rx.clone(),
@@ -201,13 +246,19 @@ impl Listener {
             .await;
         // Whatever ended the stream, stop the dispatcher at its next transaction boundary.
         session_cancel.cancel();
-        // A panicking handler takes the dispatcher down; report it instead of unwinding here.
+        // Handler panics are caught in the dispatcher; a panic of its own is reported, not
+        // unwound here.
         let dispatched = dispatcher.await.unwrap_or_else(|e| {
             Err(Error::Task {
                 task: "dispatcher",
                 reason: e.to_string(),
             })
         });
+        if let Some(redriver) = redriver {
+            if let Err(e) = redriver.await {
+                warn!(error = %e, "the redrive task failed");
+            }
+        }
         let checkpointed = checkpointer.await;
         if let Err(e) = &checkpointed {
             warn!(error = %e, "the checkpoint task failed");
@@ -296,6 +347,8 @@ struct StreamState {
     in_txn: bool,
     /// Commit LSN of the current transaction (from Begin).
     commit_lsn: Lsn,
+    /// Inserted rows seen so far in the current transaction.
+    rows_in_txn: u64,
     /// End LSN of the last Commit handed to the dispatcher.
     last_commit: Lsn,
     /// Highest keepalive position: all WAL before it has been decoded and sent.
@@ -319,6 +372,7 @@ impl StreamState {
             decoder: EventDecoder::default(),
             in_txn: false,
             commit_lsn: Lsn::ZERO,
+            rows_in_txn: 0,
             last_commit: start,
             server_wal_end: start,
             pending: None,
@@ -441,6 +495,7 @@ impl StreamState {
                 }
                 self.in_txn = true;
                 self.commit_lsn = begin.final_lsn;
+                self.rows_in_txn = 0;
                 Ok(None)
             }
             PgOutputMessage::Commit(commit) => {
@@ -466,13 +521,37 @@ impl StreamState {
                 if !self.in_txn {
                     return Err(Error::Protocol("Insert outside a transaction".into()));
                 }
-                match self
-                    .decoder
-                    .decode_insert(insert.relation, &insert.new, self.commit_lsn)
-                    .map_err(|source| Error::Event {
-                        commit_lsn: self.commit_lsn,
-                        source,
-                    })? {
+                let row_index = self.rows_in_txn;
+                self.rows_in_txn += 1;
+                let decoded =
+                    match self
+                        .decoder
+                        .decode_insert(insert.relation, &insert.new, self.commit_lsn)
+                    {
+                        Ok(decoded) => decoded,
+                        // A bad value in one row: dead-letter that row, keep streaming.
+                        Err(source @ EventError::Column { .. }) => {
+                            let (id, position) =
+                                self.decoder.identify(insert.relation, &insert.new);
+                            return Ok(Some(Item::Undecodable(Box::new(Undecodable {
+                                // Stable across redeliveries, so a replay updates the same row.
+                                event_id: id.unwrap_or_else(|| {
+                                    Uuid::from_u64_pair(self.commit_lsn.0, row_index)
+                                }),
+                                position: position.unwrap_or(0),
+                                commit_lsn: self.commit_lsn,
+                                error: source.to_string(),
+                            }))));
+                        }
+                        // The relation itself is unknown: the stream is not what we understand.
+                        Err(source) => {
+                            return Err(Error::Event {
+                                commit_lsn: self.commit_lsn,
+                                source,
+                            })
+                        }
+                    };
+                match decoded {
                     Decoded::Event(event) => Ok(Some(Item::Event(event))),
                     Decoded::NotAnEvent(table) => {
                         if self.warned_relations.insert(insert.relation) {

@@ -58,3 +58,193 @@ impl Handler for StdoutSink {
         .map_err(|e| HandlerError::definite("cannot write to standard output").with_source(e))
     }
 }
+
+/// Calls a SQL function `f(event jsonb)` for each event, **exactly once**: the call and the
+/// handler's own position (row `<subscription>/<handler>` of `domain_events.subscription`: the
+/// commit LSN and position of the last event applied) commit in one transaction, and an event at
+/// or before that position is skipped. Redelivery after a crash therefore never applies an event
+/// twice, and an event whose transaction rolled back is delivered again.
+///
+/// Stream order must be total for the position to be meaningful: use it with one worker (the
+/// configuration refuses `workers > 1` with a `sql` handler). A redriven event (commit LSN 0/0)
+/// is applied in the transaction that deletes its dead letter, so a redrive is exactly-once too.
+pub struct SqlHandler {
+    db: crate::config::DatabaseConfig,
+    /// `"schema"."function"`, quoted.
+    function: String,
+    handler: String,
+    subscription: String,
+    /// The connection and the task driving it (it ends when the client is dropped).
+    client: tokio::sync::Mutex<Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>>,
+}
+
+/// Why a `sql` handler's function name is not usable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid function {0:?}: use schema.function (unquoted identifiers)")]
+pub struct FunctionNameError(String);
+
+/// Quotes `schema.function` for SQL, refusing anything but two plain identifiers.
+pub fn quote_function(name: &str) -> Result<String, FunctionNameError> {
+    let valid = |part: &str| {
+        part.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && part.len() <= 63
+            && part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+    };
+    match name.split_once('.') {
+        Some((schema, function)) if valid(schema) && valid(function) => {
+            Ok(format!("\"{schema}\".\"{function}\""))
+        }
+        _ => Err(FunctionNameError(name.to_string())),
+    }
+}
+
+impl SqlHandler {
+    /// A handler named `handler` of subscription `subscription` calling `function`
+    /// (`schema.function`) over its own connection to `db` (opened on first use).
+    pub fn new(
+        db: crate::config::DatabaseConfig,
+        function: &str,
+        handler: impl Into<String>,
+        subscription: impl Into<String>,
+    ) -> Result<SqlHandler, FunctionNameError> {
+        Ok(SqlHandler {
+            db,
+            function: quote_function(function)?,
+            handler: handler.into(),
+            subscription: subscription.into(),
+            client: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The name of the row holding this handler's position.
+    pub fn position_row(&self) -> String {
+        format!("{}/{}", self.subscription, self.handler)
+    }
+
+    async fn apply(
+        &self,
+        client: &mut tokio_postgres::Client,
+        event: &Event,
+        json: &str,
+    ) -> Result<(), tokio_postgres::Error> {
+        let row_name = self.position_row();
+        let call = format!("SELECT {}($1::text::jsonb)", self.function);
+        let tx = client.transaction().await?;
+        if event.commit_lsn == crate::lsn::Lsn::ZERO {
+            // A redrive: applied together with the removal of its dead letter, so that a crash
+            // before the listener records the success cannot apply it twice.
+            let deleted = tx
+                .execute(
+                    "DELETE FROM domain_events.dead_letter \
+                     WHERE subscription = $1 AND handler = $2 AND event_id = $3",
+                    &[&self.subscription, &self.handler, &event.id],
+                )
+                .await?;
+            if deleted == 0 {
+                // Already redriven by a run that crashed before saying so; or an undecodable
+                // row redriven to every handler, which this one never saw.
+                let decode: bool = tx
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM domain_events.dead_letter \
+                         WHERE subscription = $1 AND handler = $2 AND event_id = $3)",
+                        &[
+                            &self.subscription,
+                            &crate::dead_letter::DECODE_HANDLER,
+                            &event.id,
+                        ],
+                    )
+                    .await?
+                    .get(0);
+                if !decode {
+                    return tx.rollback().await;
+                }
+            }
+            tx.execute(&call, &[&json]).await?;
+            return tx.commit().await;
+        }
+        let row = tx
+            .query_one(
+                "SELECT lsn::text, position FROM domain_events.subscription \
+                 WHERE name = $1 FOR UPDATE",
+                &[&row_name],
+            )
+            .await?;
+        let applied_lsn: crate::lsn::Lsn = row
+            .get::<_, Option<String>>(0)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_default();
+        let applied_position: i64 = row.get(1);
+        if (event.commit_lsn, event.position) <= (applied_lsn, applied_position) {
+            tracing::debug!(handler = %self.handler, event_id = %event.id, "already applied; skipping");
+            return tx.rollback().await;
+        }
+        tx.execute(&call, &[&json]).await?;
+        tx.execute(
+            "UPDATE domain_events.subscription \
+             SET lsn = $2::text::pg_lsn, position = $3, updated_at = now() WHERE name = $1",
+            &[&row_name, &event.commit_lsn.to_string(), &event.position],
+        )
+        .await?;
+        tx.commit().await
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for SqlHandler {
+    async fn handle(&self, event: &Event) -> Result<(), HandlerError> {
+        let json = serde_json::to_string(event).map_err(|e| {
+            HandlerError::definite("cannot serialize the event as JSON").with_source(e)
+        })?;
+        let mut guard = self.client.lock().await;
+        let (client, _) = match &mut *guard {
+            Some(connected) => connected,
+            None => {
+                let (client, connection) = crate::subscription::connect(&self.db)
+                    .await
+                    .map_err(|e| sql_failure(e.is_transient(), "cannot connect", e))?;
+                client
+                    .execute(
+                        "INSERT INTO domain_events.subscription (name, mode, position, lsn) \
+                         VALUES ($1, 'replication', 0, '0/0') ON CONFLICT (name) DO NOTHING",
+                        &[&self.position_row()],
+                    )
+                    .await
+                    .map_err(|e| {
+                        let err =
+                            crate::error::Error::sql("creating the handler's position row")(e);
+                        sql_failure(err.is_transient(), "cannot create the position row", err)
+                    })?;
+                guard.insert((client, connection))
+            }
+        };
+        match self.apply(client, event, &json).await {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                if err.is_closed() || err.code().is_none() {
+                    // The connection is gone (or unusable): reconnect on the next attempt.
+                    *guard = None;
+                }
+                let err = crate::error::Error::sql("calling the sql handler's function")(err);
+                let transient = err.is_transient();
+                Err(sql_failure(transient, "the function failed", err))
+            }
+        }
+    }
+}
+
+fn sql_failure(
+    transient: bool,
+    message: &str,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+) -> HandlerError {
+    let error = if transient {
+        HandlerError::transient(message)
+    } else {
+        HandlerError::definite(message)
+    };
+    error.with_source(source)
+}

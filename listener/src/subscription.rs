@@ -5,6 +5,8 @@
 //! (it may fall back and re-send the last transactions), so the listener also stores the end LSN of
 //! the last fully handled transaction in its subscription row and starts replication from there.
 
+use std::sync::Arc;
+
 use tokio::task::JoinHandle;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls};
@@ -77,13 +79,13 @@ where
 
 /// Reads and writes one subscription row.
 pub struct SubscriptionStore {
-    client: Client,
+    client: Arc<Client>,
     name: String,
 }
 
 impl SubscriptionStore {
     /// A store for row `name` over `client`.
-    pub fn new(client: Client, name: impl Into<String>) -> SubscriptionStore {
+    pub fn new(client: Arc<Client>, name: impl Into<String>) -> SubscriptionStore {
         SubscriptionStore {
             client,
             name: name.into(),

@@ -52,6 +52,8 @@ pub fn config_for(db: &TestDb, name: &str) -> Config {
         max_attempts: 3,
         initial_backoff_ms: 10,
         max_backoff_ms: 100,
+        on_failure: listener::OnFailure::DeadLetter,
+        function: None,
     }];
     config
 }
@@ -134,8 +136,13 @@ pub struct InProcess {
 impl InProcess {
     /// Starts a listener with `config` (its handler list is replaced by one collector for `"*"`).
     pub fn start(config: Config) -> InProcess {
+        InProcess::start_with(config, Registry::new())
+    }
+
+    /// Starts a listener with `config` delivering to `registry`'s handlers plus, last, a
+    /// collector (named `collector`) for `"*"`.
+    pub fn start_with(config: Config, mut registry: Registry) -> InProcess {
         let collector = Collector::default();
-        let mut registry = Registry::new();
         registry.register(
             "collector",
             [Filter::All],
@@ -309,6 +316,21 @@ pub fn listener_binary() -> PathBuf {
     path
 }
 
+/// Runs `listener <args…> --config <config>` to completion (a one-shot subcommand such as
+/// `dead-letters list`) and returns its output.
+pub fn run_cli(args: &[&str], config: &TempFile) -> std::process::Output {
+    Command::new(listener_binary())
+        .args(args)
+        .arg("--config")
+        .arg(&config.0)
+        .env_remove("RUST_LOG")
+        .env_remove("PGPASSWORD")
+        .env_remove("PGDE_PASSWORD")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the listener binary")
+}
+
 /// The `listener` binary running as a child process, stdout and stderr captured to files.
 pub struct ListenerProcess {
     child: Child,
@@ -433,6 +455,68 @@ impl Drop for ListenerProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// Dead letters of `subscription` as `(handler, event_id, position, attempts, error)`, by position
+/// then handler.
+pub async fn dead_letters(
+    client: &Client,
+    subscription: &str,
+) -> Vec<(String, uuid::Uuid, i64, i32, String)> {
+    client
+        .query(
+            "SELECT handler, event_id, position, attempts, error FROM domain_events.dead_letter \
+             WHERE subscription = $1 ORDER BY position, handler",
+            &[&subscription],
+        )
+        .await
+        .expect("read dead letters")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect()
+}
+
+/// Waits until `subscription` has at least `n` dead letters; panics after `timeout`.
+pub async fn wait_dead_letters(
+    client: &Client,
+    subscription: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<(String, uuid::Uuid, i64, i32, String)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let letters = dead_letters(client, subscription).await;
+        if letters.len() >= n {
+            return letters;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {n} dead letters; got {letters:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until slot `name` confirmed a position beyond `lsn`; panics after `timeout`.
+pub async fn wait_confirmed_past(
+    client: &Client,
+    name: &str,
+    lsn: listener::Lsn,
+    timeout: Duration,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (confirmed, _) = slot_positions(client, name).await;
+        let confirmed: listener::Lsn = confirmed.parse().expect("lsn");
+        if confirmed > lsn {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slot {name} confirmed only {confirmed}, not past {lsn}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -888,3 +888,801 @@ async fn verify_full_streams_over_tls_and_refuses_an_unknown_ca() {
     );
     listener.stop().await.expect("clean stop");
 }
+
+/// Raises `(aggregate_id, event_type)` events of aggregate type `Loan` in one transaction;
+/// returns their ids.
+async fn raise_types(
+    client: &impl tokio_postgres::GenericClient,
+    events: &[(&str, &str)],
+) -> Vec<Uuid> {
+    let batch = Value::Array(
+        events
+            .iter()
+            .map(|(id, event_type)| {
+                json!({"aggregate_type": "Loan", "aggregate_id": id, "event_type": event_type,
+                       "payload": {"secret": "not for logs"}})
+            })
+            .collect(),
+    );
+    client
+        .query("SELECT id FROM domain_events.raise_events($1)", &[&batch])
+        .await
+        .expect("raise_events")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Fails transiently on `Loan.Rejected`, definitely on `Loan.Refused`, panics on
+/// `Loan.Exploded`; records what it handled.
+#[derive(Clone, Default)]
+struct Picky {
+    handled: std::sync::Arc<std::sync::Mutex<Vec<Uuid>>>,
+}
+
+#[async_trait::async_trait]
+impl listener::Handler for Picky {
+    async fn handle(&self, event: &Event) -> Result<(), listener::HandlerError> {
+        match event.event_type.as_str() {
+            "Loan.Rejected" => Err(listener::HandlerError::transient("downstream unavailable")),
+            "Loan.Refused" => Err(listener::HandlerError::definite("invalid for this handler")),
+            "Loan.Exploded" => panic!("bug in the handler"),
+            _ => {
+                self.handled.lock().expect("lock").push(event.id);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_events_are_dead_lettered_and_the_slot_moves_past_them() {
+    let db = TestDb::new().await;
+    let name = unique_name("dead");
+    let _slot = SlotGuard(name.clone());
+    let picky = Picky::default();
+    let mut registry = listener::Registry::new();
+    registry.register(
+        "picky",
+        [listener::Filter::All],
+        listener::RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(20),
+        },
+        picky.clone(),
+    );
+    let listener = InProcess::start_with(config_for(&db, &name), registry);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+
+    let t1 = raise_types(
+        &db.client,
+        &[
+            ("1", "Loan.Funded"),
+            ("2", "Loan.Rejected"),
+            ("3", "Loan.Funded"),
+        ],
+    )
+    .await;
+    let t2 = raise_types(&db.client, &[("4", "Loan.Exploded"), ("5", "Loan.Refused")]).await;
+    let t3 = raise_types(&db.client, &[("6", "Loan.Funded")]).await;
+
+    // Every event reaches the other handler, and the stream went past the failures.
+    listener
+        .collector
+        .wait_for(6, Duration::from_secs(60))
+        .await;
+    let last_commit = listener
+        .collector
+        .events()
+        .last()
+        .expect("events")
+        .commit_lsn;
+    wait_confirmed_past(&db.client, &name, last_commit, Duration::from_secs(30)).await;
+    assert_eq!(
+        *picky.handled.lock().unwrap(),
+        [t1[0], t1[2], t3[0]],
+        "the failing handler handled the other events in order"
+    );
+
+    let letters = dead_letters(&db.client, &name).await;
+    let positions: HashMap<Uuid, i64> = db
+        .client
+        .query("SELECT id, position FROM domain_events.event", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let summary: Vec<(&str, Uuid, i64, i32)> = letters
+        .iter()
+        .map(|(h, id, pos, attempts, _)| (h.as_str(), *id, *pos, *attempts))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("picky", t1[1], positions[&t1[1]], 3),
+            ("picky", t2[0], positions[&t2[0]], 1),
+            ("picky", t2[1], positions[&t2[1]], 1),
+        ],
+        "transient failures use every attempt; definite ones and panics one"
+    );
+    assert!(
+        letters[0].4.contains("downstream unavailable"),
+        "{letters:?}"
+    );
+    assert!(
+        letters[1]
+            .4
+            .contains("handler panicked: bug in the handler"),
+        "{letters:?}"
+    );
+    assert!(
+        letters[2].4.contains("invalid for this handler"),
+        "{letters:?}"
+    );
+    let times_ordered: bool = db
+        .client
+        .query_one(
+            "SELECT bool_and(first_failed_at <= last_failed_at) FROM domain_events.dead_letter",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(times_ordered);
+
+    // A restart does not deliver the dead-lettered transactions again.
+    listener.stop().await.expect("clean stop");
+    let again = InProcess::start(config_for(&db, &name));
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    let t4 = raise_types(&db.client, &[("7", "Loan.Funded")]).await;
+    again.collector.wait_for(1, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ids: Vec<Uuid> = again.collector.events().iter().map(|e| e.id).collect();
+    assert_eq!(ids, t4);
+    again.stop().await.expect("clean stop");
+    assert_eq!(dead_letters(&db.client, &name).await.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_dead_letters_an_undecodable_row_and_the_slot_moves_on() {
+    let db = TestDb::new().await;
+    let name = unique_name("undec");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.replication.redrive_interval_ms = 200;
+    let config = write_config(&config);
+    let mut process = ListenerProcess::spawn(&config, &[]);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+
+    // A row written around raise_event with a value the listener cannot represent (an infinite
+    // timestamp), between two good events of the same transaction, then a later transaction.
+    let mut client = db.connect().await;
+    let tx = client.transaction().await.unwrap();
+    let first = raise_types(&tx, &[("1", "Loan.Funded")]).await;
+    let bad: Uuid = tx
+        .query_one(
+            "INSERT INTO domain_events.event \
+                (id, aggregate_type, aggregate_id, aggregate_version, event_type, occurred_at) \
+             VALUES (gen_random_uuid(), 'Loan', 'bad', 1, 'Loan.Funded', 'infinity') \
+             RETURNING id",
+            &[],
+        )
+        .await
+        .expect("direct insert")
+        .get(0);
+    let second = raise_types(&tx, &[("2", "Loan.Funded")]).await;
+    tx.commit().await.unwrap();
+    let third = raise_types(&client, &[("3", "Loan.Funded")]).await;
+
+    let lines = process.wait_lines(3, Duration::from_secs(60)).await;
+    let ids: Vec<Uuid> = lines.iter().map(line_id).collect();
+    assert_eq!(ids, [first[0], second[0], third[0]]);
+    let letters = wait_dead_letters(&db.client, &name, 1, Duration::from_secs(30)).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let (handler, event_id, position, attempts, error) = &letters[0];
+    assert_eq!(handler, "decode");
+    assert_eq!(*event_id, bad);
+    let bad_position: i64 = db
+        .client
+        .query_one(
+            "SELECT position FROM domain_events.event WHERE id = $1",
+            &[&bad],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(*position, bad_position);
+    assert_eq!(*attempts, 1);
+    assert!(error.contains("occurred_at"), "{error}");
+    wait_confirmed_past(
+        &db.client,
+        &name,
+        line_lsn(&lines[2]),
+        Duration::from_secs(30),
+    )
+    .await;
+
+    process.terminate();
+    let status = process
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("exits after SIGTERM");
+    let logs = process.stderr();
+    assert!(status.success(), "exit status {status}; logs:\n{logs}");
+    assert!(
+        !logs.contains("not for logs"),
+        "a payload was logged:\n{logs}"
+    );
+    assert!(logs.contains("dead-lettering"), "{logs}");
+
+    // Its redrive cannot load the row either: the failure is recorded and the request cleared,
+    // and the listener keeps running.
+    let mut process = ListenerProcess::spawn(&config, &[]);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    let out = run_cli(&["dead-letters", "redrive"], &config);
+    assert!(out.status.success(), "{out:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = db
+            .client
+            .query_one(
+                "SELECT redrive_requested_at IS NULL, error, attempts FROM domain_events.dead_letter",
+                &[],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, bool>(0) {
+            let error: String = row.get(1);
+            assert!(error.starts_with("cannot load the event"), "{error}");
+            assert_eq!(row.get::<_, i32>(2), 1);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redrive not attempted; logs:\n{}",
+            process.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fourth = raise_types(&client, &[("4", "Loan.Funded")]).await;
+    let lines = process.wait_lines(1, Duration::from_secs(30)).await;
+    assert_eq!(line_id(&lines[0]), fourth[0]);
+    process.terminate();
+    let status = process
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("exits");
+    assert!(status.success(), "{}", process.stderr());
+}
+
+/// Fails (definitely) on `Loan.Rejected` while `broken`; records what it handled.
+#[derive(Clone, Default)]
+struct Switchable {
+    broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handled: std::sync::Arc<std::sync::Mutex<Vec<Uuid>>>,
+}
+
+#[async_trait::async_trait]
+impl listener::Handler for Switchable {
+    async fn handle(&self, event: &Event) -> Result<(), listener::HandlerError> {
+        if event.event_type == "Loan.Rejected"
+            && self.broken.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(listener::HandlerError::definite("still broken"));
+        }
+        self.handled.lock().expect("lock").push(event.id);
+        Ok(())
+    }
+}
+
+impl Switchable {
+    fn set_broken(&self, broken: bool) {
+        self.broken
+            .store(broken, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn registry(&self) -> listener::Registry {
+        let mut registry = listener::Registry::new();
+        registry.register(
+            "flaky",
+            [listener::Filter::All],
+            listener::RetryPolicy {
+                max_attempts: 2,
+                initial_backoff: Duration::from_millis(5),
+                max_backoff: Duration::from_millis(10),
+            },
+            self.clone(),
+        );
+        registry
+    }
+}
+
+/// `(attempts, error, redrive requested)` of the dead letter of `event_id`, if any.
+async fn dead_letter_state(
+    client: &tokio_postgres::Client,
+    event_id: Uuid,
+) -> Option<(i32, String, bool)> {
+    client
+        .query_opt(
+            "SELECT attempts, error, redrive_requested_at IS NOT NULL \
+             FROM domain_events.dead_letter WHERE event_id = $1",
+            &[&event_id],
+        )
+        .await
+        .expect("read dead letter")
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+}
+
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    while !done().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_redriven_from_sql_and_the_cli_while_streaming_and_at_start() {
+    let db = TestDb::new().await;
+    let name = unique_name("redrive");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.replication.redrive_interval_ms = 200;
+    let file = write_config(&config);
+    let handler = Switchable::default();
+    handler.set_broken(true);
+    let listener = InProcess::start_with(config.clone(), handler.registry());
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+
+    let t1 = raise_types(&db.client, &[("1", "Loan.Rejected"), ("2", "Loan.Funded")]).await;
+    let t2 = raise_types(&db.client, &[("3", "Loan.Rejected")]).await;
+    listener
+        .collector
+        .wait_for(3, Duration::from_secs(60))
+        .await;
+    wait_dead_letters(&db.client, &name, 2, Duration::from_secs(30)).await;
+
+    // The CLI lists them.
+    let out = run_cli(&["dead-letters", "list"], &file);
+    assert!(out.status.success(), "{out:?}");
+    let table = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("position\tevent_id\thandler\tattempts"),
+        "{table}"
+    );
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(
+        lines[1].contains(&t1[0].to_string()) && lines[1].contains("\tflaky\t1\t"),
+        "{table}"
+    );
+    assert!(
+        lines[2].contains(&t2[0].to_string()) && lines[2].contains("still broken"),
+        "{table}"
+    );
+
+    // A redrive that fails again: attempts add up, the request is cleared, the row stays.
+    let out = run_cli(
+        &["dead-letters", "redrive", "--event-id", &t1[0].to_string()],
+        &file,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("requested redelivery of 1 dead letter"));
+    wait_until(
+        "the failed redrive is recorded",
+        Duration::from_secs(30),
+        || async {
+            dead_letter_state(&db.client, t1[0]).await == Some((2, "still broken".into(), false))
+        },
+    )
+    .await;
+    assert_eq!(
+        dead_letter_state(&db.client, t2[0]).await,
+        Some((1, "still broken".into(), false)),
+        "only the requested event was redriven"
+    );
+    // An event without a dead letter: the CLI says so.
+    let out = run_cli(
+        &["dead-letters", "redrive", "--event-id", &t1[1].to_string()],
+        &file,
+    );
+    assert!(!out.status.success(), "{out:?}");
+
+    // Fixed: a redrive of everything delivers both and removes the rows.
+    handler.set_broken(false);
+    let requested: i32 = db
+        .client
+        .query_one("SELECT domain_events.redrive($1)", &[&name])
+        .await
+        .expect("redrive()")
+        .get(0);
+    assert_eq!(requested, 2);
+    wait_until(
+        "the dead letters are gone",
+        Duration::from_secs(30),
+        || async { dead_letters(&db.client, &name).await.is_empty() },
+    )
+    .await;
+    {
+        let handled = handler.handled.lock().unwrap().clone();
+        assert_eq!(handled, [t1[1], t1[0], t2[0]], "redriven in position order");
+    }
+
+    // Requested while no listener runs: picked up when one starts.
+    handler.set_broken(true);
+    let t3 = raise_types(&db.client, &[("4", "Loan.Rejected")]).await;
+    wait_dead_letters(&db.client, &name, 1, Duration::from_secs(30)).await;
+    listener.stop().await.expect("clean stop");
+    handler.set_broken(false);
+    let out = run_cli(&["dead-letters", "redrive"], &file);
+    assert!(out.status.success(), "{out:?}");
+    config.replication.redrive_interval_ms = 600_000;
+    let again = InProcess::start_with(config, handler.registry());
+    wait_until(
+        "the dead letter is redriven at start",
+        Duration::from_secs(60),
+        || async { dead_letters(&db.client, &name).await.is_empty() },
+    )
+    .await;
+    assert_eq!(handler.handled.lock().unwrap().last(), Some(&t3[0]));
+    again.stop().await.expect("clean stop");
+}
+
+/// Sleeps a random 0–2 ms per event; records every `(aggregate_id, version, id)` in call order
+/// and the most calls seen running at once.
+#[derive(Clone, Default)]
+struct Sleepy {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, i64, Uuid)>>>,
+    running: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    most: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl listener::Handler for Sleepy {
+    async fn handle(&self, event: &Event) -> Result<(), listener::HandlerError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.running.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        let delay = (Uuid::new_v4().as_u128() % 2_000) as u64;
+        tokio::time::sleep(Duration::from_micros(delay)).await;
+        self.seen.lock().expect("lock").push((
+            event.aggregate_id.clone(),
+            event.aggregate_version,
+            event.id,
+        ));
+        self.running.fetch_sub(1, SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_keep_per_aggregate_order_and_deliver_every_event_once_on_the_slot() {
+    const AGGREGATES: usize = 200;
+    const VERSIONS: usize = 50;
+    let db = TestDb::new().await;
+    let name = unique_name("workers");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.replication.workers = 8;
+    let sleepy = Sleepy::default();
+    let mut registry = listener::Registry::new();
+    registry.register(
+        "sleepy",
+        [listener::Filter::All],
+        listener::RetryPolicy::default(),
+        sleepy.clone(),
+    );
+    let listener = InProcess::start_with(config, registry);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+
+    // Each transaction carries 20 aggregates' next event; every aggregate gets 50 versions.
+    for version in 0..VERSIONS {
+        for chunk in (0..AGGREGATES).collect::<Vec<_>>().chunks(20) {
+            let batch = Value::Array(
+                chunk
+                    .iter()
+                    .map(|a| {
+                        json!({"aggregate_type": "Loan", "aggregate_id": format!("loan-{a}"),
+                               "event_type": "Loan.Changed", "payload": {"v": version}})
+                    })
+                    .collect(),
+            );
+            db.client
+                .query("SELECT 1 FROM domain_events.raise_events($1)", &[&batch])
+                .await
+                .expect("raise_events");
+        }
+    }
+    let total = AGGREGATES * VERSIONS;
+    listener
+        .collector
+        .wait_for(total, Duration::from_secs(300))
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while sleepy.seen.lock().unwrap().len() < total {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the workers handled {} of {total}",
+            sleepy.seen.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let last_commit = listener
+        .collector
+        .events()
+        .iter()
+        .map(|e| e.commit_lsn)
+        .max()
+        .expect("events");
+    wait_confirmed_past(&db.client, &name, last_commit, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let seen = sleepy.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), total, "more calls than events");
+    let ids: HashSet<Uuid> = seen.iter().map(|(_, _, id)| *id).collect();
+    assert_eq!(ids.len(), total, "an event was handled twice");
+    let stored: HashSet<Uuid> = stored_events(&db).await.into_keys().collect();
+    assert_eq!(ids, stored, "exactly the stored events");
+    let mut per_aggregate: HashMap<&str, Vec<i64>> = HashMap::new();
+    for (aggregate, version, _) in &seen {
+        per_aggregate.entry(aggregate).or_default().push(*version);
+    }
+    assert_eq!(per_aggregate.len(), AGGREGATES);
+    for (aggregate, versions) in &per_aggregate {
+        assert!(
+            versions.windows(2).all(|w| w[0] < w[1]),
+            "{aggregate} observed out of order: {versions:?}"
+        );
+        assert_eq!(versions.len(), VERSIONS);
+    }
+    let most = sleepy.most.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(most > 1, "never more than one call at a time: not parallel");
+    eprintln!("at most {most} handler calls at once");
+    listener.stop().await.expect("clean stop");
+}
+
+async fn rows(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM payment_schedule", &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sql_handler_creates_each_schedule_exactly_once_across_kills() {
+    const LOANS: usize = 600;
+    let db = TestDb::new().await;
+    let name = unique_name("sqlonce");
+    let _slot = SlotGuard(name.clone());
+    // No unique key: a second application of an event would show as 24 rows.
+    db.client
+        .batch_execute(
+            "CREATE TABLE payment_schedule ( \
+                loan_id text NOT NULL, n int NOT NULL, due_on date NOT NULL, amount numeric NOT NULL); \
+             CREATE FUNCTION public.create_schedule(event jsonb) RETURNS void LANGUAGE plpgsql AS $$ \
+             BEGIN \
+                 PERFORM pg_sleep(0.003); \
+                 INSERT INTO payment_schedule \
+                 SELECT event->>'aggregate_id', n, \
+                        ((event->>'occurred_at')::timestamptz + n * interval '1 month')::date, \
+                        round((event->'payload'->>'amount')::numeric / 12, 2) \
+                   FROM generate_series(1, 12) n; \
+             END $$;",
+        )
+        .await
+        .expect("app schema");
+    let mut config = config_for(&db, &name);
+    config.log.level = "info,listener::sink=debug".into();
+    config.handlers[0].kind = listener::config::HandlerKind::Sql;
+    config.handlers[0].name = Some("schedule".into());
+    config.handlers[0].events = vec!["Loan.Funded".into()];
+    config.handlers[0].function = Some("public.create_schedule".into());
+    let file = write_config(&config);
+
+    let mut runs = vec![ListenerProcess::spawn(&file, &[])];
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    let dsn = db.dsn.clone();
+    let writer = tokio::spawn(async move {
+        let client = e2e::connect(&dsn).await;
+        for txn in 0..LOANS / 3 {
+            let events: Vec<(String, &str)> = (0..3)
+                .flat_map(|i| {
+                    let loan = format!("loan-{}", txn * 3 + i);
+                    [(loan.clone(), "Loan.Funded"), (loan, "Loan.Approved")]
+                })
+                .collect();
+            let batch = Value::Array(
+                events
+                    .iter()
+                    .map(|(id, t)| {
+                        json!({"aggregate_type": "Loan", "aggregate_id": id, "event_type": t,
+                               "payload": {"amount": 120000}})
+                    })
+                    .collect(),
+            );
+            client
+                .query("SELECT 1 FROM domain_events.raise_events($1)", &[&batch])
+                .await
+                .expect("raise_events");
+        }
+    });
+
+    // Kill mid-work five times: each time once the current run has applied some events.
+    for round in 0..5 {
+        let start = rows(&db.client).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while rows(&db.client).await < start + 12 * 20 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "run {round} makes no progress; logs:\n{}",
+                runs.last().unwrap().stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let pause = (Uuid::new_v4().as_u128() % 100) as u64;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        runs.last_mut().unwrap().kill9();
+        runs.push(ListenerProcess::spawn(&file, &[]));
+    }
+    writer.await.expect("writer");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let loans: i64 = db
+            .client
+            .query_one("SELECT count(DISTINCT loan_id) FROM payment_schedule", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if loans == LOANS as i64 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{loans} of {LOANS} schedules; logs:\n{}",
+            runs.last().unwrap().stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let the last run go on for a moment: nothing more may be applied.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let last = runs.last_mut().unwrap();
+    last.terminate();
+    let status = last
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("exits");
+    assert!(status.success(), "{}", last.stderr());
+
+    let wrong: Vec<(String, i64)> = db
+        .client
+        .query(
+            "SELECT loan_id, count(*) FROM payment_schedule GROUP BY loan_id HAVING count(*) <> 12",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "schedules not created exactly once: {wrong:?}"
+    );
+    assert_eq!(rows(&db.client).await, 12 * LOANS as i64);
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+    // The kills did land mid-stream: restarted runs were handed events already applied.
+    let skipped: usize = runs
+        .iter()
+        .map(|r| r.stderr().matches("already applied").count())
+        .sum();
+    eprintln!("{} runs, {skipped} redelivered events skipped", runs.len());
+    assert!(skipped > 0, "no run was handed an already applied event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_sql_handler_dead_letters_and_its_redrive_applies_once() {
+    let db = TestDb::new().await;
+    let name = unique_name("sqlredrive");
+    let _slot = SlotGuard(name.clone());
+    db.client
+        .batch_execute(
+            "CREATE TABLE payment_schedule ( \
+                loan_id text NOT NULL, n int NOT NULL, due_on date NOT NULL, amount numeric NOT NULL); \
+             CREATE FUNCTION public.create_schedule(event jsonb) RETURNS void LANGUAGE plpgsql AS $$ \
+             BEGIN \
+                 IF event->>'aggregate_id' = 'bad' THEN \
+                     RAISE EXCEPTION 'no terms for this loan'; \
+                 END IF; \
+                 INSERT INTO payment_schedule \
+                 SELECT event->>'aggregate_id', n, current_date, 1 FROM generate_series(1, 12) n; \
+             END $$;",
+        )
+        .await
+        .expect("app schema");
+    let mut config = config_for(&db, &name);
+    config.replication.redrive_interval_ms = 200;
+    config.handlers[0].kind = listener::config::HandlerKind::Sql;
+    config.handlers[0].name = Some("schedule".into());
+    config.handlers[0].function = Some("public.create_schedule".into());
+    let file = write_config(&config);
+    let mut process = ListenerProcess::spawn(&file, &[]);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+
+    let ids = raise_types(
+        &db.client,
+        &[
+            ("a", "Loan.Funded"),
+            ("bad", "Loan.Funded"),
+            ("c", "Loan.Funded"),
+        ],
+    )
+    .await;
+    let letters = wait_dead_letters(&db.client, &name, 1, Duration::from_secs(60)).await;
+    assert_eq!(letters[0].0, "schedule");
+    assert_eq!(letters[0].1, ids[1]);
+    assert_eq!(
+        letters[0].3, 1,
+        "a raised exception is definite: not retried"
+    );
+    assert!(
+        letters[0].4.contains("no terms for this loan"),
+        "{letters:?}"
+    );
+    wait_until(
+        "the other schedules exist",
+        Duration::from_secs(30),
+        || async { rows(&db.client).await == 24 },
+    )
+    .await;
+
+    // Fixed, then redriven: applied once, the dead letter removed in the same transaction.
+    db.client
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION public.create_schedule(event jsonb) RETURNS void \
+             LANGUAGE sql AS $$ INSERT INTO payment_schedule \
+             SELECT event->>'aggregate_id', n, current_date, 1 FROM generate_series(1, 12) n $$",
+        )
+        .await
+        .expect("fix");
+    let out = run_cli(&["dead-letters", "redrive"], &file);
+    assert!(out.status.success(), "{out:?}");
+    wait_until(
+        "the dead letter is redriven",
+        Duration::from_secs(30),
+        || async { dead_letters(&db.client, &name).await.is_empty() },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per_loan: Vec<(String, i64)> = db
+        .client
+        .query(
+            "SELECT loan_id, count(*) FROM payment_schedule GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        per_loan,
+        [("a".into(), 12), ("bad".into(), 12), ("c".into(), 12)]
+    );
+    process.terminate();
+    let status = process
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("exits");
+    assert!(status.success(), "{}", process.stderr());
+}
