@@ -29,6 +29,9 @@ enum Command {
     /// The listener: WAL → no-op handler throughput next to pg_recvlogical, and
     /// commit→handler latency at a fixed offered rate.
     Pipeline(pipeline::PipelineArgs),
+    /// The listener's ordered workers: the same backlog drained with 1, 4 and 16 workers, with a
+    /// no-op handler and a slow one.
+    Workers(pipeline::WorkersArgs),
 }
 
 #[tokio::main]
@@ -37,5 +40,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Store(args) => store::run(args).await,
         Command::Capture(args) => capture::run(args).await,
         Command::Pipeline(args) => pipeline::run(args).await,
+        Command::Workers(args) => pipeline::run_workers(args).await,
     }
 }

@@ -53,11 +53,13 @@ fn param(dsn: &str, key: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
-/// Counts events; with `latency`, records when each event arrived.
+/// Counts events; with `arrivals`, records when each event arrived; with `delay`, takes that
+/// long per event (a handler doing I/O).
 #[derive(Default)]
 struct Probe {
     count: AtomicU64,
     arrivals: Option<Mutex<Vec<(uuid::Uuid, Instant)>>>,
+    delay: Duration,
 }
 
 /// The registry owns its handlers; the benchmark keeps a second reference to read the counts.
@@ -66,6 +68,9 @@ struct Shared(Arc<Probe>);
 #[async_trait::async_trait]
 impl Handler for Shared {
     async fn handle(&self, event: &Event) -> Result<(), HandlerError> {
+        if !self.0.delay.is_zero() {
+            tokio::time::sleep(self.0.delay).await;
+        }
         self.0.count.fetch_add(1, Ordering::Relaxed);
         if let Some(arrivals) = &self.0.arrivals {
             arrivals
@@ -232,8 +237,8 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
 
     // 4. Latency at a fixed offered rate.
     let probe = Arc::new(Probe {
-        count: AtomicU64::new(0),
         arrivals: Some(Mutex::new(Vec::new())),
+        ..Probe::default()
     });
     let mut registry = Registry::new();
     registry.register(
@@ -309,6 +314,121 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
         .await
         .context("drop slot")?;
     drop(writer);
+    drop(db);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    admin
+        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
+        .await
+        .context("drop database")?;
+    Ok(())
+}
+
+/// Flags of `bench workers`.
+#[derive(clap::Args, Debug)]
+pub struct WorkersArgs {
+    /// Connection string of the cluster (a superuser); a throwaway database is created on it.
+    #[arg(
+        long,
+        env = "PGDE_BENCH_DSN",
+        default_value = "host=127.0.0.1 port=54329 user=postgres dbname=postgres"
+    )]
+    dsn: String,
+    /// Events in the backlog each configuration drains (over 1000 aggregates).
+    #[arg(long, default_value_t = 5_000)]
+    events: u64,
+    /// Handler delay of the slow configurations, in milliseconds.
+    #[arg(long, default_value_t = 1)]
+    delay_ms: u64,
+}
+
+/// Drains the same backlog with 1, 4 and 16 workers, with a no-op handler and with one that
+/// takes `delay_ms` per event, and prints events/s for each.
+pub async fn run_workers(a: WorkersArgs) -> anyhow::Result<()> {
+    let dbname = format!("pgde_bench_workers_{}", std::process::id());
+    let admin = connect(&dsn_for(&a.dsn, "postgres")).await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {dbname}"))
+        .await
+        .context("create database")?;
+    let db = connect(&dsn_for(&a.dsn, &dbname)).await?;
+    for sql in [
+        "CREATE EXTENSION pg_domain_events",
+        "CREATE PUBLICATION bench FOR TABLE domain_events.event \
+         WITH (publish_via_partition_root = true, publish = 'insert')",
+    ] {
+        db.batch_execute(sql).await.context("setup")?;
+    }
+    let delays = [Duration::ZERO, Duration::from_millis(a.delay_ms)];
+    let mut runs = Vec::new();
+    for delay in delays {
+        for workers in [1usize, 4, 16] {
+            let slot = format!("bench_w{workers}_d{}", delay.as_millis());
+            // Slots first, all before the writes, so each run drains exactly the same WAL.
+            db.execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await
+            .context("create slot")?;
+            runs.push((workers, delay, slot));
+        }
+    }
+    let mut written = 0;
+    while written < a.events {
+        let size = (a.events - written).min(1000) as usize;
+        db.query(
+            "SELECT 1 FROM domain_events.raise_events($1)",
+            &[&batch(size, written)],
+        )
+        .await
+        .context("raise_events")?;
+        written += size as u64;
+    }
+    println!(
+        "listener workers: {} events over 1000 aggregates, drained from the slot by each configuration",
+        a.events
+    );
+    println!("| workers | handler | events/s |");
+    println!("|---:|---|---:|");
+    for (workers, delay, slot) in &runs {
+        let probe = Arc::new(Probe {
+            delay: *delay,
+            ..Probe::default()
+        });
+        let mut registry = Registry::new();
+        registry.register(
+            "probe",
+            [Filter::All],
+            RetryPolicy::default(),
+            Shared(probe.clone()),
+        );
+        let mut config = listener_config(&a.dsn, &dbname, slot);
+        config.replication.workers = *workers;
+        let listener = Listener::new(config, registry);
+        let cancel = CancellationToken::new();
+        let token = cancel.clone();
+        let started = Instant::now();
+        let task = tokio::spawn(async move { listener.run(token).await });
+        while probe.count.load(Ordering::Relaxed) < a.events {
+            anyhow::ensure!(!task.is_finished(), "the listener stopped early");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let elapsed = started.elapsed();
+        cancel.cancel();
+        task.await??;
+        let handler = if delay.is_zero() {
+            "no-op".to_string()
+        } else {
+            format!("{} ms per event", delay.as_millis())
+        };
+        println!(
+            "| {workers} | {handler} | {:.0} |",
+            a.events as f64 / elapsed.as_secs_f64()
+        );
+        db.execute("SELECT pg_drop_replication_slot($1)", &[slot])
+            .await
+            .context("drop slot")?;
+    }
     drop(db);
     tokio::time::sleep(Duration::from_millis(200)).await;
     admin
