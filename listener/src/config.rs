@@ -70,7 +70,7 @@ pub struct DatabaseConfig {
     pub host: String,
     /// TCP port.
     pub port: u16,
-    /// Role; needs the `REPLICATION` attribute and `domain_events_listener`.
+    /// Role; needs `domain_events_listener`, and the `REPLICATION` attribute in replication mode.
     pub user: String,
     /// Database where the extension is installed.
     pub dbname: String,
@@ -123,6 +123,15 @@ impl Default for DatabaseConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReplicationConfig {
+    /// How committed events are followed: `replication` (a logical replication slot; needs the
+    /// `REPLICATION` attribute) or `notify` (`LISTEN domain_events` wake-ups plus polling of
+    /// `domain_events.event`; needs `domain_events_listener` only).
+    pub mode: Mode,
+    /// `mode = "notify"`: the longest wait between two polls when no notification arrives, in
+    /// milliseconds (the safety net for a lost or disabled `NOTIFY`).
+    pub poll_interval_ms: u64,
+    /// `mode = "notify"`: events read per query, handled and acknowledged as one poll batch.
+    pub poll_batch_size: i64,
     /// Logical replication slot (`pgoutput`); created when missing if `create_slot`.
     pub slot: String,
     /// Publication of `domain_events.event`; created when missing if `create_publication`.
@@ -163,6 +172,9 @@ pub struct ReplicationConfig {
 impl Default for ReplicationConfig {
     fn default() -> ReplicationConfig {
         ReplicationConfig {
+            mode: Mode::Replication,
+            poll_interval_ms: 1000,
+            poll_batch_size: 1000,
             slot: "pg_domain_events".into(),
             publication: "pg_domain_events".into(),
             subscription: None,
@@ -186,6 +198,27 @@ impl ReplicationConfig {
     /// The subscription row's name.
     pub fn subscription_name(&self) -> &str {
         self.subscription.as_deref().unwrap_or(&self.slot)
+    }
+}
+
+/// How the listener follows committed events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Logical replication (`pgoutput`) through a slot.
+    #[default]
+    Replication,
+    /// `LISTEN`/`NOTIFY` wake-ups and polling of the event table by snapshot transitions.
+    Notify,
+}
+
+impl Mode {
+    /// The value of `domain_events.subscription.mode`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Replication => "replication",
+            Mode::Notify => "notify",
+        }
     }
 }
 
@@ -423,6 +456,12 @@ impl Config {
             return Err(invalid(
                 Some("replication.server_timeout_secs".into()),
                 "must exceed status_interval_secs (replies are asked for at that interval)",
+            ));
+        }
+        if r.mode == Mode::Notify && (r.poll_interval_ms == 0 || r.poll_batch_size <= 0) {
+            return Err(invalid(
+                Some("replication".into()),
+                "poll_interval_ms and poll_batch_size must be positive",
             ));
         }
         if r.workers == 0 || r.workers > 1024 {
@@ -787,6 +826,29 @@ mod tests {
         }
         let block = load("[[handlers]]\nkind = \"stdout\"\non_failure = \"block\"\n").unwrap();
         assert_eq!(block.handlers[0].on_failure, OnFailure::Block);
+    }
+
+    #[test]
+    fn notify_mode_needs_positive_poll_settings() {
+        let load = |text: &str| {
+            let file = write(text);
+            Config::load(Some(&file.0), &[], &Overrides::default())
+        };
+        let ok =
+            load("[replication]\nmode = \"notify\"\n[[handlers]]\nkind = \"stdout\"\n").unwrap();
+        assert_eq!(ok.replication.mode, Mode::Notify);
+        assert_eq!(ok.replication.poll_interval_ms, 1000);
+        for text in [
+            "[replication]\nmode = \"notify\"\npoll_interval_ms = 0\n[[handlers]]\nkind = \"stdout\"\n",
+            "[replication]\nmode = \"notify\"\npoll_batch_size = 0\n[[handlers]]\nkind = \"stdout\"\n",
+        ] {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains("must be positive"), "{text}: {err}");
+        }
+        let err = load("[replication]\nmode = \"poll\"\n[[handlers]]\nkind = \"stdout\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mode"), "{err}");
     }
 
     #[test]

@@ -221,9 +221,7 @@ impl DeadLetterStore {
         event_id: Uuid,
         position: i64,
     ) -> Result<Result<Option<Event>, String>, Error> {
-        const COLUMNS: &str = "SELECT position, id, aggregate_type, aggregate_id, \
-            aggregate_version, event_type, event_version, payload::text, metadata::text, \
-            occurred_at, recorded_at, txid::text FROM domain_events.event";
+        const COLUMNS: &str = EVENT_COLUMNS;
         let row = if position > 0 {
             self.client
                 .query_opt(
@@ -279,8 +277,13 @@ impl DeadLetterStore {
     }
 }
 
-/// Builds an [`Event`] from a row of [`DeadLetterStore::load_event`]'s query.
-fn event_from_row(row: &tokio_postgres::Row) -> Result<Event, String> {
+/// The select list and table that [`event_from_row`] reads.
+pub(crate) const EVENT_COLUMNS: &str = "SELECT position, id, aggregate_type, aggregate_id, \
+    aggregate_version, event_type, event_version, payload::text, metadata::text, \
+    occurred_at, recorded_at, txid::text FROM domain_events.event";
+
+/// Builds an [`Event`] from a row of [`EVENT_COLUMNS`] (its `commit_lsn` is 0/0).
+pub(crate) fn event_from_row(row: &tokio_postgres::Row) -> Result<Event, String> {
     fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
         row: &'a tokio_postgres::Row,
         index: usize,

@@ -126,6 +126,14 @@ pub enum Error {
         /// What is wrong.
         problem: String,
     },
+    /// The subscription row cannot be used as configured (e.g. its mode differs).
+    #[error("subscription {name:?}: {problem}")]
+    Subscription {
+        /// Subscription name.
+        name: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// The server broke the replication protocol as we understand it.
     #[error("replication protocol violation: {0}")]
     Protocol(String),
@@ -208,6 +216,7 @@ impl Error {
             | Error::MissingExtension { .. }
             | Error::Publication { .. }
             | Error::Slot { .. }
+            | Error::Subscription { .. }
             | Error::Protocol(_)
             | Error::Decode { .. }
             | Error::Event { .. }

@@ -47,7 +47,9 @@ pub struct Event {
     /// `pg_current_xact_id()` of the raising transaction.
     pub txid: u64,
     /// Not a column: LSN of the commit record of the transaction that raised the event. Events of
-    /// one transaction share it; it grows in commit order, so it orders the stream.
+    /// one transaction share it; it grows in commit order, so it orders the stream. In notify mode
+    /// it is `0/N`, `N` the number of the snapshot transition that delivered the event (it orders
+    /// delivery the same way, but is no WAL position).
     pub commit_lsn: Lsn,
 }
 

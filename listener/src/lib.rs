@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod error;
 pub mod event;
 pub mod lsn;
+pub mod notify;
 pub mod pgoutput;
 pub mod publication;
 mod redrive;

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use crate::config::{Config, HandlerKind};
+use crate::config::{Config, HandlerKind, Mode};
 use crate::dead_letter::DeadLetterStore;
 use crate::dispatch::{jitter, Ack, Dispatcher, Item, Registry, Undecodable};
 use crate::error::{report, Error};
@@ -63,6 +63,7 @@ pub fn registry_from_config(config: &Config) -> Result<Registry, Error> {
                     origin: Some(format!("handler {}", handler.name())),
                     message: e.to_string(),
                 })?;
+                let sql = sql.with_mode(config.replication.mode);
                 registry.register_with(
                     handler.name(),
                     filters,
@@ -103,7 +104,11 @@ impl Listener {
                 return Ok(());
             }
             let mut streamed = false;
-            match self.session(&cancel, &mut streamed).await {
+            let session = match self.config.replication.mode {
+                Mode::Replication => self.session(&cancel, &mut streamed).await,
+                Mode::Notify => self.notify_session(&cancel, &mut streamed).await,
+            };
+            match session {
                 Ok(()) => return Ok(()),
                 Err(err) if err.is_transient() => {
                     if streamed {
@@ -279,6 +284,86 @@ impl Listener {
         // A handler failure explains a stream that stopped because the dispatcher went away.
         dispatched?;
         streamed_result
+    }
+}
+
+impl Listener {
+    /// A notify-mode session: one SQL connection that listens for wake-ups, polls the event table
+    /// by snapshot transitions (see [`crate::notify`]) and saves the position after each batch.
+    async fn notify_session(
+        &self,
+        cancel: &CancellationToken,
+        streamed: &mut bool,
+    ) -> Result<(), Error> {
+        let db = &self.config.database;
+        let r = &self.config.replication;
+        let (client, sql_task, notifications) = subscription::connect_listening(db).await?;
+        crate::publication::check_extension(&client, &db.dbname).await?;
+        client
+            .batch_execute(&format!("LISTEN {}", crate::notify::CHANNEL))
+            .await
+            .map_err(Error::sql("listening for notifications"))?;
+        let client = Arc::new(client);
+        let dead_letters = Arc::new(DeadLetterStore::new(
+            Arc::clone(&client),
+            r.subscription_name(),
+        ));
+        let store = crate::notify::NotifyStore::new(client, r.subscription_name());
+        let state = store.load_or_start().await?;
+        *streamed = true;
+        info!(
+            subscription = %r.subscription_name(),
+            transition = state.transition,
+            position = state.position,
+            poll_interval_ms = r.poll_interval_ms,
+            "polling (notify mode)"
+        );
+
+        let session_cancel = cancel.child_token();
+        let (items_tx, items_rx) = mpsc::channel(r.queue_capacity);
+        let (acks_tx, acks_rx) = watch::channel(Ack::default());
+        let mut dispatcher = Dispatcher::new(Arc::clone(&self.registry), dead_letters.clone())
+            .with_workers(r.workers);
+        let redriver = if r.redrive_interval_ms > 0 {
+            let (jobs_tx, jobs_rx) = mpsc::channel(1);
+            dispatcher = dispatcher.with_redrives(jobs_rx);
+            Some(tokio::spawn(crate::redrive::run(
+                DeadLetterStore::clone(&dead_letters),
+                jobs_tx,
+                Duration::from_millis(r.redrive_interval_ms),
+                session_cancel.clone(),
+            )))
+        } else {
+            None
+        };
+        drop(dead_letters);
+        let dispatcher: JoinHandle<Result<(), Error>> =
+            tokio::spawn(dispatcher.run(items_rx, acks_tx, session_cancel.clone()));
+        let poller = crate::notify::Poller {
+            store,
+            notifications,
+            items: items_tx,
+            acks: acks_rx,
+            poll_interval: Duration::from_millis(r.poll_interval_ms),
+            batch_size: r.poll_batch_size,
+        };
+        let polled = poller.run(state, session_cancel.clone()).await;
+        session_cancel.cancel();
+        let dispatched = dispatcher.await.unwrap_or_else(|e| {
+            Err(Error::Task {
+                task: "dispatcher",
+                reason: e.to_string(),
+            })
+        });
+        if let Some(redriver) = redriver {
+            if let Err(e) = redriver.await {
+                warn!(error = %e, "the redrive task failed");
+            }
+        }
+        let _ = sql_task.await;
+        // A handler failure explains a poller that stopped because the dispatcher went away.
+        dispatched?;
+        polled
     }
 }
 

@@ -74,6 +74,8 @@ pub struct SqlHandler {
     function: String,
     handler: String,
     subscription: String,
+    /// `mode` of the position row: the subscription's mode.
+    mode: crate::config::Mode,
     /// The connection and the task driving it (it ends when the client is dropped).
     client: tokio::sync::Mutex<Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>>,
 }
@@ -116,8 +118,15 @@ impl SqlHandler {
             function: quote_function(function)?,
             handler: handler.into(),
             subscription: subscription.into(),
+            mode: crate::config::Mode::Replication,
             client: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// Records the position row under `mode` (`replication` by default).
+    pub fn with_mode(mut self, mode: crate::config::Mode) -> SqlHandler {
+        self.mode = mode;
+        self
     }
 
     /// The name of the row holding this handler's position.
@@ -209,8 +218,8 @@ impl Handler for SqlHandler {
                 client
                     .execute(
                         "INSERT INTO domain_events.subscription (name, mode, position, lsn) \
-                         VALUES ($1, 'replication', 0, '0/0') ON CONFLICT (name) DO NOTHING",
-                        &[&self.position_row()],
+                         VALUES ($1, $2, 0, '0/0') ON CONFLICT (name) DO NOTHING",
+                        &[&self.position_row(), &self.mode.as_str()],
                     )
                     .await
                     .map_err(|e| {

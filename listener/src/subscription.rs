@@ -7,9 +7,10 @@
 
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::config::SslMode;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 use tracing::debug;
 
 use crate::config::DatabaseConfig;
@@ -23,6 +24,30 @@ pub const HEARTBEAT_PREFIX: &str = "pg_domain_events.heartbeat";
 /// Opens an ordinary (non-replication) connection, driven by the returned task, which ends when
 /// the client is dropped.
 pub async fn connect(db: &DatabaseConfig) -> Result<(Client, JoinHandle<()>), Error> {
+    connect_inner(db, None).await
+}
+
+/// Like [`connect`], and forwards the connection's notifications (`LISTEN`) to the returned
+/// receiver, which closes when the connection ends.
+pub async fn connect_listening(
+    db: &DatabaseConfig,
+) -> Result<
+    (
+        Client,
+        JoinHandle<()>,
+        mpsc::UnboundedReceiver<Notification>,
+    ),
+    Error,
+> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (client, task) = connect_inner(db, Some(tx)).await?;
+    Ok((client, task, rx))
+}
+
+async fn connect_inner(
+    db: &DatabaseConfig,
+    notifications: Option<mpsc::UnboundedSender<Notification>>,
+) -> Result<(Client, JoinHandle<()>), Error> {
     let mut config = tokio_postgres::Config::new();
     config
         .host(&db.host)
@@ -42,7 +67,7 @@ pub async fn connect(db: &DatabaseConfig) -> Result<(Client, JoinHandle<()>), Er
                 .connect(NoTls)
                 .await
                 .map_err(Error::sql("connecting to the database"))?;
-            (client, tokio::spawn(drive(connection)))
+            (client, tokio::spawn(drive(connection, notifications)))
         }
         Some(connector) => {
             config.ssl_mode(if db.sslmode.requires_tls() {
@@ -61,19 +86,38 @@ pub async fn connect(db: &DatabaseConfig) -> Result<(Client, JoinHandle<()>), Er
                 .connect(tls)
                 .await
                 .map_err(Error::sql("connecting to the database"))?;
-            (client, tokio::spawn(drive(connection)))
+            (client, tokio::spawn(drive(connection, notifications)))
         }
     };
     Ok(connected)
 }
 
-async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
-where
+async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    notifications: Option<mpsc::UnboundedSender<Notification>>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    if let Err(err) = connection.await {
-        debug!(error = %err, "sql connection ended");
+    let Some(notifications) = notifications else {
+        if let Err(err) = connection.await {
+            debug!(error = %err, "sql connection ended");
+        }
+        return;
+    };
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notification(notification))) => {
+                // The receiver may be gone while the client is still in use: ignore.
+                let _ = notifications.send(notification);
+            }
+            Some(Ok(_)) => {}
+            Some(Err(err)) => {
+                debug!(error = %err, "sql connection ended");
+                return;
+            }
+            None => return,
+        }
     }
 }
 
@@ -102,11 +146,22 @@ impl SubscriptionStore {
         let row = self
             .client
             .query_opt(
-                "SELECT lsn::text FROM domain_events.subscription WHERE name = $1",
+                "SELECT lsn::text, mode FROM domain_events.subscription WHERE name = $1",
                 &[&self.name],
             )
             .await
             .map_err(Error::sql("reading the subscription row"))?;
+        if let Some(mode) = row.as_ref().map(|r| r.get::<_, String>(1)) {
+            if mode != "replication" {
+                return Err(Error::Subscription {
+                    name: self.name.clone(),
+                    problem: format!(
+                        "the row belongs to a {mode}-mode subscription; choose another \
+                         replication.subscription name for replication mode"
+                    ),
+                });
+            }
+        }
         let Some(text) = row.and_then(|r| r.get::<_, Option<String>>(0)) else {
             return Ok(None);
         };

@@ -48,6 +48,8 @@ COMMENT ON TABLE domain_events.event IS
 CREATE INDEX event_position_idx ON domain_events.event (position);
 CREATE INDEX event_aggregate_idx ON domain_events.event (aggregate_type, aggregate_id, aggregate_version);
 CREATE INDEX event_type_idx ON domain_events.event (event_type, occurred_at);
+-- Notify-mode listeners read the events that became visible between two snapshots by txid range.
+CREATE INDEX event_txid_idx ON domain_events.event (txid);
 
 CREATE TABLE domain_events.aggregate (
     aggregate_type text        NOT NULL,
@@ -64,7 +66,12 @@ CREATE TABLE domain_events.subscription (
     mode       text        NOT NULL CHECK (mode IN ('replication', 'notify')),
     position   bigint      NOT NULL DEFAULT 0,
     lsn        pg_lsn,
-    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+    updated_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- Notify mode: events visible in snapshot_cur but not in snapshot_prev are being delivered
+    -- (transition number `transition`, up to `position`); snapshot_cur is NULL between transitions.
+    snapshot_prev pg_snapshot,
+    snapshot_cur  pg_snapshot,
+    transition    bigint      NOT NULL DEFAULT 0
 );
 COMMENT ON TABLE domain_events.subscription IS
     'One row per listener subscription: its durable high-water mark (position and commit LSN).';
