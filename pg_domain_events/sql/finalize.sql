@@ -113,9 +113,9 @@ GRANT INSERT, UPDATE, DELETE ON domain_events.dead_letter TO domain_events_liste
 GRANT EXECUTE ON FUNCTION domain_events.redrive(text, uuid) TO domain_events_listener;
 GRANT USAGE ON SEQUENCE domain_events.dead_letter_id_seq TO domain_events_listener;
 
--- Table capture: the trigger runs with the rights of the user changing the row and raises
--- through raise_events, so tracking grants nothing; track() also needs the table's TRIGGER
--- privilege. Tracking is a way of raising, so it belongs to domain_events_writer.
+-- Table capture: the trigger requires the changing user's EXECUTE on raise_events, so tracking
+-- grants nothing; track() also needs the table's TRIGGER privilege. Tracking is a way of
+-- raising, so it belongs to domain_events_writer.
 CREATE VIEW domain_events.tracked_tables AS
 SELECT t.tgrelid::regclass AS table_name,
        -- tgargs holds the one argument, NUL-terminated

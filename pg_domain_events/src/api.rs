@@ -110,7 +110,7 @@ fn maintain() -> TableIterator<'static, (name!(action, String), name!(partition_
 }
 
 /// `off` and `read_only` are decided before any validation: a dark launch must cost nothing.
-fn short_circuit() -> Option<Vec<StoredRow>> {
+pub(crate) fn short_circuit() -> Option<Vec<StoredRow>> {
     match gucs::ENABLED.get() {
         EventsEnabled::On => None,
         EventsEnabled::Off => Some(Vec::new()),
@@ -118,7 +118,9 @@ fn short_circuit() -> Option<Vec<StoredRow>> {
     }
 }
 
-fn append(events: Vec<NewEvent>) -> Vec<StoredRow> {
+/// Stores validated events (partitions, heads, insert, version checks, NOTIFY). Callers have
+/// checked `short_circuit()` and run with the extension owner's rights.
+pub(crate) fn append(events: Vec<NewEvent>) -> Vec<StoredRow> {
     if events.is_empty() {
         return Vec::new();
     }

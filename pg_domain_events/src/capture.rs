@@ -1,21 +1,24 @@
 //! Table capture: `track()` turns a table's row changes into events, without application code.
 //!
 //! `track()` installs an AFTER row trigger whose single argument is the capture configuration
-//! (JSON). The trigger runs with the rights of the user who changed the row and raises through
-//! `domain_events.raise_events`, so writing to a tracked table requires `domain_events_writer`
-//! exactly like raising by hand, and an event commits or rolls back with its row change.
+//! (JSON). The trigger checks that the user who changed the row may execute
+//! `domain_events.raise_events` (so writing to a tracked table requires `domain_events_writer`,
+//! exactly like raising by hand), then stores the events the way that SECURITY DEFINER function
+//! does: as the extension owner, with `search_path` pinned. An event commits or rolls back with
+//! its row change.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
-use pgrx::spi::OwnedPreparedStatement;
-use pgrx::{Json, PgOid};
+use pgrx::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::api;
 use crate::errors::{EventError, OrReport};
+use crate::event::NewEvent;
+use crate::partition;
 use crate::store;
 use crate::validation;
 
@@ -133,8 +136,7 @@ thread_local! {
     /// Parsed configurations by trigger OID: a trigger's arguments never change (re-tracking
     /// creates a new trigger), so each is parsed once per backend.
     static CONFIGS: RefCell<HashMap<pg_sys::Oid, CaptureConfig>> = RefCell::new(HashMap::new());
-    static RAISE_PLAN: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
-    static RAISE_ONE_PLAN: RefCell<Option<OwnedPreparedStatement>> = const { RefCell::new(None) };
+    static RIGHTS: RefCell<Option<(pg_sys::Oid, CaptureRights)>> = const { RefCell::new(None) };
 }
 
 fn row_json(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc) -> Map<String, Value> {
@@ -192,72 +194,108 @@ fn capture_row_change<'a>(
             Some(row_json(data.tg_newtuple, desc)),
         ),
     };
-    let mut events = config
+    let events = config
         .events_for(operation, old.as_ref(), new.as_ref())
         .or_report();
-    match events.len() {
-        0 => {}
-        1 => raise_one(events.pop().expect("one event")),
-        _ => raise_many(&Value::Array(events).to_string()),
+    if !events.is_empty() && api::short_circuit().is_none() {
+        let events = NewEvent::from_json_batch(&Value::Array(events), false).or_report();
+        let rights = capture_rights();
+        require_raise_privilege(rights.raise_events);
+        as_extension_owner(rights.owner, || api::append(events));
     }
     Ok(None)
 }
 
-/// Runs a saved plan of `sql` (prepared once per backend in `cell`).
-fn run_saved(
-    cell: &'static std::thread::LocalKey<RefCell<Option<OwnedPreparedStatement>>>,
-    sql: &'static str,
-    types: &[PgOid],
-    args: &[DatumWithOid],
-) {
-    Spi::connect_mut(|client| {
-        cell.with(|slot| {
-            let mut slot = slot.borrow_mut();
-            let plan = slot.get_or_insert_with(|| {
-                client
-                    .prepare_mut(sql, types)
-                    .unwrap_or_else(|e| panic!("preparing the capture statement failed: {e}"))
-                    .keep()
-            });
-            client
-                .update(&*plan, None, args)
-                .unwrap_or_else(|e| panic!("raising captured events failed: {e}"));
-        })
-    })
+/// The function to check and the owner to act as; see [`store::CAPTURE_RIGHTS`].
+#[derive(Clone, Copy)]
+struct CaptureRights {
+    raise_events: pg_sys::Oid,
+    owner: pg_sys::Oid,
 }
 
-fn raise_many(events: &str) {
-    run_saved(
-        &RAISE_PLAN,
-        store::RAISE_CAPTURED,
-        &[PgOid::from(pg_sys::TEXTOID)],
-        &[events.into()],
-    );
+fn capture_rights() -> CaptureRights {
+    // Keyed by the event table's OID: a DROP/CREATE EXTENSION in this backend starts afresh.
+    let table = partition::event_table();
+    if let Some((key, rights)) = RIGHTS.with(|r| *r.borrow()) {
+        if key == table {
+            return rights;
+        }
+    }
+    let rights = Spi::connect(|client| {
+        let row = client
+            .select(store::CAPTURE_RIGHTS, Some(1), &[])
+            .unwrap_or_else(|e| panic!("reading the extension's rights failed: {e}"))
+            .first();
+        CaptureRights {
+            raise_events: row
+                .get::<pg_sys::Oid>(1)
+                .ok()
+                .flatten()
+                .expect("raise_events oid"),
+            owner: row
+                .get::<pg_sys::Oid>(2)
+                .ok()
+                .flatten()
+                .expect("extension owner"),
+        }
+    });
+    RIGHTS.with(|r| *r.borrow_mut() = Some((table, rights)));
+    rights
 }
 
-fn raise_one(event: Value) {
-    let text = |key: &str| {
-        event
-            .get(key)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
+/// The same check `raise_events` gets from Postgres: EXECUTE for the current user, else the
+/// standard `42501 permission denied for function`.
+fn require_raise_privilege(raise_events: pg_sys::Oid) {
+    // SAFETY: plain catalog lookups; aclcheck_error raises the ERROR and does not return.
+    unsafe {
+        let result = pg_sys::pg_proc_aclcheck(
+            raise_events,
+            pg_sys::GetUserId(),
+            pg_sys::ACL_EXECUTE as pg_sys::AclMode,
+        );
+        if result != pg_sys::AclResult::ACLCHECK_OK {
+            pg_sys::aclcheck_error(
+                result,
+                pg_sys::ObjectType::OBJECT_FUNCTION,
+                c"raise_events".as_ptr(),
+            );
+        }
+    }
+}
+
+/// Runs `f` as `owner` with `search_path = pg_catalog, pg_temp`, as Postgres runs a SECURITY
+/// DEFINER function with a SET clause. An error inside `f` aborts the (sub)transaction, which
+/// restores both the user and the setting.
+fn as_extension_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
+    let mut user = pg_sys::InvalidOid;
+    let mut context = 0;
+    // SAFETY: the same calls fmgr_security_definer makes, balanced below.
+    let nest = unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
+        );
+        let nest = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        nest
     };
-    let json = |key: &str| {
-        event
-            .get(key)
-            .map(Value::to_string)
-            .unwrap_or_else(|| "{}".into())
-    };
-    let args: [DatumWithOid; 5] = [
-        text("aggregate_type").into(),
-        text("aggregate_id").into(),
-        text("event_type").into(),
-        json("payload").into(),
-        json("metadata").into(),
-    ];
-    let types = [PgOid::from(pg_sys::TEXTOID); 5];
-    run_saved(&RAISE_ONE_PLAN, store::RAISE_CAPTURED_ONE, &types, &args);
+    let result = f();
+    // SAFETY: undoes exactly what was set up above.
+    unsafe {
+        pg_sys::AtEOXact_GUC(true, nest);
+        pg_sys::SetUserIdAndSecContext(user, context);
+    }
+    result
 }
 
 fn text_array(

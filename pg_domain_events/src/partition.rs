@@ -100,6 +100,11 @@ thread_local! {
     static KNOWN: RefCell<HashSet<(pg_sys::Oid, Month)>> = RefCell::new(HashSet::new());
 }
 
+/// The OID of `domain_events.event`, `InvalidOid` when the extension is not installed.
+pub fn event_table() -> pg_sys::Oid {
+    relation_oid("event")
+}
+
 fn relation_oid(name: &str) -> pg_sys::Oid {
     let schema = CString::new("domain_events").expect("static name");
     let rel = CString::new(name).expect("partition names have no NUL");
@@ -132,7 +137,7 @@ pub fn ensure(month: Month) -> bool {
         )
         .report();
     }
-    let table = relation_oid("event");
+    let table = event_table();
     if KNOWN.with(|k| k.borrow().contains(&(table, month))) {
         return false;
     }

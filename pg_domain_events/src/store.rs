@@ -140,13 +140,11 @@ pub fn detach_partition(name: &str, archived: &str) -> String {
     )
 }
 
-/// Raises the events of one captured row change (a JSON array) through the public function, so
-/// the privileges of the user changing the row apply.
-pub const RAISE_CAPTURED: &str = "SELECT count(*) FROM domain_events.raise_events($1::jsonb)";
-
-/// The usual case of one event per row change, through the single-event fast path.
-pub const RAISE_CAPTURED_ONE: &str = "SELECT count(*) FROM domain_events.raise_event(\
-     $1, $2, $3, $4::jsonb, $5::jsonb)";
+/// What capture needs to act as `raise_events` would: the function whose EXECUTE privilege the
+/// user changing the row must hold, and the extension owner whose rights it runs with.
+pub const CAPTURE_RIGHTS: &str =
+    "SELECT 'domain_events.raise_events(jsonb)'::pg_catalog.regprocedure::pg_catalog.oid, \
+     e.extowner FROM pg_catalog.pg_extension e WHERE e.extname = 'pg_domain_events'";
 
 /// Whether a table has the capture trigger.
 pub const IS_TRACKED: &str = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger \

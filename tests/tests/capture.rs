@@ -176,3 +176,42 @@ async fn track_is_validated_and_untrack_stops_capture() {
         .expect_err("not tracked");
     assert_eq!(sqlstate(&again), "42704");
 }
+
+#[tokio::test]
+async fn capture_ignores_a_hostile_search_path() {
+    let db = TestDb::new().await;
+    db.client.batch_execute(LOANS).await.expect("track loans");
+    let (role, dsn) = login_role(&db, "capture_evil", Some("domain_events_writer")).await;
+    db.client
+        .batch_execute(&format!(
+            "GRANT SELECT, INSERT, UPDATE ON loans TO {role};
+             CREATE SCHEMA evil AUTHORIZATION {role};"
+        ))
+        .await
+        .expect("grants");
+    let app = e2e::connect(&dsn).await;
+    // Objects that would win over pg_catalog's if the event store's SQL resolved names through
+    // the caller's search_path while running with the extension owner's rights: an operator on
+    // the exact types the batch insert subtracts, and a one-argument unnest.
+    app.batch_execute(
+        "CREATE FUNCTION evil.unnest(text[]) RETURNS SETOF text
+             LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'hijacked unnest'; END $$;
+         CREATE FUNCTION evil.minus(bigint, bigint) RETURNS bigint
+             LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'hijacked minus'; END $$;
+         CREATE OPERATOR evil.- (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = evil.minus);
+         SET search_path = evil, public, pg_catalog;
+         INSERT INTO loans VALUES (7, 'submitted', 10);
+         UPDATE loans SET status = 'approved', amount = 11 WHERE id = 7;",
+    )
+    .await
+    .expect("row changes by a writer with a hostile search_path");
+    let stored: Vec<(String, i64)> = events(&db).await.into_iter().map(|e| (e.0, e.1)).collect();
+    assert_eq!(
+        stored,
+        [
+            ("Loan.Created".to_string(), 1),
+            ("Loan.Updated".to_string(), 2),
+            ("Loan.StatusChanged".to_string(), 3)
+        ]
+    );
+}
