@@ -1,6 +1,6 @@
 -- Baseline (b) of the store benchmark: the same rows in an equivalent table, written with a
 -- plain multi-row INSERT. Same columns, types and defaults as domain_events.event and the same
--- three indexes, but one unpartitioned table, no stream heads, no validation: the client
+-- four indexes, but one unpartitioned table, no stream heads, no validation: the client
 -- supplies the aggregate versions. This is the floor the extension is compared with.
 CREATE SCHEMA bench_plain;
 
@@ -24,3 +24,4 @@ CREATE TABLE bench_plain.event (
 CREATE INDEX event_position_idx ON bench_plain.event (position);
 CREATE INDEX event_stream_idx ON bench_plain.event (aggregate_type, aggregate_id, aggregate_version);
 CREATE INDEX event_type_idx ON bench_plain.event (event_type, occurred_at);
+CREATE INDEX event_txid_idx ON bench_plain.event (txid);

@@ -1,7 +1,7 @@
 -- Baseline (c) of the store benchmark: the raise_event / raise_events contract of
 -- docs/sql-api.md written in PL/pgSQL, as a careful PL/pgSQL author would write it:
 --
---   * the same monthly-partitioned event table (same columns, same three indexes), a partition
+--   * the same monthly-partitioned event table (same columns, same four indexes), a partition
 --     created on demand under an advisory lock, a default partition as the safety net;
 --   * stream heads with one upsert per aggregate: gap-free versions, the row lock serialising
 --     the writers of one aggregate, expected_version checked against the version before each
@@ -38,6 +38,7 @@ CREATE TABLE bench_plpgsql.event (
 CREATE INDEX event_position_idx ON bench_plpgsql.event (position);
 CREATE INDEX event_stream_idx ON bench_plpgsql.event (aggregate_type, aggregate_id, aggregate_version);
 CREATE INDEX event_type_idx ON bench_plpgsql.event (event_type, occurred_at);
+CREATE INDEX event_txid_idx ON bench_plpgsql.event (txid);
 
 CREATE TABLE bench_plpgsql.event_default PARTITION OF bench_plpgsql.event DEFAULT;
 
