@@ -83,9 +83,10 @@ start() {
         exit 1
     fi
     # Without the caller's Rust backtrace settings: they would put backtraces into the DETAIL
-    # of every error the extension raises.
+    # of every error the extension raises. The port is given at every start, so PGDE_PORT wins
+    # over the one written at initdb time.
     as_owner env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE \
-        "$PGBIN/pg_ctl" -D "$DATA" -l "$LOG" -w -t 60 start >/dev/null
+        "$PGBIN/pg_ctl" -D "$DATA" -l "$LOG" -w -t 60 -o "-p $PORT" start >/dev/null
 }
 
 stop() {
