@@ -77,7 +77,11 @@ running() {
 
 start() {
     [ -f "$DATA/PG_VERSION" ] || init_cluster
-    if running; then return 0; fi
+    if running; then
+        # Already up; restarted only if it listens on another port than the one asked for.
+        "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PORT" && return 0
+        stop fast
+    fi
     if "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PORT" 2>/dev/null; then
         echo "cluster.sh: another server already listens on 127.0.0.1:$PORT; stop it or choose another port with PGDE_PORT" >&2
         exit 1
