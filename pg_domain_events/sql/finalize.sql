@@ -144,3 +144,44 @@ GRANT EXECUTE ON FUNCTION
     TO domain_events_writer;
 REVOKE ALL ON FUNCTION domain_events.track(regclass, text, name, name[], name[], jsonb, name[]),
     domain_events.untrack(regclass) FROM PUBLIC;
+
+-- Operations views, readable by domain_events_reader.
+-- Events per type and hour. It aggregates the whole table: filter on `hour` (and expect a scan
+-- of the partitions involved) rather than reading it unfiltered on a large store.
+CREATE VIEW domain_events.stats AS
+SELECT e.event_type,
+       pg_catalog.date_trunc('hour', e.recorded_at) AS hour,
+       pg_catalog.count(*) AS events,
+       pg_catalog.sum(pg_catalog.pg_column_size(e.payload))::bigint AS payload_bytes
+  FROM domain_events.event e
+ GROUP BY 1, 2;
+
+-- How far each subscription is behind. Replication mode: WAL bytes between the server's
+-- current position and the subscription's confirmed commit LSN, the WAL its slot retains, and
+-- (as an estimate: positions are not commit-ordered) events past its last handled position.
+-- Notify mode: exactly the committed events its next snapshot transition will deliver.
+CREATE VIEW domain_events.subscription_lag AS
+SELECT s.name,
+       s.mode,
+       s.position,
+       s.lsn,
+       s.updated_at,
+       CASE s.mode
+           WHEN 'notify' THEN (
+               SELECT pg_catalog.count(*) FROM domain_events.event e
+                WHERE e.txid >= pg_catalog.pg_snapshot_xmin(s.snapshot_prev)
+                  AND NOT pg_catalog.pg_visible_in_snapshot(e.txid, s.snapshot_prev))
+           ELSE (SELECT pg_catalog.count(*) FROM domain_events.event e WHERE e.position > s.position)
+       END AS events_behind,
+       CASE WHEN s.mode = 'replication' AND s.lsn IS NOT NULL
+            THEN pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.lsn)::bigint
+       END AS bytes_behind,
+       pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), r.restart_lsn)::bigint
+           AS slot_wal_retained,
+       r.active AS slot_active,
+       r.wal_status AS slot_wal_status
+  FROM domain_events.subscription s
+  LEFT JOIN pg_catalog.pg_replication_slots r
+         ON r.slot_name = s.name AND r.database = pg_catalog.current_database();
+
+GRANT SELECT ON domain_events.stats, domain_events.subscription_lag TO domain_events_reader;
