@@ -5,7 +5,7 @@
 //! [`service::Listener::run`] with a cancellation token; the `listener` binary does exactly that
 //! with the built-in handlers named in its TOML configuration.
 
-// Every public item documents its contract (STYLE.md); clippy -D warnings enforces it.
+// Every public item documents its contract; clippy -D warnings enforces it.
 #![warn(missing_docs)]
 
 pub mod config;
@@ -15,6 +15,7 @@ pub mod error;
 pub mod event;
 pub mod lsn;
 pub mod notify;
+pub mod operations;
 pub mod pgoutput;
 pub mod publication;
 mod redrive;

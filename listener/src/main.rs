@@ -4,9 +4,10 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use listener::config::{ConfigArgs, LogConfig, LogFormat};
+use listener::config::{Config, ConfigArgs, LogConfig, LogFormat};
 use listener::dead_letter::{render_table, DeadLetterStore};
 use listener::error::report;
+use listener::operations;
 use listener::service::{registry_from_config, Listener};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -31,6 +32,23 @@ enum Command {
         #[command(subcommand)]
         command: DeadLetterCommand,
     },
+    /// Print every subscription of the database: position, confirmed LSN, events and WAL bytes
+    /// behind, WAL retained by its slot, and whether a listener is streaming from it.
+    Status(ConfigArgs),
+    /// Repair the configured replication slot.
+    Slot {
+        #[command(subcommand)]
+        command: SlotCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SlotCommand {
+    /// Drop the slot (e.g. after it was invalidated: wal_status = lost) and forget the
+    /// subscription's confirmed LSN, so the next `run` creates a fresh slot. Events committed
+    /// while no slot existed must then be replayed from the table; the command prints from
+    /// which position.
+    Drop(ConfigArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -53,6 +71,10 @@ fn main() -> ExitCode {
         Command::Run(args) => (args, true),
         Command::PrintConfig(args) => (args, false),
         Command::DeadLetters { command } => return dead_letters(command),
+        Command::Status(args) => return status(args),
+        Command::Slot {
+            command: SlotCommand::Drop(args),
+        } => return drop_slot(args),
     };
     let config = match args.load() {
         Ok(config) => config,
@@ -110,11 +132,13 @@ fn main() -> ExitCode {
 }
 
 /// `listener dead-letters …`: one SQL connection, one statement, plain output on stdout.
-fn dead_letters(command: &DeadLetterCommand) -> ExitCode {
-    let (args, event_id) = match command {
-        DeadLetterCommand::List(args) => (args, None),
-        DeadLetterCommand::Redrive { event_id, config } => (config, Some(*event_id)),
-    };
+/// Loads the configuration, opens an ordinary SQL connection and runs `work` on it; any error
+/// becomes one `error:` line and a non-zero exit.
+fn with_database<F, Fut>(args: &ConfigArgs, work: F) -> ExitCode
+where
+    F: FnOnce(Config, std::sync::Arc<tokio_postgres::Client>) -> Fut,
+    Fut: std::future::Future<Output = Result<ExitCode, listener::Error>>,
+{
     let config = match args.load() {
         Ok(config) => config,
         Err(err) => {
@@ -132,11 +156,32 @@ fn dead_letters(command: &DeadLetterCommand) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let subscription = config.replication.subscription_name().to_string();
     let result = runtime.block_on(async {
         let (client, connection) = listener::subscription::connect(&config.database).await?;
-        let store = DeadLetterStore::new(std::sync::Arc::new(client), subscription.clone());
-        let outcome = match event_id {
+        let client = std::sync::Arc::new(client);
+        let outcome = work(config, client.clone()).await;
+        drop(client);
+        let _ = connection.await;
+        outcome
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {}", report(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dead_letters(command: &DeadLetterCommand) -> ExitCode {
+    let (args, event_id) = match command {
+        DeadLetterCommand::List(args) => (args, None),
+        DeadLetterCommand::Redrive { event_id, config } => (config, Some(*event_id)),
+    };
+    with_database(args, |config, client| async move {
+        let subscription = config.replication.subscription_name().to_string();
+        let store = DeadLetterStore::new(client, subscription.clone());
+        Ok(match event_id {
             None => {
                 print!("{}", render_table(&store.list().await?));
                 ExitCode::SUCCESS
@@ -154,18 +199,39 @@ fn dead_letters(command: &DeadLetterCommand) -> ExitCode {
                     ExitCode::SUCCESS
                 }
             }
-        };
-        drop(store);
-        let _ = connection.await;
-        Ok::<_, listener::Error>(outcome)
-    });
-    match result {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {}", report(&err));
-            ExitCode::FAILURE
+        })
+    })
+}
+
+fn status(args: &ConfigArgs) -> ExitCode {
+    with_database(args, |_, client| async move {
+        print!(
+            "{}",
+            operations::render_status(&operations::status(&client).await?)
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn drop_slot(args: &ConfigArgs) -> ExitCode {
+    with_database(args, |config, client| async move {
+        let slot = config.replication.slot.clone();
+        let subscription = config.replication.subscription_name().to_string();
+        let outcome = operations::drop_slot(&client, &slot, &subscription).await?;
+        if outcome.dropped {
+            println!("dropped replication slot {slot:?}");
+        } else {
+            println!("no replication slot {slot:?} in this database");
         }
-    }
+        if let Some(position) = outcome.last_position {
+            println!(
+                "subscription {subscription:?} had handled events up to position {position}; \
+                 the next run starts a new slot at the current WAL position: replay events \
+                 committed since then from domain_events.event"
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
 /// Cancels on the first SIGINT/SIGTERM (graceful: finish in-flight, confirm, exit 0); exits at
