@@ -25,7 +25,7 @@ install_failed() { echo "run.sh: installing the $NAME example failed: $*" >&2; e
 say() { echo "run.sh: $*" >&2; }
 hash_of() { sha256sum "$@" | sha256sum | cut -d' ' -f1; }
 
-# Two runs of the same example (parallel tests, two engineers) must not install into one
+# Two runs of the same example (parallel tests, two shells) must not install into one
 # directory at once: the install and the build are serialised per example.
 mkdir -p "$ROOT/target"
 exec 9>"$ROOT/target/examples-$NAME.lock"
