@@ -84,6 +84,35 @@ pub struct Listener {
 }
 
 impl Listener {
+    /// Starts a session's dispatcher and, when `redrive_interval_ms` is set, its redrive task
+    /// (the same for both modes). Takes the dead-letter store so that its SQL connection closes
+    /// once the tasks are done with it.
+    fn spawn_dispatch(
+        &self,
+        dead_letters: Arc<DeadLetterStore>,
+        items: mpsc::Receiver<Item>,
+        acks: watch::Sender<Ack>,
+        session_cancel: &CancellationToken,
+    ) -> (JoinHandle<Result<(), Error>>, Option<JoinHandle<()>>) {
+        let r = &self.config.replication;
+        let mut dispatcher = Dispatcher::new(Arc::clone(&self.registry), dead_letters.clone())
+            .with_workers(r.workers);
+        let redriver = if r.redrive_interval_ms > 0 {
+            let (jobs_tx, jobs_rx) = mpsc::channel(1);
+            dispatcher = dispatcher.with_redrives(jobs_rx);
+            Some(tokio::spawn(crate::redrive::run(
+                DeadLetterStore::clone(&dead_letters),
+                jobs_tx,
+                Duration::from_millis(r.redrive_interval_ms),
+                session_cancel.clone(),
+            )))
+        } else {
+            None
+        };
+        let dispatcher = tokio::spawn(dispatcher.run(items, acks, session_cancel.clone()));
+        (dispatcher, redriver)
+    }
+
     /// A listener following `config` and delivering to `registry`'s handlers.
     pub fn new(config: Config, registry: Registry) -> Listener {
         Listener {
@@ -209,24 +238,9 @@ impl Listener {
             lsn: start,
             position: 0,
         });
-        let mut dispatcher = Dispatcher::new(Arc::clone(&self.registry), dead_letters.clone())
-            .with_workers(r.workers);
-        let redriver = if r.redrive_interval_ms > 0 {
-            let (jobs_tx, jobs_rx) = mpsc::channel(1);
-            dispatcher = dispatcher.with_redrives(jobs_rx);
-            Some(tokio::spawn(crate::redrive::run(
-                DeadLetterStore::clone(&dead_letters),
-                jobs_tx,
-                Duration::from_millis(r.redrive_interval_ms),
-                session_cancel.clone(),
-            )))
-        } else {
-            None
-        };
         // The SQL connection closes once its last user is gone (awaited below).
-        drop(dead_letters);
-        let dispatcher: JoinHandle<Result<(), Error>> =
-            tokio::spawn(dispatcher.run(items_rx, acks_tx, session_cancel.clone()));
+        let (dispatcher, redriver) =
+            self.spawn_dispatch(dead_letters, items_rx, acks_tx, &session_cancel);
         let checkpointer = tokio::spawn(checkpoint(
             store,
             acks_rx.clone(),
@@ -322,23 +336,8 @@ impl Listener {
         let session_cancel = cancel.child_token();
         let (items_tx, items_rx) = mpsc::channel(r.queue_capacity);
         let (acks_tx, acks_rx) = watch::channel(Ack::default());
-        let mut dispatcher = Dispatcher::new(Arc::clone(&self.registry), dead_letters.clone())
-            .with_workers(r.workers);
-        let redriver = if r.redrive_interval_ms > 0 {
-            let (jobs_tx, jobs_rx) = mpsc::channel(1);
-            dispatcher = dispatcher.with_redrives(jobs_rx);
-            Some(tokio::spawn(crate::redrive::run(
-                DeadLetterStore::clone(&dead_letters),
-                jobs_tx,
-                Duration::from_millis(r.redrive_interval_ms),
-                session_cancel.clone(),
-            )))
-        } else {
-            None
-        };
-        drop(dead_letters);
-        let dispatcher: JoinHandle<Result<(), Error>> =
-            tokio::spawn(dispatcher.run(items_rx, acks_tx, session_cancel.clone()));
+        let (dispatcher, redriver) =
+            self.spawn_dispatch(dead_letters, items_rx, acks_tx, &session_cancel);
         let poller = crate::notify::Poller {
             store,
             notifications,
