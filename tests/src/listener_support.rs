@@ -524,3 +524,45 @@ pub async fn wait_confirmed_past(
 pub async fn admin() -> Client {
     connect(&admin_dsn()).await
 }
+
+/// Rows in the `payment_schedule` table of the exactly-once SQL handler tests.
+pub async fn payment_schedule_rows(client: &Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM payment_schedule", &[])
+        .await
+        .expect("count payment_schedule")
+        .get(0)
+}
+
+/// Ends a series of kill-and-restart runs of the SQL handler tests: lets the last run go on for a
+/// moment (nothing more may be applied), stops it gracefully, and asserts that every loan got
+/// exactly one 12-payment schedule and that `expected_rows` rows exist in all.
+pub async fn finish_and_assert_schedules_once(
+    runs: &mut [ListenerProcess],
+    client: &Client,
+    expected_rows: i64,
+) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let last = runs.last_mut().expect("at least one run");
+    last.terminate();
+    let status = last
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("exits");
+    assert!(status.success(), "{}", last.stderr());
+    let wrong: Vec<(String, i64)> = client
+        .query(
+            "SELECT loan_id, count(*) FROM payment_schedule GROUP BY loan_id HAVING count(*) <> 12",
+            &[],
+        )
+        .await
+        .expect("schedules per loan")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "schedules not created exactly once: {wrong:?}"
+    );
+    assert_eq!(payment_schedule_rows(client).await, expected_rows);
+}

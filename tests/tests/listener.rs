@@ -1450,14 +1450,6 @@ async fn workers_keep_per_aggregate_order_and_deliver_every_event_once_on_the_sl
     listener.stop().await.expect("clean stop");
 }
 
-async fn rows(client: &tokio_postgres::Client) -> i64 {
-    client
-        .query_one("SELECT count(*) FROM payment_schedule", &[])
-        .await
-        .expect("count")
-        .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sql_handler_creates_each_schedule_exactly_once_across_kills() {
     const LOANS: usize = 600;
@@ -1519,9 +1511,9 @@ async fn a_sql_handler_creates_each_schedule_exactly_once_across_kills() {
 
     // Kill mid-work five times: each time once the current run has applied some events.
     for round in 0..5 {
-        let start = rows(&db.client).await;
+        let start = payment_schedule_rows(&db.client).await;
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while rows(&db.client).await < start + 12 * 20 {
+        while payment_schedule_rows(&db.client).await < start + 12 * 20 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "run {round} makes no progress; logs:\n{}",
@@ -1554,32 +1546,7 @@ async fn a_sql_handler_creates_each_schedule_exactly_once_across_kills() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Let the last run go on for a moment: nothing more may be applied.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let last = runs.last_mut().unwrap();
-    last.terminate();
-    let status = last
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("exits");
-    assert!(status.success(), "{}", last.stderr());
-
-    let wrong: Vec<(String, i64)> = db
-        .client
-        .query(
-            "SELECT loan_id, count(*) FROM payment_schedule GROUP BY loan_id HAVING count(*) <> 12",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "schedules not created exactly once: {wrong:?}"
-    );
-    assert_eq!(rows(&db.client).await, 12 * LOANS as i64);
+    finish_and_assert_schedules_once(&mut runs, &db.client, 12 * LOANS as i64).await;
     assert!(dead_letters(&db.client, &name).await.is_empty());
     // The kills did land mid-stream: restarted runs were handed events already applied.
     let skipped: usize = runs
@@ -1642,7 +1609,7 @@ async fn a_failing_sql_handler_dead_letters_and_its_redrive_applies_once() {
     wait_until(
         "the other schedules exist",
         Duration::from_secs(30),
-        || async { rows(&db.client).await == 24 },
+        || async { payment_schedule_rows(&db.client).await == 24 },
     )
     .await;
 

@@ -449,14 +449,6 @@ async fn a_role_without_replication_is_woken_by_notify_well_before_the_poll_inte
     assert!(!replication);
 }
 
-async fn schedule_rows(client: &tokio_postgres::Client) -> i64 {
-    client
-        .query_one("SELECT count(*) FROM payment_schedule", &[])
-        .await
-        .expect("count")
-        .get(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sql_handler_applies_each_event_once_across_kills_and_a_late_commit() {
     const LOANS: usize = 300;
@@ -500,9 +492,9 @@ async fn a_sql_handler_applies_each_event_once_across_kills_and_a_late_commit() 
     });
 
     for round in 0..4 {
-        let start = schedule_rows(&db.client).await;
+        let start = payment_schedule_rows(&db.client).await;
         let deadline = Instant::now() + Duration::from_secs(60);
-        while schedule_rows(&db.client).await < start + 12 * 20 {
+        while payment_schedule_rows(&db.client).await < start + 12 * 20 {
             assert!(
                 Instant::now() < deadline,
                 "run {round} makes no progress; logs:\n{}",
@@ -537,31 +529,7 @@ async fn a_sql_handler_applies_each_event_once_across_kills_and_a_late_commit() 
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let last = runs.last_mut().unwrap();
-    last.terminate();
-    let status = last
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("exits");
-    assert!(status.success(), "{}", last.stderr());
-
-    let wrong: Vec<(String, i64)> = db
-        .client
-        .query(
-            "SELECT loan_id, count(*) FROM payment_schedule GROUP BY loan_id HAVING count(*) <> 12",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "schedules not created exactly once: {wrong:?}"
-    );
-    assert_eq!(schedule_rows(&db.client).await, 12 * (LOANS as i64 + 1));
+    finish_and_assert_schedules_once(&mut runs, &db.client, 12 * (LOANS as i64 + 1)).await;
     assert!(dead_letters(&db.client, &name).await.is_empty());
     let handler_mode: String = db
         .client
