@@ -9,20 +9,15 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio_postgres::Client;
 
-use crate::store::{connect, dsn_for, median, quantile_ms};
+use crate::store::{connect, dsn_for, median, quantile_ms, ClusterArgs};
 
 const DATABASE: &str = "pgde_bench_capture";
 
 /// Flags of `bench capture`.
 #[derive(clap::Args, Debug)]
 pub struct CaptureArgs {
-    /// Connection string of the cluster (a database named pgde_bench_capture is re-created).
-    #[arg(
-        long,
-        env = "PGDE_BENCH_DSN",
-        default_value = "host=127.0.0.1 port=54329 user=postgres dbname=postgres"
-    )]
-    dsn: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Rows in each table.
     #[arg(long, default_value_t = 1000)]
     rows: i64,
@@ -43,7 +38,7 @@ const SCHEMA: &str = "
 ";
 
 async fn prepare(args: &CaptureArgs) -> anyhow::Result<Client> {
-    let admin = connect(&args.dsn).await?;
+    let admin = connect(&args.cluster.dsn).await?;
     // Two calls: a multi-statement string runs as one transaction, which DROP DATABASE refuses.
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
@@ -53,7 +48,7 @@ async fn prepare(args: &CaptureArgs) -> anyhow::Result<Client> {
         .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
         .await
         .context("create the bench database")?;
-    let client = connect(&dsn_for(&args.dsn, DATABASE)).await?;
+    let client = connect(&dsn_for(&args.cluster.dsn, DATABASE)).await?;
     client
         .batch_execute("CREATE EXTENSION pg_domain_events")
         .await
@@ -168,7 +163,7 @@ pub async fn run(args: CaptureArgs) -> anyhow::Result<()> {
         ups[0] / ups[1]
     );
     drop(client);
-    let admin = connect(&args.dsn).await?;
+    let admin = connect(&args.cluster.dsn).await?;
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
         .await?;

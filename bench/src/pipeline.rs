@@ -19,18 +19,13 @@ use listener::config::{Config, HandlerConfig, HandlerKind};
 use listener::{Event, Filter, Handler, HandlerError, Listener, Registry, RetryPolicy};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{connect, dsn_for};
+use crate::store::{connect, dsn_for, ClusterArgs};
 
 /// Flags of `bench pipeline`.
 #[derive(clap::Args, Debug)]
 pub struct PipelineArgs {
-    /// Connection string of the cluster (a superuser); a throwaway database is created on it.
-    #[arg(
-        long,
-        env = "PGDE_BENCH_DSN",
-        default_value = "host=127.0.0.1 port=54329 user=postgres dbname=postgres"
-    )]
-    dsn: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Events in the backlog both consumers drain.
     #[arg(long, default_value_t = 200_000)]
     events: u64,
@@ -122,12 +117,12 @@ fn batch(size: usize, n: u64) -> serde_json::Value {
 /// Runs the pipeline benchmark and prints its figures.
 pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
     let dbname = format!("pgde_bench_{}", std::process::id());
-    let admin = connect(&dsn_for(&a.dsn, "postgres")).await?;
+    let admin = connect(&dsn_for(&a.cluster.dsn, "postgres")).await?;
     admin
         .batch_execute(&format!("CREATE DATABASE {dbname}"))
         .await
         .context("create database")?;
-    let db = connect(&dsn_for(&a.dsn, &dbname)).await?;
+    let db = connect(&dsn_for(&a.cluster.dsn, &dbname)).await?;
     // One statement per call: a multi-statement string is one transaction, and a slot cannot be
     // created in a transaction that wrote.
     for sql in [
@@ -183,7 +178,7 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
         Shared(probe.clone()),
     );
     let cancel = CancellationToken::new();
-    let listener = Listener::new(listener_config(&a.dsn, &dbname, &slot), registry);
+    let listener = Listener::new(listener_config(&a.cluster.dsn, &dbname, &slot), registry);
     let started = Instant::now();
     let token = cancel.clone();
     let task = tokio::spawn(async move { listener.run(token).await });
@@ -202,13 +197,13 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
     let status = tokio::process::Command::new(&a.recvlogical)
         .args([
             "-h",
-            &param(&a.dsn, "host", "127.0.0.1"),
+            &param(&a.cluster.dsn, "host", "127.0.0.1"),
             "-p",
-            &param(&a.dsn, "port", "5432"),
+            &param(&a.cluster.dsn, "port", "5432"),
         ])
         .args([
             "-U",
-            &param(&a.dsn, "user", "postgres"),
+            &param(&a.cluster.dsn, "user", "postgres"),
             "-d",
             &dbname,
             "-S",
@@ -247,7 +242,7 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
         RetryPolicy::default(),
         Shared(probe.clone()),
     );
-    let mut config = listener_config(&a.dsn, &dbname, &slot);
+    let mut config = listener_config(&a.cluster.dsn, &dbname, &slot);
     config.replication.ack_interval_ms = 100;
     let listener = Listener::new(config, registry);
     let cancel = CancellationToken::new();
@@ -261,7 +256,7 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
     let mut commits: HashMap<uuid::Uuid, Instant> = HashMap::new();
     let mut offered = 0u64;
     let deadline = Instant::now() + Duration::from_secs(a.seconds);
-    let mut writer = connect(&dsn_for(&a.dsn, &dbname)).await?;
+    let mut writer = connect(&dsn_for(&a.cluster.dsn, &dbname)).await?;
     while Instant::now() < deadline {
         ticker.tick().await;
         let tx = writer.transaction().await.context("begin")?;
@@ -326,13 +321,8 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
 /// Flags of `bench workers`.
 #[derive(clap::Args, Debug)]
 pub struct WorkersArgs {
-    /// Connection string of the cluster (a superuser); a throwaway database is created on it.
-    #[arg(
-        long,
-        env = "PGDE_BENCH_DSN",
-        default_value = "host=127.0.0.1 port=54329 user=postgres dbname=postgres"
-    )]
-    dsn: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Events in the backlog each configuration drains (over 1000 aggregates).
     #[arg(long, default_value_t = 5_000)]
     events: u64,
@@ -345,12 +335,12 @@ pub struct WorkersArgs {
 /// takes `delay_ms` per event, and prints events/s for each.
 pub async fn run_workers(a: WorkersArgs) -> anyhow::Result<()> {
     let dbname = format!("pgde_bench_workers_{}", std::process::id());
-    let admin = connect(&dsn_for(&a.dsn, "postgres")).await?;
+    let admin = connect(&dsn_for(&a.cluster.dsn, "postgres")).await?;
     admin
         .batch_execute(&format!("CREATE DATABASE {dbname}"))
         .await
         .context("create database")?;
-    let db = connect(&dsn_for(&a.dsn, &dbname)).await?;
+    let db = connect(&dsn_for(&a.cluster.dsn, &dbname)).await?;
     for sql in [
         "CREATE EXTENSION pg_domain_events",
         "CREATE PUBLICATION bench FOR TABLE domain_events.event \
@@ -402,7 +392,7 @@ pub async fn run_workers(a: WorkersArgs) -> anyhow::Result<()> {
             RetryPolicy::default(),
             Shared(probe.clone()),
         );
-        let mut config = listener_config(&a.dsn, &dbname, slot);
+        let mut config = listener_config(&a.cluster.dsn, &dbname, slot);
         config.replication.workers = *workers;
         let listener = Listener::new(config, registry);
         let cancel = CancellationToken::new();

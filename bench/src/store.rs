@@ -29,14 +29,8 @@ const EVENT_TYPES: [&str; 4] = [
 /// Options of `bench store`.
 #[derive(clap::Args, Debug)]
 pub struct StoreArgs {
-    /// Connection string of the private cluster (a superuser); the run creates and uses a
-    /// fresh database `pgde_bench` on it.
-    #[arg(
-        long,
-        env = "PGDE_BENCH_DSN",
-        default_value = "host=127.0.0.1 port=54329 user=postgres dbname=postgres"
-    )]
-    dsn: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Timed rounds; the throughput reported is the median over rounds.
     #[arg(long, default_value_t = 9)]
     rounds: usize,
@@ -219,6 +213,18 @@ struct Statements {
     single: Statement,
 }
 
+/// The cluster every benchmark runs against, shared by all subcommands.
+#[derive(clap::Args, Debug)]
+pub struct ClusterArgs {
+    /// Connection string of the cluster (a superuser); each run creates its own database on it.
+    #[arg(
+        long,
+        env = "PGDE_BENCH_DSN",
+        default_value = "host=127.0.0.1 port=54329 user=postgres dbname=postgres"
+    )]
+    pub dsn: String,
+}
+
 pub(crate) async fn connect(dsn: &str) -> anyhow::Result<Client> {
     let (client, connection) = tokio_postgres::connect(dsn, NoTls).await.with_context(|| {
         format!("cannot connect ({dsn}); is the cluster up (scripts/cluster.sh start)?")
@@ -242,7 +248,7 @@ pub(crate) fn dsn_for(dsn: &str, dbname: &str) -> String {
 
 /// Creates the fresh database with the extension and both baselines.
 async fn prepare_database(args: &StoreArgs) -> anyhow::Result<Client> {
-    let admin = connect(&args.dsn).await?;
+    let admin = connect(&args.cluster.dsn).await?;
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
         .await
@@ -250,7 +256,7 @@ async fn prepare_database(args: &StoreArgs) -> anyhow::Result<Client> {
     admin
         .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
         .await?;
-    let client = connect(&dsn_for(&args.dsn, DATABASE)).await?;
+    let client = connect(&dsn_for(&args.cluster.dsn, DATABASE)).await?;
     client
         .batch_execute("CREATE EXTENSION pg_domain_events")
         .await
@@ -535,7 +541,7 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
 
     drop(client);
     if !args.keep_database {
-        let admin = connect(&args.dsn).await?;
+        let admin = connect(&args.cluster.dsn).await?;
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
             .await?;
