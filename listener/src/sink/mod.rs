@@ -1,0 +1,7 @@
+//! Built-in handlers, one module each.
+
+mod sql;
+mod stdout;
+
+pub use sql::{quote_function, FunctionNameError, SqlHandler};
+pub use stdout::StdoutSink;
