@@ -90,6 +90,40 @@ impl TestDb {
     }
 }
 
+/// Drops the database at the end of the test (forcibly: a test may leave sessions behind), so
+/// long local runs do not pile up databases. `PGDE_KEEP_TEST_DBS=1` keeps them for inspection.
+/// Best effort: a database still used by a replication slot stays.
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if std::env::var_os("PGDE_KEEP_TEST_DBS").is_some() {
+            return;
+        }
+        let name = self.name.clone();
+        // `drop` cannot await and the test's runtime may be shutting down: a private runtime on a
+        // thread of its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin_dsn(), NoTls).await
+                {
+                    let driver = tokio::spawn(connection);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                    drop(client);
+                    let _ = driver.await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
 /// The SQLSTATE of a failed statement, as its five-character code.
 pub fn sqlstate(err: &tokio_postgres::Error) -> String {
     err.code()
