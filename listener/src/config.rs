@@ -875,6 +875,42 @@ mod tests {
     }
 
     #[test]
+    fn admin_is_off_by_default_and_overridable_from_the_environment() {
+        let file = write("[[handlers]]\nkind = \"stdout\"\n");
+        let none = Config::load(Some(&file.0), &[], &Overrides::default()).unwrap();
+        assert_eq!(none.admin.address(), None);
+        assert_eq!(none.replication.slot_wal_warning_bytes, 1 << 30);
+        let on = Config::load(
+            Some(&file.0),
+            &env(&[
+                ("PGDE_ADMIN_LISTEN", "127.0.0.1:9187"),
+                ("PGDE_ADMIN_TOKEN_ENV", "METRICS_TOKEN"),
+                ("PGDE_REPLICATION_SLOT_WAL_WARNING_BYTES", "0"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(on.admin.address(), Some("127.0.0.1:9187".parse().unwrap()));
+        assert_eq!(on.admin.token_env.as_deref(), Some("METRICS_TOKEN"));
+        assert_eq!(on.replication.slot_wal_warning_bytes, 0);
+        // Empty: disabled (how an environment variable turns a file's setting off).
+        let off = Config::load(
+            Some(&file.0),
+            &env(&[("PGDE_ADMIN_LISTEN", "")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(off.admin.address(), None);
+        for (key, value) in [("admin.listen", "localhost"), ("admin.token_env", "A-B")] {
+            let flags = Overrides {
+                pairs: vec![(key.into(), format!("{value:?}"))],
+            };
+            let err = Config::load(Some(&file.0), &[], &flags).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
     fn notify_mode_needs_positive_poll_settings() {
         let load = |text: &str| {
             let file = write(text);

@@ -96,12 +96,15 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         })
 }
 
+/// An expected sample: metric name, labels, value.
+pub type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
 /// Scrapes `/metrics` until every `(name, labels, value)` holds exactly; returns the last text.
 /// Panics after `timeout` naming the first expectation that did not hold.
 pub async fn wait_samples(
     port: u16,
     token: Option<&str>,
-    expected: &[(&str, &[(&str, &str)], f64)],
+    expected: &[Expected<'_>],
     timeout: Duration,
 ) -> String {
     let deadline = Instant::now() + timeout;
