@@ -905,7 +905,9 @@ mod tests {
             let flags = Overrides {
                 pairs: vec![(key.into(), format!("{value:?}"))],
             };
-            let err = Config::load(Some(&file.0), &[], &flags).unwrap_err().to_string();
+            let err = Config::load(Some(&file.0), &[], &flags)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(key), "{key}: {err}");
         }
     }

@@ -937,7 +937,11 @@ impl Worker {
                             error,
                             attempts,
                         };
-                        if let Err(err) = self.dead_letters.record(&letter).await {
+                        let recorded = self.dead_letters.record(&letter).await;
+                        if recorded.is_ok() {
+                            self.metrics_of(entry).dead_letter();
+                        }
+                        if let Err(err) = recorded {
                             outcome = RedriveOutcome::Failed {
                                 attempts,
                                 error: format!(

@@ -262,7 +262,8 @@ impl HandlerMetrics {
         }
     }
 
-    /// A dead letter that is no handler's outcome (an undecodable row).
+    /// A dead letter recorded outside the normal flow (an undecodable row, or a failed
+    /// redelivery of one): counted in `dead_letters_total` only.
     pub fn dead_letter(&self) {
         self.dead_letters.increment(1);
     }
