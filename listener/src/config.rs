@@ -15,7 +15,7 @@ use crate::dead_letter::DECODE_HANDLER;
 use crate::dispatch::{Filter, OnFailure, RetryPolicy};
 
 /// Tables of the file that environment variables may override.
-const OVERRIDABLE: [&str; 3] = ["database", "replication", "log"];
+const OVERRIDABLE: [&str; 4] = ["database", "replication", "log", "admin"];
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,8 @@ pub struct Config {
     pub replication: ReplicationConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The admin HTTP server (health and metrics).
+    pub admin: AdminConfig,
     /// Handlers, each `[[handlers]]` table one handler.
     pub handlers: Vec<HandlerConfig>,
 }
@@ -167,6 +169,10 @@ pub struct ReplicationConfig {
     /// aggregate order holds, unrelated aggregates are handled in parallel. `1`: one task, in
     /// commit order.
     pub workers: usize,
+    /// Log a warning (at most once a minute) while the slot retains more WAL than this many
+    /// bytes; checked every `status_interval_secs`. 0 turns the warning off (the
+    /// `slot_retained_wal_bytes` metric is exported either way).
+    pub slot_wal_warning_bytes: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -190,6 +196,7 @@ impl Default for ReplicationConfig {
             reconnect_max_backoff_ms: 30_000,
             redrive_interval_ms: 5_000,
             workers: 1,
+            slot_wal_warning_bytes: 1 << 30,
         }
     }
 }
@@ -198,6 +205,29 @@ impl ReplicationConfig {
     /// The subscription row's name.
     pub fn subscription_name(&self) -> &str {
         self.subscription.as_deref().unwrap_or(&self.slot)
+    }
+}
+
+/// `[admin]`: the HTTP server for `/health` and `/metrics`. Off unless `listen` is set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `ip:port` to serve on, e.g. `127.0.0.1:9187`; unset or empty: no admin server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Name of the environment variable holding a bearer token; when set, both endpoints
+    /// require `Authorization: Bearer <token>`. The token itself never comes from the file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+}
+
+impl AdminConfig {
+    /// The address to serve on, if the server is enabled.
+    pub fn address(&self) -> Option<std::net::SocketAddr> {
+        self.listen
+            .as_deref()
+            .filter(|l| !l.trim().is_empty())
+            .and_then(|l| l.trim().parse().ok())
     }
 }
 
@@ -475,6 +505,22 @@ impl Config {
                 Some("replication.queue_capacity".into()),
                 "must be positive",
             ));
+        }
+        if let Some(listen) = self.admin.listen.as_deref() {
+            if !listen.trim().is_empty() && self.admin.address().is_none() {
+                return Err(invalid(
+                    Some("admin.listen".into()),
+                    format!("{listen:?}: use an IP address and port, e.g. \"127.0.0.1:9187\""),
+                ));
+            }
+        }
+        if let Some(name) = self.admin.token_env.as_deref() {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(invalid(
+                    Some("admin.token_env".into()),
+                    format!("{name:?}: name an environment variable (letters, digits, _)"),
+                ));
+            }
         }
         if self.handlers.is_empty() {
             return Err(invalid(
@@ -826,6 +872,44 @@ mod tests {
         }
         let block = load("[[handlers]]\nkind = \"stdout\"\non_failure = \"block\"\n").unwrap();
         assert_eq!(block.handlers[0].on_failure, OnFailure::Block);
+    }
+
+    #[test]
+    fn admin_is_off_by_default_and_overridable_from_the_environment() {
+        let file = write("[[handlers]]\nkind = \"stdout\"\n");
+        let none = Config::load(Some(&file.0), &[], &Overrides::default()).unwrap();
+        assert_eq!(none.admin.address(), None);
+        assert_eq!(none.replication.slot_wal_warning_bytes, 1 << 30);
+        let on = Config::load(
+            Some(&file.0),
+            &env(&[
+                ("PGDE_ADMIN_LISTEN", "127.0.0.1:9187"),
+                ("PGDE_ADMIN_TOKEN_ENV", "METRICS_TOKEN"),
+                ("PGDE_REPLICATION_SLOT_WAL_WARNING_BYTES", "0"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(on.admin.address(), Some("127.0.0.1:9187".parse().unwrap()));
+        assert_eq!(on.admin.token_env.as_deref(), Some("METRICS_TOKEN"));
+        assert_eq!(on.replication.slot_wal_warning_bytes, 0);
+        // Empty: disabled (how an environment variable turns a file's setting off).
+        let off = Config::load(
+            Some(&file.0),
+            &env(&[("PGDE_ADMIN_LISTEN", "")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(off.admin.address(), None);
+        for (key, value) in [("admin.listen", "localhost"), ("admin.token_env", "A-B")] {
+            let flags = Overrides {
+                pairs: vec![(key.into(), format!("{value:?}"))],
+            };
+            let err = Config::load(Some(&file.0), &[], &flags)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::dead_letter::{DeadLetter, DeadLetterSink, DECODE_HANDLER};
 use crate::error::{report, Error, Retry};
 use crate::event::Event;
 use crate::lsn::Lsn;
+use crate::metrics::{HandlerMetrics, Metrics, Outcome as Counted};
 
 /// Receives events.
 ///
@@ -403,15 +404,22 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>>;
 
 /// Calls `call` until it succeeds, retrying transient errors with the entry's backoff.
+/// Every call of `handle` is timed; every retry is counted.
 async fn call_with_retries<'a>(
     entry: &'a Registration,
+    metrics: &HandlerMetrics,
     cancel: &CancellationToken,
     event: Option<&'a Event>,
     mut call: impl FnMut() -> HandlerFuture<'a>,
 ) -> Attempt {
     let mut attempt = 1;
     loop {
-        let err = match CatchUnwind(call()).await {
+        let started = std::time::Instant::now();
+        let result = CatchUnwind(call()).await;
+        if event.is_some() {
+            metrics.call_took(started.elapsed());
+        }
+        let err = match result {
             Ok(Ok(())) => return Attempt::Succeeded,
             Ok(Err(err)) => err,
             Err(panic) => HandlerError::definite(format!("handler panicked: {panic}")),
@@ -445,6 +453,7 @@ async fn call_with_retries<'a>(
             _ = tokio::time::sleep(delay) => {}
             _ = cancel.cancelled() => return Attempt::Cancelled,
         }
+        metrics.outcome(Counted::Retried, 1);
         attempt += 1;
     }
 }
@@ -473,6 +482,9 @@ pub struct Dispatcher {
     /// Between an event and its transaction's commit.
     in_txn: bool,
     position: i64,
+    metrics: Option<Arc<Metrics>>,
+    /// `transactions_confirmed_total` (no-op without metrics).
+    confirmed: ::metrics::Counter,
 }
 
 /// The per-event work: handlers, retries, dead letters, flushes. One per worker task.
@@ -482,6 +494,13 @@ struct Worker {
     /// Per handler: `(id, position)` of the events it handled in the current transaction, to be
     /// flushed (and dead-lettered if the flush fails for good). `Some` once touched.
     touched: Vec<Option<Vec<(Uuid, i64)>>>,
+    /// Per handler: `recorded_at` of the latest event it handled in the current transaction,
+    /// for `handler_lag_seconds` once flushed.
+    latest: Vec<Option<chrono::DateTime<chrono::Utc>>>,
+    /// Per handler, in registry order.
+    metrics: Arc<[HandlerMetrics]>,
+    /// Dead letters of undecodable rows.
+    decode_metrics: HandlerMetrics,
 }
 
 /// What the coordinator sends a worker.
@@ -522,6 +541,7 @@ fn route(event: &Event, workers: usize) -> usize {
 
 /// Publishes progress: acknowledgements only move forward, even if a reconnect replays.
 fn acknowledge(acks: &watch::Sender<Ack>, end_lsn: Lsn, position: i64) {
+    // (Counting happens in the callers: one call may acknowledge several transactions.)
     acks.send_modify(|ack| {
         if end_lsn > ack.lsn {
             ack.lsn = end_lsn;
@@ -539,6 +559,29 @@ impl Dispatcher {
             redrives: None,
             in_txn: false,
             position: 0,
+            metrics: None,
+            confirmed: ::metrics::Counter::noop(),
+        }
+    }
+
+    /// Records events, handler outcomes, durations, lags and confirmed transactions in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Dispatcher {
+        self.worker.metrics = self
+            .worker
+            .registry
+            .entries
+            .iter()
+            .map(|e| metrics.handler(&e.name))
+            .collect();
+        self.worker.decode_metrics = metrics.handler(DECODE_HANDLER);
+        self.confirmed = metrics.transactions_confirmed.clone();
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn received(&self, event: &Event) {
+        if let Some(metrics) = &self.metrics {
+            metrics.event_received(&event.event_type);
         }
     }
 
@@ -596,6 +639,7 @@ impl Dispatcher {
             };
             match item {
                 Item::Event(event) => {
+                    self.received(&event);
                     self.in_txn = true;
                     self.position = self.position.max(event.position);
                     if let Outcome::Cancelled = self.worker.dispatch(&event, &cancel).await? {
@@ -613,6 +657,7 @@ impl Dispatcher {
                     }
                     self.in_txn = false;
                     acknowledge(&acks, end_lsn, self.position);
+                    self.confirmed.increment(1);
                     if cancel.is_cancelled() {
                         debug!(lsn = %end_lsn, "stopping the dispatcher at a transaction boundary");
                         return Ok(());
@@ -638,10 +683,12 @@ impl Dispatcher {
         let mut tasks = Vec::with_capacity(n);
         for _ in 0..n {
             let (tx, rx) = mpsc::channel(WORKER_QUEUE);
-            let worker = Worker::new(
+            let mut worker = Worker::new(
                 Arc::clone(&self.worker.registry),
                 Arc::clone(&self.worker.dead_letters),
             );
+            worker.metrics = Arc::clone(&self.worker.metrics);
+            worker.decode_metrics = self.worker.decode_metrics.clone();
             tasks.push(tokio::spawn(worker.run(
                 rx,
                 report_tx.clone(),
@@ -663,7 +710,7 @@ impl Dispatcher {
             tokio::select! {
                 biased;
                 report = reports.recv() => match report {
-                    Some(Report::Done(done)) => complete(&mut pending, done, &acks),
+                    Some(Report::Done(done)) => complete(&mut pending, done, &acks, &self.confirmed),
                     Some(Report::Failed(err)) => {
                         failure = Some(err);
                         break 'feed;
@@ -682,6 +729,7 @@ impl Dispatcher {
                 item = items.recv() => match item {
                     None => break 'feed,
                     Some(Item::Event(event)) => {
+                        self.received(&event);
                         self.position = self.position.max(event.position);
                         let worker = route(&event, n);
                         involved[worker] = true;
@@ -708,7 +756,7 @@ impl Dispatcher {
                         }
                         pending.push_back(Pending { seq, end_lsn, position: self.position, remaining });
                         seq += 1;
-                        complete(&mut pending, u64::MAX, &acks);
+                        complete(&mut pending, u64::MAX, &acks, &self.confirmed);
                         if cancel.is_cancelled() {
                             debug!(lsn = %end_lsn, "stopping the dispatcher at a transaction boundary");
                             break 'feed;
@@ -726,7 +774,7 @@ impl Dispatcher {
         drop(queues);
         while let Some(report) = reports.recv().await {
             match report {
-                Report::Done(done) => complete(&mut pending, done, &acks),
+                Report::Done(done) => complete(&mut pending, done, &acks, &self.confirmed),
                 Report::Failed(err) => {
                     abort.cancel();
                     failure.get_or_insert(err);
@@ -751,7 +799,12 @@ impl Dispatcher {
 /// Records that a worker finished its part of transaction `done` (`u64::MAX`: none, just
 /// re-check), then acknowledges the completed transactions at the front: never past one that is
 /// not complete.
-fn complete(pending: &mut VecDeque<Pending>, done: u64, acks: &watch::Sender<Ack>) {
+fn complete(
+    pending: &mut VecDeque<Pending>,
+    done: u64,
+    acks: &watch::Sender<Ack>,
+    confirmed: &::metrics::Counter,
+) {
     if let Some(front) = pending.front() {
         if let Some(txn) = done
             .checked_sub(front.seq)
@@ -763,6 +816,7 @@ fn complete(pending: &mut VecDeque<Pending>, done: u64, acks: &watch::Sender<Ack
     let mut last = None;
     while pending.front().is_some_and(|t| t.remaining == 0) {
         last = pending.pop_front();
+        confirmed.increment(1);
     }
     if let Some(txn) = last {
         acknowledge(acks, txn.end_lsn, txn.position);
@@ -772,10 +826,15 @@ fn complete(pending: &mut VecDeque<Pending>, done: u64, acks: &watch::Sender<Ack
 impl Worker {
     fn new(registry: Arc<Registry>, dead_letters: Arc<dyn DeadLetterSink>) -> Worker {
         let touched = vec![None; registry.entries.len()];
+        let latest = vec![None; registry.entries.len()];
+        let metrics = vec![HandlerMetrics::default(); registry.entries.len()].into();
         Worker {
             registry,
             dead_letters,
             touched,
+            latest,
+            metrics,
+            decode_metrics: HandlerMetrics::default(),
         }
     }
 
@@ -836,7 +895,19 @@ impl Worker {
                 error: row.error.clone(),
                 attempts: 1,
             })
-            .await
+            .await?;
+        self.decode_metrics.dead_letter();
+        Ok(())
+    }
+
+    /// The metrics of the registry entry `entry` (a no-op set if it is not ours).
+    fn metrics_of(&self, entry: &Registration) -> HandlerMetrics {
+        self.registry
+            .entries
+            .iter()
+            .position(|e| std::ptr::eq(e, entry))
+            .and_then(|i| self.metrics.get(i).cloned())
+            .unwrap_or_default()
     }
 
     /// Runs one redelivery and replies with its outcome.
@@ -866,7 +937,11 @@ impl Worker {
                             error,
                             attempts,
                         };
-                        if let Err(err) = self.dead_letters.record(&letter).await {
+                        let recorded = self.dead_letters.record(&letter).await;
+                        if recorded.is_ok() {
+                            self.metrics_of(entry).dead_letter();
+                        }
+                        if let Err(err) = recorded {
                             outcome = RedriveOutcome::Failed {
                                 attempts,
                                 error: format!(
@@ -925,7 +1000,12 @@ impl Worker {
         cancel: &CancellationToken,
     ) -> RedriveOutcome {
         let handler = &entry.handler;
-        match call_with_retries(entry, cancel, Some(event), || handler.handle(event)).await {
+        let metrics = self.metrics_of(entry);
+        match call_with_retries(entry, &metrics, cancel, Some(event), || {
+            handler.handle(event)
+        })
+        .await
+        {
             Attempt::Succeeded => {}
             Attempt::Cancelled => return RedriveOutcome::Cancelled,
             Attempt::Failed { attempts, error } => {
@@ -935,7 +1015,7 @@ impl Worker {
                 }
             }
         }
-        match call_with_retries(entry, cancel, None, || handler.flush()).await {
+        match call_with_retries(entry, &metrics, cancel, None, || handler.flush()).await {
             Attempt::Succeeded => RedriveOutcome::Delivered,
             Attempt::Cancelled => RedriveOutcome::Cancelled,
             Attempt::Failed { attempts, error } => RedriveOutcome::Failed {
@@ -956,10 +1036,19 @@ impl Worker {
                 continue;
             }
             let handler = &entry.handler;
-            match call_with_retries(entry, cancel, Some(event), || handler.handle(event)).await {
-                Attempt::Succeeded => self.touched[index]
-                    .get_or_insert_with(Vec::new)
-                    .push((event.id, event.position)),
+            let metrics = &self.metrics[index];
+            match call_with_retries(entry, metrics, cancel, Some(event), || {
+                handler.handle(event)
+            })
+            .await
+            {
+                Attempt::Succeeded => {
+                    self.touched[index]
+                        .get_or_insert_with(Vec::new)
+                        .push((event.id, event.position));
+                    let latest = &mut self.latest[index];
+                    *latest = Some(latest.map_or(event.recorded_at, |t| t.max(event.recorded_at)));
+                }
                 Attempt::Cancelled => return Ok(Outcome::Cancelled),
                 Attempt::Failed { attempts, error } => {
                     self.give_up(entry, event.id, event.position, attempts, error)
@@ -979,13 +1068,17 @@ impl Worker {
         attempts: u32,
         error: HandlerError,
     ) -> Result<(), Error> {
+        let metrics = self.metrics_of(entry);
         match entry.on_failure {
-            OnFailure::Block => Err(Error::Handler {
-                handler: entry.name.clone(),
-                event_id: Some(event_id),
-                attempts,
-                source: error,
-            }),
+            OnFailure::Block => {
+                metrics.outcome(Counted::Failed, 1);
+                Err(Error::Handler {
+                    handler: entry.name.clone(),
+                    event_id: Some(event_id),
+                    attempts,
+                    source: error,
+                })
+            }
             OnFailure::DeadLetter => {
                 let text = report(&error);
                 error!(
@@ -1004,7 +1097,9 @@ impl Worker {
                         error: text,
                         attempts,
                     })
-                    .await
+                    .await?;
+                metrics.outcome(Counted::DeadLettered, 1);
+                Ok(())
             }
         }
     }
@@ -1016,11 +1111,19 @@ impl Worker {
                 continue;
             };
             let handler = &entry.handler;
-            match call_with_retries(entry, cancel, None, || handler.flush()).await {
-                Attempt::Succeeded => {}
+            let latest = self.latest[index].take();
+            let metrics = self.metrics[index].clone();
+            match call_with_retries(entry, &metrics, cancel, None, || handler.flush()).await {
+                Attempt::Succeeded => {
+                    metrics.outcome(Counted::Ok, handled.len() as u64);
+                    if let Some(recorded_at) = latest {
+                        metrics.finished(recorded_at);
+                    }
+                }
                 Attempt::Cancelled => return Ok(Outcome::Cancelled),
                 Attempt::Failed { attempts, error } => {
                     if entry.on_failure == OnFailure::Block {
+                        metrics.outcome(Counted::Failed, handled.len() as u64);
                         return Err(Error::Handler {
                             handler: entry.name.clone(),
                             event_id: None,

@@ -8,17 +8,20 @@
 // Every public item documents its contract; clippy -D warnings enforces it.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod config;
 pub mod dead_letter;
 pub mod dispatch;
 pub mod error;
 pub mod event;
 pub mod lsn;
+pub mod metrics;
 pub mod notify;
 pub mod operations;
 pub mod pgoutput;
 pub mod publication;
 mod redrive;
+pub mod retention;
 pub mod service;
 pub mod sink;
 pub mod stream;

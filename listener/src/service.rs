@@ -25,12 +25,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
+use crate::admin::{Health, Phase};
 use crate::config::{Config, HandlerKind, Mode};
 use crate::dead_letter::DeadLetterStore;
 use crate::dispatch::{jitter, Ack, Dispatcher, Item, Registry, Undecodable};
 use crate::error::{report, Error};
 use crate::event::{Decoded, EventDecoder, EventError};
 use crate::lsn::Lsn;
+use crate::metrics::Metrics;
 use crate::pgoutput::{self, PgOutputMessage};
 use crate::sink::{SqlHandler, StdoutSink};
 use crate::stream::{ConnectOptions, ReplicationConnection, ReplicationMessage, SlotState};
@@ -81,6 +83,8 @@ pub fn registry_from_config(config: &Config) -> Result<Registry, Error> {
 pub struct Listener {
     config: Config,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    health: Health,
 }
 
 impl Listener {
@@ -96,7 +100,8 @@ impl Listener {
     ) -> (JoinHandle<Result<(), Error>>, Option<JoinHandle<()>>) {
         let r = &self.config.replication;
         let mut dispatcher = Dispatcher::new(Arc::clone(&self.registry), dead_letters.clone())
-            .with_workers(r.workers);
+            .with_workers(r.workers)
+            .with_metrics(Arc::clone(&self.metrics));
         let redriver = if r.redrive_interval_ms > 0 {
             let (jobs_tx, jobs_rx) = mpsc::channel(1);
             dispatcher = dispatcher.with_redrives(jobs_rx);
@@ -118,12 +123,98 @@ impl Listener {
         Listener {
             config,
             registry: Arc::new(registry),
+            metrics: Arc::new(Metrics::new()),
+            health: Health::default(),
         }
+    }
+
+    /// This listener's metrics (what `/metrics` renders), e.g. to serve them from an
+    /// application's own HTTP server instead of `admin.listen`.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// This listener's phase (what `/health` reports).
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     /// Runs until `cancel` fires (then finishes the in-flight transaction, confirms it and returns
     /// `Ok`) or a definite error occurs. Transient failures reconnect with exponential backoff.
+    ///
+    /// With `admin.listen` set, the admin HTTP server runs alongside and stops when this returns.
     pub async fn run(&self, cancel: CancellationToken) -> Result<(), Error> {
+        let stop = CancellationToken::new();
+        let admin = self.start_admin(&cancel, &stop).await?;
+        let upkeep = tokio::spawn({
+            let metrics = Arc::clone(&self.metrics);
+            let stop = stop.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => metrics.upkeep(),
+                    }
+                }
+            }
+        });
+        let result = self.run_sessions(&cancel).await;
+        stop.cancel();
+        if let Some(admin) = admin {
+            match admin.await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => warn!(error = %err, "the admin HTTP server failed"),
+                Err(err) => warn!(error = %err, "the admin HTTP server task failed"),
+            }
+        }
+        let _ = upkeep.await;
+        result
+    }
+
+    /// Binds `admin.listen` and serves on it until `stop` fires; `None` when not configured.
+    async fn start_admin(
+        &self,
+        cancel: &CancellationToken,
+        stop: &CancellationToken,
+    ) -> Result<Option<JoinHandle<std::io::Result<()>>>, Error> {
+        let admin = &self.config.admin;
+        let Some(addr) = admin.address() else {
+            return Ok(None);
+        };
+        let config_error = |origin: &str, message: String| {
+            Error::Config(crate::config::ConfigError::Invalid {
+                origin: Some(origin.to_string()),
+                message,
+            })
+        };
+        let token = match admin.token_env.as_deref() {
+            None => None,
+            // Fail closed: a configured but missing token must not leave the endpoints open.
+            Some(name) => match std::env::var(name) {
+                Ok(token) if !token.is_empty() => Some(token),
+                _ => {
+                    return Err(config_error(
+                        "admin.token_env",
+                        format!("environment variable {name} is not set or empty"),
+                    ))
+                }
+            },
+        };
+        let socket = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| config_error("admin.listen", format!("cannot listen on {addr}: {e}")))?;
+        Ok(Some(tokio::spawn(crate::admin::serve(
+            socket,
+            self.health.clone(),
+            Arc::clone(&self.metrics),
+            token,
+            cancel.clone(),
+            stop.clone(),
+        ))))
+    }
+
+    async fn run_sessions(&self, cancel: &CancellationToken) -> Result<(), Error> {
         let r = &self.config.replication;
         let min = Duration::from_millis(r.reconnect_min_backoff_ms.max(1));
         let max = Duration::from_millis(r.reconnect_max_backoff_ms).max(min);
@@ -134,12 +225,14 @@ impl Listener {
             }
             let mut streamed = false;
             let session = match self.config.replication.mode {
-                Mode::Replication => self.session(&cancel, &mut streamed).await,
-                Mode::Notify => self.notify_session(&cancel, &mut streamed).await,
+                Mode::Replication => self.session(cancel, &mut streamed).await,
+                Mode::Notify => self.notify_session(cancel, &mut streamed).await,
             };
             match session {
                 Ok(()) => return Ok(()),
                 Err(err) if err.is_transient() => {
+                    self.health.set(Phase::Reconnecting(err.to_string()));
+                    self.metrics.reconnects.increment(1);
                     if streamed {
                         backoff = min;
                     }
@@ -186,6 +279,13 @@ impl Listener {
             Arc::clone(&client),
             r.subscription_name(),
         ));
+        let slot_watch = crate::retention::SlotWatch {
+            client: Arc::clone(&client),
+            slot: r.slot.clone(),
+            warn_above: r.slot_wal_warning_bytes,
+            every: Duration::from_secs(r.status_interval_secs),
+            gauge: self.metrics.slot_retained_wal.clone(),
+        };
         let store = SubscriptionStore::new(client, r.subscription_name());
         let durable = store.load().await?;
         let system = conn.identify_system().await?;
@@ -230,6 +330,7 @@ impl Listener {
         conn.start_replication(&r.slot, &r.publication, start)
             .await?;
         *streamed = true;
+        self.health.set(Phase::Streaming);
         info!(slot = %r.slot, publication = %r.publication, lsn = %start, "streaming");
 
         let session_cancel = cancel.child_token();
@@ -249,11 +350,24 @@ impl Listener {
             Duration::from_secs(r.heartbeat_interval_secs),
         ));
 
+        // A lost slot stops the session with its own error (the walsender is usually killed at
+        // the same moment, which alone would look like a transient connection loss).
+        let watcher = tokio::spawn({
+            let session_cancel = session_cancel.clone();
+            async move {
+                let result = slot_watch.run(session_cancel.clone()).await;
+                if result.is_err() {
+                    session_cancel.cancel();
+                }
+                result
+            }
+        });
         let mut stream = StreamState::new(
             start,
             Duration::from_secs(r.status_interval_secs),
             Duration::from_secs(r.server_timeout_secs),
-        );
+        )
+        .with_lag_gauge(self.metrics.replication_lag.clone());
         let streamed_result = stream
             .run(
                 &mut conn,
@@ -278,6 +392,12 @@ impl Listener {
                 warn!(error = %e, "the redrive task failed");
             }
         }
+        let watched = watcher.await.unwrap_or_else(|e| {
+            Err(Error::Task {
+                task: "slot watch",
+                reason: e.to_string(),
+            })
+        });
         let checkpointed = checkpointer.await;
         if let Err(e) = &checkpointed {
             warn!(error = %e, "the checkpoint task failed");
@@ -295,8 +415,10 @@ impl Listener {
             }
             conn.close(Duration::from_secs(5)).await;
         }
-        // A handler failure explains a stream that stopped because the dispatcher went away.
+        // A handler failure explains a stream that stopped because the dispatcher went away; a
+        // lost slot explains a stream that was cancelled or cut.
         dispatched?;
+        watched?;
         streamed_result
     }
 }
@@ -325,6 +447,7 @@ impl Listener {
         let store = crate::notify::NotifyStore::new(client, r.subscription_name());
         let state = store.load_or_start().await?;
         *streamed = true;
+        self.health.set(Phase::Streaming);
         info!(
             subscription = %r.subscription_name(),
             transition = state.transition,
@@ -437,6 +560,11 @@ struct StreamState {
     last_commit: Lsn,
     /// Highest keepalive position: all WAL before it has been decoded and sent.
     server_wal_end: Lsn,
+    /// Highest server WAL end seen in any message (XLogData included): for the lag metric only,
+    /// never confirmed (WAL up to it may not have been decoded yet).
+    server_wal_tip: Lsn,
+    /// `replication_lag_bytes`.
+    lag_gauge: ::metrics::Gauge,
     /// An item the full queue did not take yet; reading pauses until it is delivered.
     pending: Option<Item>,
     /// Last position sent in a status update, and when.
@@ -459,6 +587,8 @@ impl StreamState {
             rows_in_txn: 0,
             last_commit: start,
             server_wal_end: start,
+            server_wal_tip: start,
+            lag_gauge: ::metrics::Gauge::noop(),
             pending: None,
             last_sent: Lsn::ZERO,
             last_sent_at: Instant::now(),
@@ -466,6 +596,22 @@ impl StreamState {
             last_heard: Instant::now(),
             server_timeout,
             warned_relations: Default::default(),
+        }
+    }
+
+    /// Reports the replication lag on `gauge`.
+    fn with_lag_gauge(mut self, gauge: ::metrics::Gauge) -> StreamState {
+        self.lag_gauge = gauge;
+        self
+    }
+
+    /// Updates the lag metric: server WAL end minus the position last confirmed.
+    fn record_lag(&mut self, wal_end: Lsn) {
+        self.server_wal_tip = self.server_wal_tip.max(wal_end);
+        // Nothing confirmed in this session yet: no meaningful difference to report.
+        if self.last_sent > Lsn::ZERO {
+            self.lag_gauge
+                .set(self.server_wal_tip.0.saturating_sub(self.last_sent.0) as f64);
         }
     }
 
@@ -493,6 +639,7 @@ impl StreamState {
         }
         self.last_sent = lsn;
         self.last_sent_at = Instant::now();
+        self.record_lag(lsn);
         Ok(())
     }
 
@@ -548,12 +695,14 @@ impl StreamState {
                         None => return Err(Error::StreamEnded),
                         Some(ReplicationMessage::Keepalive { wal_end, reply_requested, .. }) => {
                             self.server_wal_end = self.server_wal_end.max(wal_end);
+                            self.record_lag(wal_end);
                             if reply_requested {
                                 let acked = acks.borrow_and_update().lsn;
                                 self.send_status(conn, acked, false).await?;
                             }
                         }
-                        Some(ReplicationMessage::XLogData { wal_start, data, .. }) => {
+                        Some(ReplicationMessage::XLogData { wal_start, wal_end, data, .. }) => {
+                            self.record_lag(wal_end);
                             let decoded = pgoutput::decode(data)
                                 .map_err(|source| Error::Decode { lsn: wal_start, source })?;
                             if let Some(item) = self.apply(decoded)? {

@@ -374,13 +374,7 @@ impl ReplicationConnection {
             )));
         }
         if get(3).as_deref() == Some("lost") {
-            return Err(slot_error(
-                "has been invalidated (wal_status = lost: it fell behind \
-                 max_slot_wal_keep_size); events past it are no longer in the WAL. Drop it \
-                 with pg_drop_replication_slot, replay the missed events from \
-                 domain_events.event, delete the subscription row and restart the listener"
-                    .into(),
-            ));
+            return Err(slot_error(crate::retention::lost_slot_problem()));
         }
         Ok(Some(get(4).and_then(|s| s.parse().ok())))
     }
@@ -448,6 +442,22 @@ impl ReplicationConnection {
                             name: slot.to_string(),
                             problem: format!("disappeared (was it dropped?): {error}"),
                         },
+                        // Invalidated between our lookup and now (PG 15 says "This slot has been
+                        // invalidated because it exceeded the maximum reserved size").
+                        "55000"
+                            if error
+                                .detail
+                                .as_deref()
+                                .is_some_and(|d| d.contains("invalidated")) =>
+                        {
+                            Error::Slot {
+                                name: slot.to_string(),
+                                problem: format!(
+                                    "{} ({error})",
+                                    crate::retention::lost_slot_problem()
+                                ),
+                            }
+                        }
                         "55000" => Error::Slot {
                             name: slot.to_string(),
                             problem: format!("cannot be used: {error}"),

@@ -6,6 +6,7 @@
 
 use tokio_postgres::{Client, NoTls};
 
+pub mod admin_support;
 pub mod cluster_support;
 pub mod listener_support;
 pub mod store_support;

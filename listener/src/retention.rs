@@ -1,0 +1,112 @@
+//! Slot safety: how much WAL the replication slot keeps the server from recycling.
+//!
+//! A slot retains WAL from its `restart_lsn` on. A listener that falls far behind (or a slot
+//! whose listener is gone) fills the server's disk unless `max_slot_wal_keep_size` is set, and
+//! when it is set and exceeded the slot is invalidated (`wal_status = 'lost'`): events past it
+//! are no longer in any WAL. This task exports the retained amount, warns above
+//! `replication.slot_wal_warning_bytes`, and turns a lost slot into a definite error.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ::metrics::Gauge;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::error::{report, Error};
+
+const SLOT_WAL: &str =
+    "SELECT pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn)::bigint, \
+            wal_status, safe_wal_size \
+     FROM pg_catalog.pg_replication_slots \
+     WHERE slot_name = $1 AND database = pg_catalog.current_database()";
+
+/// Warnings about retained WAL repeat at most this often while it stays above the threshold.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// What the operator must do once a slot is lost; shared with the startup check.
+pub fn lost_slot_problem() -> String {
+    "has been invalidated (wal_status = lost: it retained more WAL than max_slot_wal_keep_size \
+     allows), so events committed since its last confirmed position are no longer in the WAL. \
+     Run `listener slot drop` (it prints the last handled position), replay the events after \
+     that position from domain_events.event, then start the listener again to create a new slot"
+        .to_string()
+}
+
+/// Watches one slot's retained WAL over the session's SQL connection.
+pub struct SlotWatch {
+    /// The session's SQL connection.
+    pub client: Arc<Client>,
+    /// Slot name.
+    pub slot: String,
+    /// Warn above this many bytes; 0: never.
+    pub warn_above: u64,
+    /// Check period.
+    pub every: Duration,
+    /// `slot_retained_wal_bytes`.
+    pub gauge: Gauge,
+}
+
+impl SlotWatch {
+    /// Checks every `every` until `cancel` fires; returns a definite [`Error::Slot`] when the
+    /// slot is lost. A failed query is logged and retried at the next tick: the stream notices
+    /// a dead connection on its own.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
+        let mut tick = tokio::time::interval(self.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_warning: Option<Instant> = None;
+        let mut query_failed = false;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tick.tick() => {}
+            }
+            let row = match self.client.query_opt(SLOT_WAL, &[&self.slot]).await {
+                Ok(row) => {
+                    query_failed = false;
+                    row
+                }
+                Err(err) => {
+                    if !query_failed && !cancel.is_cancelled() {
+                        warn!(slot = %self.slot, error = %report(&Error::sql("reading the slot's retained WAL")(err)), "cannot check the slot's retained WAL");
+                    }
+                    query_failed = true;
+                    continue;
+                }
+            };
+            let Some(row) = row else {
+                // Dropped under us: the stream fails with a clear error of its own.
+                continue;
+            };
+            let retained: Option<i64> = row.get(0);
+            let wal_status: Option<String> = row.get(1);
+            let safe_wal_size: Option<i64> = row.get(2);
+            if wal_status.as_deref() == Some("lost") {
+                return Err(Error::Slot {
+                    name: self.slot.clone(),
+                    problem: lost_slot_problem(),
+                });
+            }
+            let retained = retained.unwrap_or(0).max(0) as u64;
+            self.gauge.set(retained as f64);
+            debug!(slot = %self.slot, retained_bytes = retained, wal_status = ?wal_status, "slot retained WAL");
+            if self.warn_above > 0
+                && retained > self.warn_above
+                && last_warning.is_none_or(|at| at.elapsed() >= WARN_EVERY)
+            {
+                last_warning = Some(Instant::now());
+                warn!(
+                    slot = %self.slot,
+                    retained_bytes = retained,
+                    threshold_bytes = self.warn_above,
+                    wal_status = wal_status.as_deref().unwrap_or("unknown"),
+                    safe_wal_size = ?safe_wal_size,
+                    "the replication slot retains more WAL than replication.slot_wal_warning_bytes; \
+                     if max_slot_wal_keep_size is set, the slot is invalidated once it retains more \
+                     than that (safe_wal_size bytes remain), otherwise the server's disk fills up"
+                );
+            }
+        }
+    }
+}
