@@ -95,6 +95,7 @@ fn listener_config(dsn: &str, dbname: &str, slot: &str) -> Config {
         max_backoff_ms: 1,
         on_failure: Default::default(),
         function: None,
+        ..HandlerConfig::default()
     }];
     config
 }

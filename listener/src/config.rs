@@ -277,6 +277,67 @@ pub struct HandlerConfig {
     /// `kind = "sql"`: the function `schema.function(event jsonb)` to call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub function: Option<String>,
+    /// `kind = "webhook"`: the `http(s)` URL each event is POSTed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `kind = "webhook"`: name of the environment variable holding the HMAC-SHA256 key of the
+    /// `X-Signature` header (no secret, no header). Secrets never come from the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// `kind = "webhook"`: per-request timeout; `kind = "nats"`: connect, API and publish-ack
+    /// timeout. Milliseconds, default 10 000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// `kind = "nats"`: server URLs, default `["nats://127.0.0.1:4222"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub servers: Option<Vec<String>>,
+    /// `kind = "nats"`: subject template, default `events.{aggregate_type}.{event_type}`
+    /// (placeholders `{aggregate_type}`, `{event_type}`, `{aggregate_id}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// `kind = "nats"`: JetStream stream capturing the subjects, default `DOMAIN_EVENTS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+    /// `kind = "nats"`: create the stream when missing (default `true`), capturing the
+    /// template's fixed prefix (`events.>` for the default template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_stream: Option<bool>,
+    /// `kind = "nats"`: name of the environment variable holding the user name (with
+    /// `password_env`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_env: Option<String>,
+    /// `kind = "nats"`: name of the environment variable holding the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// `kind = "nats"`: name of the environment variable holding an authentication token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+}
+
+impl Default for HandlerConfig {
+    /// A `stdout` handler for every event with the default retry policy.
+    fn default() -> HandlerConfig {
+        HandlerConfig {
+            name: None,
+            kind: HandlerKind::Stdout,
+            events: all_events(),
+            max_attempts: default_max_attempts(),
+            initial_backoff_ms: default_initial_backoff_ms(),
+            max_backoff_ms: default_max_backoff_ms(),
+            on_failure: OnFailure::default(),
+            function: None,
+            url: None,
+            secret_env: None,
+            timeout_ms: None,
+            servers: None,
+            subject: None,
+            stream: None,
+            create_stream: None,
+            user_env: None,
+            password_env: None,
+            token_env: None,
+        }
+    }
 }
 
 fn all_events() -> Vec<String> {
@@ -300,15 +361,229 @@ pub enum HandlerKind {
     Stdout,
     /// A SQL function called exactly once per event ([`crate::sink::SqlHandler`]).
     Sql,
+    /// A signed HTTP POST per event ([`crate::sink::WebhookSink`]).
+    Webhook,
+    /// A JetStream publish per event ([`crate::sink::NatsSink`]).
+    Nats,
+}
+
+impl HandlerKind {
+    /// The name used in the file (`kind = "..."`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandlerKind::Stdout => "stdout",
+            HandlerKind::Sql => "sql",
+            HandlerKind::Webhook => "webhook",
+            HandlerKind::Nats => "nats",
+        }
+    }
+
+    /// The kind-specific keys this kind accepts.
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            HandlerKind::Stdout => &[],
+            HandlerKind::Sql => &["function"],
+            HandlerKind::Webhook => &["url", "secret_env", "timeout_ms"],
+            HandlerKind::Nats => &[
+                "servers",
+                "subject",
+                "stream",
+                "create_stream",
+                "timeout_ms",
+                "user_env",
+                "password_env",
+                "token_env",
+            ],
+        }
+    }
 }
 
 impl HandlerConfig {
     /// The handler's name.
     pub fn name(&self) -> String {
-        self.name.clone().unwrap_or_else(|| match self.kind {
-            HandlerKind::Stdout => "stdout".into(),
-            HandlerKind::Sql => "sql".into(),
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.kind.as_str().to_string())
+    }
+
+    /// The kind-specific keys that are set, by their name in the file.
+    fn keys_set(&self) -> Vec<&'static str> {
+        [
+            ("function", self.function.is_some()),
+            ("url", self.url.is_some()),
+            ("secret_env", self.secret_env.is_some()),
+            ("timeout_ms", self.timeout_ms.is_some()),
+            ("servers", self.servers.is_some()),
+            ("subject", self.subject.is_some()),
+            ("stream", self.stream.is_some()),
+            ("create_stream", self.create_stream.is_some()),
+            ("user_env", self.user_env.is_some()),
+            ("password_env", self.password_env.is_some()),
+            ("token_env", self.token_env.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
+
+    /// The environment variables this handler reads its secrets from.
+    pub fn secret_vars(&self) -> Vec<&str> {
+        [
+            &self.secret_env,
+            &self.user_env,
+            &self.password_env,
+            &self.token_env,
+        ]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect()
+    }
+
+    /// The timeout of a `webhook` or `nats` handler.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms.unwrap_or(10_000))
+    }
+
+    /// The options of a `nats` handler, secrets read through `lookup` (an environment).
+    pub fn nats_options(
+        &self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<crate::sink::NatsOptions, ConfigError> {
+        let origin = || Some(format!("handler {}", self.name()));
+        let subject = crate::sink::SubjectTemplate::parse(
+            self.subject
+                .as_deref()
+                .unwrap_or(crate::sink::nats::DEFAULT_SUBJECT),
+        )
+        .map_err(|e| invalid(origin(), e.to_string()))?;
+        let stream = self
+            .stream
+            .clone()
+            .unwrap_or_else(|| crate::sink::nats::DEFAULT_STREAM.into());
+        crate::sink::nats::check_stream_name(&stream)
+            .map_err(|e| invalid(origin(), e.to_string()))?;
+        let create_stream = self.create_stream.unwrap_or(true);
+        if create_stream && subject.stream_subject().is_none() {
+            return Err(invalid(
+                origin(),
+                "create_stream needs a subject template that starts with a fixed token                  (e.g. \"events.{aggregate_type}\"); or create the stream yourself and set                  create_stream = false",
+            ));
+        }
+        let servers = self
+            .servers
+            .clone()
+            .unwrap_or_else(|| vec![crate::sink::nats::DEFAULT_SERVER.into()]);
+        if servers.is_empty() {
+            return Err(invalid(origin(), "servers is empty"));
+        }
+        let secret = |var: &Option<String>| -> Result<Option<String>, ConfigError> {
+            var.as_deref()
+                .map(|name| {
+                    lookup(name).ok_or_else(|| {
+                        invalid(origin(), format!("environment variable {name} is not set"))
+                    })
+                })
+                .transpose()
+        };
+        let credentials = match (
+            secret(&self.user_env)?,
+            secret(&self.password_env)?,
+            secret(&self.token_env)?,
+        ) {
+            (None, None, None) => None,
+            (Some(user), Some(password), None) => {
+                Some(crate::sink::NatsCredentials::UserPassword(user, password))
+            }
+            (None, None, Some(token)) => Some(crate::sink::NatsCredentials::Token(token)),
+            _ => {
+                return Err(invalid(
+                    origin(),
+                    "set user_env with password_env, or token_env alone",
+                ))
+            }
+        };
+        Ok(crate::sink::NatsOptions {
+            servers,
+            subject,
+            stream,
+            create_stream,
+            timeout: self.timeout(),
+            credentials,
+            max_attempts: self.max_attempts,
         })
+    }
+
+    /// The HMAC key of a `webhook` handler, read through `lookup` (an environment).
+    pub fn webhook_secret(
+        &self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<Vec<u8>>, ConfigError> {
+        self.secret_env
+            .as_deref()
+            .map(|name| match lookup(name) {
+                Some(secret) if !secret.is_empty() => Ok(secret.into_bytes()),
+                _ => Err(invalid(
+                    Some(format!("handler {}", self.name())),
+                    format!("environment variable {name} (secret_env) is not set or empty"),
+                )),
+            })
+            .transpose()
+    }
+
+    /// Checks the kind-specific keys: those of another kind are refused, required ones present,
+    /// values well-formed. Secrets are looked up through `lookup`.
+    fn validate_kind(&self, lookup: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let origin = || Some(format!("handler {}", self.name()));
+        let allowed = self.kind.keys();
+        if let Some(key) = self.keys_set().into_iter().find(|k| !allowed.contains(k)) {
+            let owners: Vec<String> = [
+                HandlerKind::Stdout,
+                HandlerKind::Sql,
+                HandlerKind::Webhook,
+                HandlerKind::Nats,
+            ]
+            .into_iter()
+            .filter(|k| k.keys().contains(&key))
+            .map(|k| format!("\"{}\"", k.as_str()))
+            .collect();
+            return Err(invalid(
+                origin(),
+                format!(
+                    "{key} is for kind = {} only, not kind = \"{}\"",
+                    owners.join(" or "),
+                    self.kind.as_str()
+                ),
+            ));
+        }
+        if self.timeout_ms == Some(0) {
+            return Err(invalid(origin(), "timeout_ms must be positive"));
+        }
+        match self.kind {
+            HandlerKind::Stdout => {}
+            HandlerKind::Sql => {
+                let function = self.function.as_deref().ok_or_else(|| {
+                    invalid(
+                        origin(),
+                        "kind = \"sql\" needs function = \"schema.function\"",
+                    )
+                })?;
+                crate::sink::quote_function(function)
+                    .map_err(|e| invalid(origin(), e.to_string()))?;
+            }
+            HandlerKind::Webhook => {
+                let url = self.url.as_deref().ok_or_else(|| {
+                    invalid(origin(), "kind = \"webhook\" needs url = \"https://...\"")
+                })?;
+                crate::sink::webhook::parse_url(url)
+                    .map_err(|e| invalid(origin(), e.to_string()))?;
+                self.webhook_secret(lookup)?;
+            }
+            HandlerKind::Nats => {
+                self.nats_options(lookup)?;
+            }
+        }
+        Ok(())
     }
 
     /// Parsed filters.
@@ -413,12 +688,18 @@ impl Config {
             .map_err(|e: toml::de::Error| invalid(origin, e.to_string()))?;
         let lookup = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         config.database.password = lookup("PGDE_PASSWORD").or_else(|| lookup("PGPASSWORD"));
-        config.validate()?;
+        config.validate_with(&|name: &str| lookup(name))?;
         Ok(config)
     }
 
-    /// Checks names and ranges, so that mistakes fail at startup with a clear message.
+    /// Checks names and ranges, so that mistakes fail at startup with a clear message; the
+    /// handlers' secret variables must be set in the process environment.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_with(&|name: &str| std::env::var(name).ok())
+    }
+
+    /// [`Config::validate`], with the handlers' secret variables looked up through `env`.
+    pub fn validate_with(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         let r = &self.replication;
         if !is_simple_name(&r.slot) || r.slot.contains('$') {
             return Err(invalid(
@@ -497,31 +778,12 @@ impl Config {
                     "max_attempts must be ≥ 1",
                 ));
             }
-            match (handler.kind, &handler.function) {
-                (HandlerKind::Sql, None) => {
-                    return Err(invalid(
-                        Some(format!("handler {}", handler.name())),
-                        "kind = \"sql\" needs function = \"schema.function\"",
-                    ))
-                }
-                (HandlerKind::Sql, Some(function)) => {
-                    crate::sink::quote_function(function).map_err(|e| {
-                        invalid(Some(format!("handler {}", handler.name())), e.to_string())
-                    })?;
-                    if r.workers > 1 {
-                        return Err(invalid(
-                            Some(format!("handler {}", handler.name())),
-                            "a sql handler is exactly-once in stream order only: use workers = 1",
-                        ));
-                    }
-                }
-                (HandlerKind::Stdout, Some(_)) => {
-                    return Err(invalid(
-                        Some(format!("handler {}", handler.name())),
-                        "function is for kind = \"sql\" only",
-                    ))
-                }
-                (HandlerKind::Stdout, None) => {}
+            handler.validate_kind(env)?;
+            if handler.kind == HandlerKind::Sql && r.workers > 1 {
+                return Err(invalid(
+                    Some(format!("handler {}", handler.name())),
+                    "a sql handler is exactly-once in stream order only: use workers = 1",
+                ));
             }
             if handler.name() == DECODE_HANDLER {
                 return Err(invalid(
@@ -855,5 +1117,93 @@ mod tests {
     fn example_file_is_valid() {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("example.toml");
         Config::load(Some(&example), &[], &Overrides::default()).unwrap();
+    }
+
+    #[test]
+    fn webhook_and_nats_handlers_are_checked_with_their_secrets() {
+        let load = |text: &str, vars: &[(&str, &str)]| {
+            let file = write(text);
+            Config::load(Some(&file.0), &env(vars), &Overrides::default())
+        };
+        let webhook = "[[handlers]]\nkind = \"webhook\"\nurl = \"https://h.example/e\"\n\
+                       secret_env = \"HOOK_SECRET\"\ntimeout_ms = 500\n";
+        let ok = load(webhook, &[("HOOK_SECRET", "s3cret")]).unwrap();
+        assert_eq!(ok.handlers[0].name(), "webhook");
+        assert_eq!(ok.handlers[0].timeout(), Duration::from_millis(500));
+        let nats = "[[handlers]]\nkind = \"nats\"\nuser_env = \"NU\"\npassword_env = \"NP\"\n";
+        let ok = load(nats, &[("NU", "u"), ("NP", "p")]).unwrap();
+        let options = ok.handlers[0]
+            .nats_options(|k| {
+                if k == "NU" {
+                    Some("u".into())
+                } else {
+                    Some("p".into())
+                }
+            })
+            .unwrap();
+        assert_eq!(options.stream, "DOMAIN_EVENTS");
+        assert!(options.create_stream);
+        assert_eq!(options.servers, ["nats://127.0.0.1:4222"]);
+        for (text, vars, expected) in [
+            (webhook, &[][..], "HOOK_SECRET"),
+            (webhook, &[("HOOK_SECRET", "")][..], "HOOK_SECRET"),
+            ("[[handlers]]\nkind = \"webhook\"\n", &[][..], "needs url"),
+            (
+                "[[handlers]]\nkind = \"webhook\"\nurl = \"ftp://x\"\n",
+                &[][..],
+                "scheme",
+            ),
+            (
+                "[[handlers]]\nkind = \"webhook\"\nurl = \"http://x\"\nsubject = \"a\"\n",
+                &[][..],
+                "subject is for kind = \"nats\" only",
+            ),
+            (
+                "[[handlers]]\nkind = \"stdout\"\ntimeout_ms = 5\n",
+                &[][..],
+                "kind = \"webhook\" or \"nats\" only",
+            ),
+            (
+                "[[handlers]]\nkind = \"webhook\"\nurl = \"http://x\"\ntimeout_ms = 0\n",
+                &[][..],
+                "positive",
+            ),
+            (nats, &[("NU", "u")][..], "NP is not set"),
+            (
+                "[[handlers]]\nkind = \"nats\"\nuser_env = \"NU\"\n",
+                &[("NU", "u")][..],
+                "password_env",
+            ),
+            (
+                "[[handlers]]\nkind = \"nats\"\nsubject = \"events.{tenant}\"\n",
+                &[][..],
+                "unknown placeholder {tenant}",
+            ),
+            (
+                "[[handlers]]\nkind = \"nats\"\nsubject = \"{aggregate_type}.x\"\n",
+                &[][..],
+                "create_stream",
+            ),
+            (
+                "[[handlers]]\nkind = \"nats\"\nstream = \"a.b\"\n",
+                &[][..],
+                "stream \"a.b\"",
+            ),
+            (
+                "[[handlers]]\nkind = \"nats\"\nservers = []\n",
+                &[][..],
+                "servers is empty",
+            ),
+        ] {
+            let err = load(text, vars).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
+        // A template starting with a placeholder is fine for a stream made by hand.
+        load(
+            "[[handlers]]\nkind = \"nats\"\nsubject = \"{aggregate_type}.x\"\n\
+             create_stream = false\n",
+            &[],
+        )
+        .unwrap();
     }
 }
