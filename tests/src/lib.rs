@@ -7,6 +7,7 @@
 use tokio_postgres::{Client, NoTls};
 
 pub mod listener_support;
+pub mod sink_support;
 pub mod store_support;
 
 /// Connection string of the private cluster's superuser, database `postgres`.
