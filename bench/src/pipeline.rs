@@ -77,7 +77,7 @@ impl Handler for Shared {
     }
 }
 
-fn listener_config(dsn: &str, dbname: &str, slot: &str) -> Config {
+pub(crate) fn listener_config(dsn: &str, dbname: &str, slot: &str) -> Config {
     let mut config = Config::default();
     config.database.host = param(dsn, "host", "127.0.0.1");
     config.database.port = param(dsn, "port", "5432").parse().expect("port");
@@ -100,7 +100,7 @@ fn listener_config(dsn: &str, dbname: &str, slot: &str) -> Config {
     config
 }
 
-fn batch(size: usize, n: u64) -> serde_json::Value {
+pub(crate) fn batch(size: usize, n: u64) -> serde_json::Value {
     serde_json::Value::Array(
         (0..size)
             .map(|i| {
