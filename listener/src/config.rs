@@ -442,7 +442,11 @@ impl HandlerConfig {
 
     /// The timeout of a `webhook` or `nats` handler.
     pub fn timeout(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms.unwrap_or(10_000))
+        match self.timeout_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None if self.kind == HandlerKind::Nats => crate::sink::nats::DEFAULT_TIMEOUT,
+            None => crate::sink::webhook::DEFAULT_TIMEOUT,
+        }
     }
 
     /// The options of a `nats` handler, secrets read through `lookup` (an environment).

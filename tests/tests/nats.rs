@@ -290,3 +290,59 @@ async fn killed_listener_publishes_each_event_exactly_once() {
         publishes - ids.len()
     );
 }
+
+/// A publish whose ack fails (here: its stream was deleted) fails the transaction's flush; the
+/// retried flush publishes it again, and once the stream is back the event is stored, not
+/// dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_publishes_are_sent_again_by_the_retried_flush() {
+    let js = jetstream().await;
+    let (stream, prefix) = unique_stream();
+    let _stream = StreamGuard(stream.clone());
+    let create = || async {
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![format!("{prefix}.>")],
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+    };
+    create().await;
+    let db = TestDb::new().await;
+    let name = unique_name("natsflush");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.handlers = vec![listener::config::HandlerConfig {
+        create_stream: Some(false),
+        timeout_ms: Some(1000),
+        max_backoff_ms: 300,
+        ..nats_handler("bus", &stream, &prefix, 40)
+    }];
+    let listener = start(config);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    let first = raise(&db.client, &[("Loan", "1", "Loan.Funded")]).await;
+    wait_stream_count(&js, &stream, 1, Duration::from_secs(60)).await;
+    listener
+        .collector
+        .wait_for(1, Duration::from_secs(30))
+        .await;
+
+    js.delete_stream(&stream).await.expect("delete stream");
+    let second = raise(&db.client, &[("Loan", "1", "Loan.Repaid")]).await;
+    listener
+        .collector
+        .wait_for(2, Duration::from_secs(30))
+        .await;
+    // Several flushes fail meanwhile (no stream answers the publish).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+    create().await;
+    wait_stream_count(&js, &stream, 1, Duration::from_secs(30)).await;
+    let stored = stream_messages(&js, &stream).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].msg_id, Some(second[0].to_string()));
+    assert_ne!(first[0], second[0]);
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+    listener.stop().await.unwrap();
+}

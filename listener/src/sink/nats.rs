@@ -246,6 +246,9 @@ pub struct NatsSink {
     options: NatsOptions,
     context: tokio::sync::Mutex<Option<jetstream::Context>>,
     pending: Mutex<Vec<Pending>>,
+    /// Held while acks are awaited: with several workers, a flush must not return while
+    /// another worker's flush still waits for acks of events this worker handled.
+    settling: tokio::sync::Mutex<()>,
 }
 
 impl NatsSink {
@@ -255,6 +258,7 @@ impl NatsSink {
             options,
             context: tokio::sync::Mutex::new(None),
             pending: Mutex::new(Vec::new()),
+            settling: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -338,6 +342,7 @@ impl NatsSink {
     /// Awaits the acks of everything pending (publishing again what is not in flight, when
     /// `resend`). Returns the first error; failed publishes stay pending.
     async fn settle(&self, resend: bool) -> Result<(), HandlerError> {
+        let _settling = self.settling.lock().await;
         let mut batch = std::mem::take(&mut *self.lock_pending()?);
         if batch.is_empty() {
             return Ok(());
