@@ -89,7 +89,7 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
         let started = Instant::now();
         for (i, event) in events.iter().enumerate() {
             sink.handle(event).await?;
-            if (i as u64 + 1) % per_flush == 0 {
+            if (i as u64 + 1).is_multiple_of(per_flush) {
                 sink.flush().await?;
             }
         }
