@@ -536,8 +536,9 @@ impl HandlerConfig {
     }
 
     /// Checks the kind-specific keys: those of another kind are refused, required ones present,
-    /// values well-formed. Secrets are looked up through `lookup`.
-    fn validate_kind(&self, lookup: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+    /// values well-formed. Secrets are not read (any variable counts as set).
+    fn validate_kind(&self) -> Result<(), ConfigError> {
+        let lookup = |_: &str| Some("set".to_string());
         let origin = || Some(format!("handler {}", self.name()));
         let allowed = self.kind.keys();
         if let Some(key) = self.keys_set().into_iter().find(|k| !allowed.contains(k)) {
@@ -692,18 +693,16 @@ impl Config {
             .map_err(|e: toml::de::Error| invalid(origin, e.to_string()))?;
         let lookup = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         config.database.password = lookup("PGDE_PASSWORD").or_else(|| lookup("PGPASSWORD"));
-        config.validate_with(&|name: &str| lookup(name))?;
+        config.validate()?;
         Ok(config)
     }
 
-    /// Checks names and ranges, so that mistakes fail at startup with a clear message; the
-    /// handlers' secret variables must be set in the process environment.
+    /// Checks names and ranges, so that mistakes fail at startup with a clear message.
+    ///
+    /// Handler secrets are not read here: only the command that runs the handlers needs them
+    /// ([`crate::service::registry_from_config`] reads them, and names a missing variable), so
+    /// `listener dead-letters list` works without the webhook's key in the environment.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.validate_with(&|name: &str| std::env::var(name).ok())
-    }
-
-    /// [`Config::validate`], with the handlers' secret variables looked up through `env`.
-    pub fn validate_with(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         let r = &self.replication;
         if !is_simple_name(&r.slot) || r.slot.contains('$') {
             return Err(invalid(
@@ -782,7 +781,7 @@ impl Config {
                     "max_attempts must be ≥ 1",
                 ));
             }
-            handler.validate_kind(env)?;
+            handler.validate_kind()?;
             if handler.kind == HandlerKind::Sql && r.workers > 1 {
                 return Err(invalid(
                     Some(format!("handler {}", handler.name())),
@@ -1125,88 +1124,101 @@ mod tests {
 
     #[test]
     fn webhook_and_nats_handlers_are_checked_with_their_secrets() {
-        let load = |text: &str, vars: &[(&str, &str)]| {
+        let load = |text: &str| {
             let file = write(text);
-            Config::load(Some(&file.0), &env(vars), &Overrides::default())
+            Config::load(Some(&file.0), &[], &Overrides::default())
         };
-        let webhook = "[[handlers]]\nkind = \"webhook\"\nurl = \"https://h.example/e\"\n\
-                       secret_env = \"HOOK_SECRET\"\ntimeout_ms = 500\n";
-        let ok = load(webhook, &[("HOOK_SECRET", "s3cret")]).unwrap();
-        assert_eq!(ok.handlers[0].name(), "webhook");
-        assert_eq!(ok.handlers[0].timeout(), Duration::from_millis(500));
-        let nats = "[[handlers]]\nkind = \"nats\"\nuser_env = \"NU\"\npassword_env = \"NP\"\n";
-        let ok = load(nats, &[("NU", "u"), ("NP", "p")]).unwrap();
-        let options = ok.handlers[0]
-            .nats_options(|k| {
-                if k == "NU" {
-                    Some("u".into())
-                } else {
-                    Some("p".into())
-                }
-            })
-            .unwrap();
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        // Loading does not need the secrets (CLI subcommands work without them)…
+        let webhook = load(
+            "[[handlers]]\nkind = \"webhook\"\nurl = \"https://h.example/e\"\n\
+             secret_env = \"HOOK_SECRET\"\ntimeout_ms = 500\n",
+        )
+        .unwrap();
+        let hook = &webhook.handlers[0];
+        assert_eq!(hook.name(), "webhook");
+        assert_eq!(hook.timeout(), Duration::from_millis(500));
+        // …building the handler does, and names the missing variable.
+        assert_eq!(
+            hook.webhook_secret(vars(&[("HOOK_SECRET", "s3cret")]))
+                .unwrap(),
+            Some(b"s3cret".to_vec())
+        );
+        for missing in [&[][..], &[("HOOK_SECRET", "")][..]] {
+            let err = hook.webhook_secret(vars(missing)).unwrap_err().to_string();
+            assert!(err.contains("HOOK_SECRET"), "{err}");
+        }
+        let nats =
+            load("[[handlers]]\nkind = \"nats\"\nuser_env = \"NU\"\npassword_env = \"NP\"\n")
+                .unwrap();
+        let bus = &nats.handlers[0];
+        let options = bus.nats_options(vars(&[("NU", "u"), ("NP", "p")])).unwrap();
         assert_eq!(options.stream, "DOMAIN_EVENTS");
         assert!(options.create_stream);
         assert_eq!(options.servers, ["nats://127.0.0.1:4222"]);
-        for (text, vars, expected) in [
-            (webhook, &[][..], "HOOK_SECRET"),
-            (webhook, &[("HOOK_SECRET", "")][..], "HOOK_SECRET"),
-            ("[[handlers]]\nkind = \"webhook\"\n", &[][..], "needs url"),
+        assert_eq!(options.timeout, Duration::from_secs(10));
+        assert!(matches!(
+            options.credentials,
+            Some(crate::sink::NatsCredentials::UserPassword(ref u, ref p)) if u == "u" && p == "p"
+        ));
+        let err = bus
+            .nats_options(vars(&[("NU", "u")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("NP is not set"), "{err}");
+        for (text, expected) in [
+            ("[[handlers]]\nkind = \"webhook\"\n", "needs url"),
             (
                 "[[handlers]]\nkind = \"webhook\"\nurl = \"ftp://x\"\n",
-                &[][..],
                 "scheme",
             ),
             (
                 "[[handlers]]\nkind = \"webhook\"\nurl = \"http://x\"\nsubject = \"a\"\n",
-                &[][..],
                 "subject is for kind = \"nats\" only",
             ),
             (
                 "[[handlers]]\nkind = \"stdout\"\ntimeout_ms = 5\n",
-                &[][..],
                 "kind = \"webhook\" or \"nats\" only",
             ),
             (
                 "[[handlers]]\nkind = \"webhook\"\nurl = \"http://x\"\ntimeout_ms = 0\n",
-                &[][..],
                 "positive",
             ),
-            (nats, &[("NU", "u")][..], "NP is not set"),
             (
                 "[[handlers]]\nkind = \"nats\"\nuser_env = \"NU\"\n",
-                &[("NU", "u")][..],
                 "password_env",
             ),
             (
                 "[[handlers]]\nkind = \"nats\"\nsubject = \"events.{tenant}\"\n",
-                &[][..],
                 "unknown placeholder {tenant}",
             ),
             (
                 "[[handlers]]\nkind = \"nats\"\nsubject = \"{aggregate_type}.x\"\n",
-                &[][..],
                 "create_stream",
             ),
             (
                 "[[handlers]]\nkind = \"nats\"\nstream = \"a.b\"\n",
-                &[][..],
                 "stream \"a.b\"",
             ),
             (
                 "[[handlers]]\nkind = \"nats\"\nservers = []\n",
-                &[][..],
                 "servers is empty",
             ),
         ] {
-            let err = load(text, vars).unwrap_err().to_string();
+            let err = load(text).unwrap_err().to_string();
             assert!(err.contains(expected), "{text}: {err}");
         }
         // A template starting with a placeholder is fine for a stream made by hand.
         load(
             "[[handlers]]\nkind = \"nats\"\nsubject = \"{aggregate_type}.x\"\n\
              create_stream = false\n",
-            &[],
         )
         .unwrap();
     }
