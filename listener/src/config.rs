@@ -481,6 +481,13 @@ impl HandlerConfig {
         if servers.is_empty() {
             return Err(invalid(origin(), "servers is empty"));
         }
+        if let Some((server, e)) = servers.iter().find_map(|s| {
+            s.parse::<async_nats::ServerAddr>()
+                .err()
+                .map(|e| (s.clone(), e))
+        }) {
+            return Err(invalid(origin(), format!("server {server:?}: {e}")));
+        }
         let secret = |var: &Option<String>| -> Result<Option<String>, ConfigError> {
             var.as_deref()
                 .map(|name| {
@@ -1210,6 +1217,10 @@ mod tests {
             (
                 "[[handlers]]\nkind = \"nats\"\nservers = []\n",
                 "servers is empty",
+            ),
+            (
+                "[[handlers]]\nkind = \"nats\"\nservers = [\"http://x:4222\"]\n",
+                "server \"http://x:4222\"",
             ),
         ] {
             let err = load(text).unwrap_err().to_string();

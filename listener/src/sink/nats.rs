@@ -286,8 +286,7 @@ impl NatsSink {
                     | async_nats::ConnectErrorKind::Authentication
                     | async_nats::ConnectErrorKind::AuthorizationViolation
             );
-            // Credentials may be fixed on the server side while we retry; still, retrying a
-            // refused login for ever helps nobody: the event fails, the next one tries again.
+            // A refused login is not retried (each event still tries once to connect).
             let error = if definite {
                 HandlerError::definite("cannot connect to NATS")
             } else {
