@@ -78,6 +78,7 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
             ))?,
             stream: stream.clone(),
             create_stream: true,
+            duplicate_window: None,
             timeout: Duration::from_secs(10),
             credentials: None,
             max_attempts: 1,

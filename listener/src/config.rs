@@ -302,6 +302,10 @@ pub struct HandlerConfig {
     /// template's fixed prefix (`events.>` for the default template).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub create_stream: Option<bool>,
+    /// `kind = "nats"`: duplicate window of a stream the listener creates, in seconds (default:
+    /// the server's, 2 minutes). A replay later than this after its first publish is stored twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_window_secs: Option<u64>,
     /// `kind = "nats"`: name of the environment variable holding the user name (with
     /// `password_env`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -333,6 +337,7 @@ impl Default for HandlerConfig {
             subject: None,
             stream: None,
             create_stream: None,
+            duplicate_window_secs: None,
             user_env: None,
             password_env: None,
             token_env: None,
@@ -389,6 +394,7 @@ impl HandlerKind {
                 "subject",
                 "stream",
                 "create_stream",
+                "duplicate_window_secs",
                 "timeout_ms",
                 "user_env",
                 "password_env",
@@ -417,6 +423,10 @@ impl HandlerConfig {
             ("subject", self.subject.is_some()),
             ("stream", self.stream.is_some()),
             ("create_stream", self.create_stream.is_some()),
+            (
+                "duplicate_window_secs",
+                self.duplicate_window_secs.is_some(),
+            ),
             ("user_env", self.user_env.is_some()),
             ("password_env", self.password_env.is_some()),
             ("token_env", self.token_env.is_some()),
@@ -474,6 +484,15 @@ impl HandlerConfig {
                 "create_stream needs a subject template that starts with a fixed token                  (e.g. \"events.{aggregate_type}\"); or create the stream yourself and set                  create_stream = false",
             ));
         }
+        if self.duplicate_window_secs.is_some() && !create_stream {
+            return Err(invalid(
+                origin(),
+                "duplicate_window_secs applies to a stream the listener creates (create_stream = true)",
+            ));
+        }
+        if self.duplicate_window_secs == Some(0) {
+            return Err(invalid(origin(), "duplicate_window_secs must be positive"));
+        }
         let servers = self
             .servers
             .clone()
@@ -519,6 +538,7 @@ impl HandlerConfig {
             subject,
             stream,
             create_stream,
+            duplicate_window: self.duplicate_window_secs.map(Duration::from_secs),
             timeout: self.timeout(),
             credentials,
             max_attempts: self.max_attempts,
@@ -1217,6 +1237,10 @@ mod tests {
             (
                 "[[handlers]]\nkind = \"nats\"\nservers = []\n",
                 "servers is empty",
+            ),
+            (
+                "[[handlers]]\nkind = \"nats\"\ncreate_stream = false\nduplicate_window_secs = 60\n",
+                "create_stream = true",
             ),
             (
                 "[[handlers]]\nkind = \"nats\"\nservers = [\"http://x:4222\"]\n",

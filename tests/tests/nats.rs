@@ -31,7 +31,10 @@ async fn subjects_follow_the_template_and_the_stream_is_created() {
     let name = unique_name("nats");
     let _slot = SlotGuard(name.clone());
     let mut config = config_for(&db, &name);
-    config.handlers = vec![nats_handler("bus", &stream, &prefix, 3)];
+    config.handlers = vec![listener::config::HandlerConfig {
+        duplicate_window_secs: Some(600),
+        ..nats_handler("bus", &stream, &prefix, 3)
+    }];
     let listener = start(config);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
 
@@ -52,8 +55,9 @@ async fn subjects_follow_the_template_and_the_stream_is_created() {
         .await;
 
     let mut info = js.get_stream(&stream).await.unwrap();
-    let subjects = info.info().await.unwrap().config.subjects.clone();
-    assert_eq!(subjects, [format!("{prefix}.>")]);
+    let created = info.info().await.unwrap().config.clone();
+    assert_eq!(created.subjects, [format!("{prefix}.>")]);
+    assert_eq!(created.duplicate_window, Duration::from_secs(600));
     let stored = stream_messages(&js, &stream).await;
     let got: Vec<(String, Option<String>)> = stored
         .iter()

@@ -194,6 +194,8 @@ pub struct NatsOptions {
     pub stream: String,
     /// Create the stream (subjects: [`SubjectTemplate::stream_subject`]) when it is missing.
     pub create_stream: bool,
+    /// Duplicate window of a created stream; `None`: the server's default (2 minutes).
+    pub duplicate_window: Option<Duration>,
     /// Connect, API and publish-ack timeout.
     pub timeout: Duration,
     /// Credentials: resolved from the environment by the caller.
@@ -306,6 +308,8 @@ impl NatsSink {
                 .get_or_create_stream(jetstream::stream::Config {
                     name: o.stream.clone(),
                     subjects: vec![subject.clone()],
+                    // Zero lets the server apply its default.
+                    duplicate_window: o.duplicate_window.unwrap_or_default(),
                     ..Default::default()
                 })
                 .await
