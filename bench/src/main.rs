@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 mod capture;
 mod pipeline;
+mod sinks;
 mod store;
 
 /// Benchmarks of pg_domain_events (run against the private cluster, not as tests).
@@ -32,6 +33,9 @@ enum Command {
     /// The listener's ordered workers: the same backlog drained with 1, 4 and 16 workers, with a
     /// no-op handler and a slow one.
     Workers(pipeline::WorkersArgs),
+    /// The webhook and NATS handlers: commit → JetStream ack and commit → HTTP receiver
+    /// events/s, and JetStream ack pipelining.
+    Sinks(sinks::SinksArgs),
 }
 
 #[tokio::main]
@@ -41,5 +45,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Capture(args) => capture::run(args).await,
         Command::Pipeline(args) => pipeline::run(args).await,
         Command::Workers(args) => pipeline::run_workers(args).await,
+        Command::Sinks(args) => sinks::run(args).await,
     }
 }

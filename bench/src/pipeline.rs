@@ -77,7 +77,7 @@ impl Handler for Shared {
     }
 }
 
-fn listener_config(dsn: &str, dbname: &str, slot: &str) -> Config {
+pub(crate) fn listener_config(dsn: &str, dbname: &str, slot: &str) -> Config {
     let mut config = Config::default();
     config.database.host = param(dsn, "host", "127.0.0.1");
     config.database.port = param(dsn, "port", "5432").parse().expect("port");
@@ -95,11 +95,12 @@ fn listener_config(dsn: &str, dbname: &str, slot: &str) -> Config {
         max_backoff_ms: 1,
         on_failure: Default::default(),
         function: None,
+        ..HandlerConfig::default()
     }];
     config
 }
 
-fn batch(size: usize, n: u64) -> serde_json::Value {
+pub(crate) fn batch(size: usize, n: u64) -> serde_json::Value {
     serde_json::Value::Array(
         (0..size)
             .map(|i| {

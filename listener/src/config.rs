@@ -307,6 +307,72 @@ pub struct HandlerConfig {
     /// `kind = "sql"`: the function `schema.function(event jsonb)` to call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub function: Option<String>,
+    /// `kind = "webhook"`: the `http(s)` URL each event is POSTed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `kind = "webhook"`: name of the environment variable holding the HMAC-SHA256 key of the
+    /// `X-Signature` header (no secret, no header). Secrets never come from the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// `kind = "webhook"`: per-request timeout; `kind = "nats"`: connect, API and publish-ack
+    /// timeout. Milliseconds, default 10 000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// `kind = "nats"`: server URLs, default `["nats://127.0.0.1:4222"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub servers: Option<Vec<String>>,
+    /// `kind = "nats"`: subject template, default `events.{aggregate_type}.{event_type}`
+    /// (placeholders `{aggregate_type}`, `{event_type}`, `{aggregate_id}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// `kind = "nats"`: JetStream stream capturing the subjects, default `DOMAIN_EVENTS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
+    /// `kind = "nats"`: create the stream when missing (default `true`), capturing the
+    /// template's fixed prefix (`events.>` for the default template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_stream: Option<bool>,
+    /// `kind = "nats"`: duplicate window of a stream the listener creates, in seconds (default:
+    /// the server's, 2 minutes). A replay later than this after its first publish is stored twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_window_secs: Option<u64>,
+    /// `kind = "nats"`: name of the environment variable holding the user name (with
+    /// `password_env`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_env: Option<String>,
+    /// `kind = "nats"`: name of the environment variable holding the password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// `kind = "nats"`: name of the environment variable holding an authentication token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+}
+
+impl Default for HandlerConfig {
+    /// A `stdout` handler for every event with the default retry policy.
+    fn default() -> HandlerConfig {
+        HandlerConfig {
+            name: None,
+            kind: HandlerKind::Stdout,
+            events: all_events(),
+            max_attempts: default_max_attempts(),
+            initial_backoff_ms: default_initial_backoff_ms(),
+            max_backoff_ms: default_max_backoff_ms(),
+            on_failure: OnFailure::default(),
+            function: None,
+            url: None,
+            secret_env: None,
+            timeout_ms: None,
+            servers: None,
+            subject: None,
+            stream: None,
+            create_stream: None,
+            duplicate_window_secs: None,
+            user_env: None,
+            password_env: None,
+            token_env: None,
+        }
+    }
 }
 
 fn all_events() -> Vec<String> {
@@ -330,15 +396,256 @@ pub enum HandlerKind {
     Stdout,
     /// A SQL function called exactly once per event ([`crate::sink::SqlHandler`]).
     Sql,
+    /// A signed HTTP POST per event ([`crate::sink::WebhookSink`]).
+    Webhook,
+    /// A JetStream publish per event ([`crate::sink::NatsSink`]).
+    Nats,
+}
+
+impl HandlerKind {
+    /// The name used in the file (`kind = "..."`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandlerKind::Stdout => "stdout",
+            HandlerKind::Sql => "sql",
+            HandlerKind::Webhook => "webhook",
+            HandlerKind::Nats => "nats",
+        }
+    }
+
+    /// The kind-specific keys this kind accepts.
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            HandlerKind::Stdout => &[],
+            HandlerKind::Sql => &["function"],
+            HandlerKind::Webhook => &["url", "secret_env", "timeout_ms"],
+            HandlerKind::Nats => &[
+                "servers",
+                "subject",
+                "stream",
+                "create_stream",
+                "duplicate_window_secs",
+                "timeout_ms",
+                "user_env",
+                "password_env",
+                "token_env",
+            ],
+        }
+    }
 }
 
 impl HandlerConfig {
     /// The handler's name.
     pub fn name(&self) -> String {
-        self.name.clone().unwrap_or_else(|| match self.kind {
-            HandlerKind::Stdout => "stdout".into(),
-            HandlerKind::Sql => "sql".into(),
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.kind.as_str().to_string())
+    }
+
+    /// The kind-specific keys that are set, by their name in the file.
+    fn keys_set(&self) -> Vec<&'static str> {
+        [
+            ("function", self.function.is_some()),
+            ("url", self.url.is_some()),
+            ("secret_env", self.secret_env.is_some()),
+            ("timeout_ms", self.timeout_ms.is_some()),
+            ("servers", self.servers.is_some()),
+            ("subject", self.subject.is_some()),
+            ("stream", self.stream.is_some()),
+            ("create_stream", self.create_stream.is_some()),
+            (
+                "duplicate_window_secs",
+                self.duplicate_window_secs.is_some(),
+            ),
+            ("user_env", self.user_env.is_some()),
+            ("password_env", self.password_env.is_some()),
+            ("token_env", self.token_env.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
+
+    /// The environment variables this handler reads its secrets from.
+    pub fn secret_vars(&self) -> Vec<&str> {
+        [
+            &self.secret_env,
+            &self.user_env,
+            &self.password_env,
+            &self.token_env,
+        ]
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect()
+    }
+
+    /// The timeout of a `webhook` or `nats` handler.
+    pub fn timeout(&self) -> Duration {
+        match self.timeout_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None if self.kind == HandlerKind::Nats => crate::sink::nats::DEFAULT_TIMEOUT,
+            None => crate::sink::webhook::DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// The options of a `nats` handler, secrets read through `lookup` (an environment).
+    pub fn nats_options(
+        &self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<crate::sink::NatsOptions, ConfigError> {
+        let origin = || Some(format!("handler {}", self.name()));
+        let subject = crate::sink::SubjectTemplate::parse(
+            self.subject
+                .as_deref()
+                .unwrap_or(crate::sink::nats::DEFAULT_SUBJECT),
+        )
+        .map_err(|e| invalid(origin(), e.to_string()))?;
+        let stream = self
+            .stream
+            .clone()
+            .unwrap_or_else(|| crate::sink::nats::DEFAULT_STREAM.into());
+        crate::sink::nats::check_stream_name(&stream)
+            .map_err(|e| invalid(origin(), e.to_string()))?;
+        let create_stream = self.create_stream.unwrap_or(true);
+        if create_stream && subject.stream_subject().is_none() {
+            return Err(invalid(
+                origin(),
+                "create_stream needs a subject template that starts with a fixed token                  (e.g. \"events.{aggregate_type}\"); or create the stream yourself and set                  create_stream = false",
+            ));
+        }
+        if self.duplicate_window_secs.is_some() && !create_stream {
+            return Err(invalid(
+                origin(),
+                "duplicate_window_secs applies to a stream the listener creates (create_stream = true)",
+            ));
+        }
+        if self.duplicate_window_secs == Some(0) {
+            return Err(invalid(origin(), "duplicate_window_secs must be positive"));
+        }
+        let servers = self
+            .servers
+            .clone()
+            .unwrap_or_else(|| vec![crate::sink::nats::DEFAULT_SERVER.into()]);
+        if servers.is_empty() {
+            return Err(invalid(origin(), "servers is empty"));
+        }
+        if let Some((server, e)) = servers.iter().find_map(|s| {
+            s.parse::<async_nats::ServerAddr>()
+                .err()
+                .map(|e| (s.clone(), e))
+        }) {
+            return Err(invalid(origin(), format!("server {server:?}: {e}")));
+        }
+        let secret = |var: &Option<String>| -> Result<Option<String>, ConfigError> {
+            var.as_deref()
+                .map(|name| {
+                    lookup(name).ok_or_else(|| {
+                        invalid(origin(), format!("environment variable {name} is not set"))
+                    })
+                })
+                .transpose()
+        };
+        let credentials = match (
+            secret(&self.user_env)?,
+            secret(&self.password_env)?,
+            secret(&self.token_env)?,
+        ) {
+            (None, None, None) => None,
+            (Some(user), Some(password), None) => {
+                Some(crate::sink::NatsCredentials::UserPassword(user, password))
+            }
+            (None, None, Some(token)) => Some(crate::sink::NatsCredentials::Token(token)),
+            _ => {
+                return Err(invalid(
+                    origin(),
+                    "set user_env with password_env, or token_env alone",
+                ))
+            }
+        };
+        Ok(crate::sink::NatsOptions {
+            servers,
+            subject,
+            stream,
+            create_stream,
+            duplicate_window: self.duplicate_window_secs.map(Duration::from_secs),
+            timeout: self.timeout(),
+            credentials,
+            max_attempts: self.max_attempts,
         })
+    }
+
+    /// The HMAC key of a `webhook` handler, read through `lookup` (an environment).
+    pub fn webhook_secret(
+        &self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<Vec<u8>>, ConfigError> {
+        self.secret_env
+            .as_deref()
+            .map(|name| match lookup(name) {
+                Some(secret) if !secret.is_empty() => Ok(secret.into_bytes()),
+                _ => Err(invalid(
+                    Some(format!("handler {}", self.name())),
+                    format!("environment variable {name} (secret_env) is not set or empty"),
+                )),
+            })
+            .transpose()
+    }
+
+    /// Checks the kind-specific keys: those of another kind are refused, required ones present,
+    /// values well-formed. Secrets are not read (any variable counts as set).
+    fn validate_kind(&self) -> Result<(), ConfigError> {
+        let lookup = |_: &str| Some("set".to_string());
+        let origin = || Some(format!("handler {}", self.name()));
+        let allowed = self.kind.keys();
+        if let Some(key) = self.keys_set().into_iter().find(|k| !allowed.contains(k)) {
+            let owners: Vec<String> = [
+                HandlerKind::Stdout,
+                HandlerKind::Sql,
+                HandlerKind::Webhook,
+                HandlerKind::Nats,
+            ]
+            .into_iter()
+            .filter(|k| k.keys().contains(&key))
+            .map(|k| format!("\"{}\"", k.as_str()))
+            .collect();
+            return Err(invalid(
+                origin(),
+                format!(
+                    "{key} is for kind = {} only, not kind = \"{}\"",
+                    owners.join(" or "),
+                    self.kind.as_str()
+                ),
+            ));
+        }
+        if self.timeout_ms == Some(0) {
+            return Err(invalid(origin(), "timeout_ms must be positive"));
+        }
+        match self.kind {
+            HandlerKind::Stdout => {}
+            HandlerKind::Sql => {
+                let function = self.function.as_deref().ok_or_else(|| {
+                    invalid(
+                        origin(),
+                        "kind = \"sql\" needs function = \"schema.function\"",
+                    )
+                })?;
+                crate::sink::quote_function(function)
+                    .map_err(|e| invalid(origin(), e.to_string()))?;
+            }
+            HandlerKind::Webhook => {
+                let url = self.url.as_deref().ok_or_else(|| {
+                    invalid(origin(), "kind = \"webhook\" needs url = \"https://...\"")
+                })?;
+                crate::sink::webhook::parse_url(url)
+                    .map_err(|e| invalid(origin(), e.to_string()))?;
+                self.webhook_secret(lookup)?;
+            }
+            HandlerKind::Nats => {
+                self.nats_options(lookup)?;
+            }
+        }
+        Ok(())
     }
 
     /// Parsed filters.
@@ -448,6 +755,10 @@ impl Config {
     }
 
     /// Checks names and ranges, so that mistakes fail at startup with a clear message.
+    ///
+    /// Handler secrets are not read here: only the command that runs the handlers needs them
+    /// ([`crate::service::registry_from_config`] reads them, and names a missing variable), so
+    /// `listener dead-letters list` works without the webhook's key in the environment.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let r = &self.replication;
         if !is_simple_name(&r.slot) || r.slot.contains('$') {
@@ -543,31 +854,12 @@ impl Config {
                     "max_attempts must be ≥ 1",
                 ));
             }
-            match (handler.kind, &handler.function) {
-                (HandlerKind::Sql, None) => {
-                    return Err(invalid(
-                        Some(format!("handler {}", handler.name())),
-                        "kind = \"sql\" needs function = \"schema.function\"",
-                    ))
-                }
-                (HandlerKind::Sql, Some(function)) => {
-                    crate::sink::quote_function(function).map_err(|e| {
-                        invalid(Some(format!("handler {}", handler.name())), e.to_string())
-                    })?;
-                    if r.workers > 1 {
-                        return Err(invalid(
-                            Some(format!("handler {}", handler.name())),
-                            "a sql handler is exactly-once in stream order only: use workers = 1",
-                        ));
-                    }
-                }
-                (HandlerKind::Stdout, Some(_)) => {
-                    return Err(invalid(
-                        Some(format!("handler {}", handler.name())),
-                        "function is for kind = \"sql\" only",
-                    ))
-                }
-                (HandlerKind::Stdout, None) => {}
+            handler.validate_kind()?;
+            if handler.kind == HandlerKind::Sql && r.workers > 1 {
+                return Err(invalid(
+                    Some(format!("handler {}", handler.name())),
+                    "a sql handler is exactly-once in stream order only: use workers = 1",
+                ));
             }
             if handler.name() == DECODE_HANDLER {
                 return Err(invalid(
@@ -939,5 +1231,114 @@ mod tests {
     fn example_file_is_valid() {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("example.toml");
         Config::load(Some(&example), &[], &Overrides::default()).unwrap();
+    }
+
+    #[test]
+    fn webhook_and_nats_handlers_are_checked_with_their_secrets() {
+        let load = |text: &str| {
+            let file = write(text);
+            Config::load(Some(&file.0), &[], &Overrides::default())
+        };
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        // Loading does not need the secrets (CLI subcommands work without them)…
+        let webhook = load(
+            "[[handlers]]\nkind = \"webhook\"\nurl = \"https://h.example/e\"\n\
+             secret_env = \"HOOK_SECRET\"\ntimeout_ms = 500\n",
+        )
+        .unwrap();
+        let hook = &webhook.handlers[0];
+        assert_eq!(hook.name(), "webhook");
+        assert_eq!(hook.timeout(), Duration::from_millis(500));
+        // …building the handler does, and names the missing variable.
+        assert_eq!(
+            hook.webhook_secret(vars(&[("HOOK_SECRET", "s3cret")]))
+                .unwrap(),
+            Some(b"s3cret".to_vec())
+        );
+        for missing in [&[][..], &[("HOOK_SECRET", "")][..]] {
+            let err = hook.webhook_secret(vars(missing)).unwrap_err().to_string();
+            assert!(err.contains("HOOK_SECRET"), "{err}");
+        }
+        let nats =
+            load("[[handlers]]\nkind = \"nats\"\nuser_env = \"NU\"\npassword_env = \"NP\"\n")
+                .unwrap();
+        let bus = &nats.handlers[0];
+        let options = bus.nats_options(vars(&[("NU", "u"), ("NP", "p")])).unwrap();
+        assert_eq!(options.stream, "DOMAIN_EVENTS");
+        assert!(options.create_stream);
+        assert_eq!(options.servers, ["nats://127.0.0.1:4222"]);
+        assert_eq!(options.timeout, Duration::from_secs(10));
+        assert!(matches!(
+            options.credentials,
+            Some(crate::sink::NatsCredentials::UserPassword(ref u, ref p)) if u == "u" && p == "p"
+        ));
+        let err = bus
+            .nats_options(vars(&[("NU", "u")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("NP is not set"), "{err}");
+        for (text, expected) in [
+            ("[[handlers]]\nkind = \"webhook\"\n", "needs url"),
+            (
+                "[[handlers]]\nkind = \"webhook\"\nurl = \"ftp://x\"\n",
+                "scheme",
+            ),
+            (
+                "[[handlers]]\nkind = \"webhook\"\nurl = \"http://x\"\nsubject = \"a\"\n",
+                "subject is for kind = \"nats\" only",
+            ),
+            (
+                "[[handlers]]\nkind = \"stdout\"\ntimeout_ms = 5\n",
+                "kind = \"webhook\" or \"nats\" only",
+            ),
+            (
+                "[[handlers]]\nkind = \"webhook\"\nurl = \"http://x\"\ntimeout_ms = 0\n",
+                "positive",
+            ),
+            (
+                "[[handlers]]\nkind = \"nats\"\nuser_env = \"NU\"\n",
+                "password_env",
+            ),
+            (
+                "[[handlers]]\nkind = \"nats\"\nsubject = \"events.{tenant}\"\n",
+                "unknown placeholder {tenant}",
+            ),
+            (
+                "[[handlers]]\nkind = \"nats\"\nsubject = \"{aggregate_type}.x\"\n",
+                "create_stream",
+            ),
+            (
+                "[[handlers]]\nkind = \"nats\"\nstream = \"a.b\"\n",
+                "stream \"a.b\"",
+            ),
+            (
+                "[[handlers]]\nkind = \"nats\"\nservers = []\n",
+                "servers is empty",
+            ),
+            (
+                "[[handlers]]\nkind = \"nats\"\ncreate_stream = false\nduplicate_window_secs = 60\n",
+                "create_stream = true",
+            ),
+            (
+                "[[handlers]]\nkind = \"nats\"\nservers = [\"http://x:4222\"]\n",
+                "server \"http://x:4222\"",
+            ),
+        ] {
+            let err = load(text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
+        // A template starting with a placeholder is fine for a stream made by hand.
+        load(
+            "[[handlers]]\nkind = \"nats\"\nsubject = \"{aggregate_type}.x\"\n\
+             create_stream = false\n",
+        )
+        .unwrap();
     }
 }

@@ -34,12 +34,16 @@ use crate::event::{Decoded, EventDecoder, EventError};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, PgOutputMessage};
-use crate::sink::{SqlHandler, StdoutSink};
+use crate::sink::{NatsSink, SqlHandler, StdoutSink, WebhookSink};
 use crate::stream::{ConnectOptions, ReplicationConnection, ReplicationMessage, SlotState};
 use crate::subscription::{self, SubscriptionStore, HEARTBEAT_PREFIX};
 
 /// Builds the registry of built-in handlers described by `config.handlers`.
+///
+/// Secrets named by handlers (`secret_env`, `user_env`, …) are read from the process
+/// environment now: a missing variable is a configuration error naming it.
 pub fn registry_from_config(config: &Config) -> Result<Registry, Error> {
+    let env = |name: &str| std::env::var(name).ok();
     let mut registry = Registry::new();
     for handler in &config.handlers {
         let filters = handler.filters()?;
@@ -72,6 +76,33 @@ pub fn registry_from_config(config: &Config) -> Result<Registry, Error> {
                     handler.retry(),
                     handler.on_failure,
                     Arc::new(sql),
+                );
+            }
+            HandlerKind::Webhook => {
+                let secret = handler.webhook_secret(env)?;
+                let url = handler.url.as_deref().unwrap_or_default();
+                let sink = WebhookSink::new(url, handler.timeout(), secret).map_err(|e| {
+                    crate::config::ConfigError::Invalid {
+                        origin: Some(format!("handler {}", handler.name())),
+                        message: crate::error::report(&e),
+                    }
+                })?;
+                registry.register_with(
+                    handler.name(),
+                    filters,
+                    handler.retry(),
+                    handler.on_failure,
+                    Arc::new(sink),
+                );
+            }
+            HandlerKind::Nats => {
+                let sink = NatsSink::new(handler.nats_options(env)?);
+                registry.register_with(
+                    handler.name(),
+                    filters,
+                    handler.retry(),
+                    handler.on_failure,
+                    Arc::new(sink),
                 );
             }
         }

@@ -9,6 +9,7 @@ use tokio_postgres::{Client, NoTls};
 pub mod admin_support;
 pub mod cluster_support;
 pub mod listener_support;
+pub mod sink_support;
 pub mod store_support;
 
 /// Connection string of the private cluster's superuser, database `postgres`.

@@ -54,6 +54,7 @@ pub fn config_for(db: &TestDb, name: &str) -> Config {
         max_backoff_ms: 100,
         on_failure: listener::OnFailure::DeadLetter,
         function: None,
+        ..HandlerConfig::default()
     }];
     config
 }

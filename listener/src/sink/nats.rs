@@ -1,0 +1,535 @@
+//! The `nats` handler: JetStream publish with the event id as `Nats-Msg-Id`.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishAckFuture, context::PublishErrorKind};
+use bytes::Bytes;
+use tracing::{info, warn};
+
+use crate::dispatch::{Handler, HandlerError};
+use crate::event::Event;
+
+/// Subject template when none is configured.
+pub const DEFAULT_SUBJECT: &str = "events.{aggregate_type}.{event_type}";
+/// Stream name when none is configured.
+pub const DEFAULT_STREAM: &str = "DOMAIN_EVENTS";
+/// Server when none is configured.
+pub const DEFAULT_SERVER: &str = "nats://127.0.0.1:4222";
+/// Connect, API and ack timeout when none is configured.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Publishes whose acks may be outstanding before `handle` waits for them itself: bounded so
+/// that a huge transaction neither exhausts the client's in-flight permits nor holds unbounded
+/// memory.
+const PIPELINE_DEPTH: usize = 1024;
+
+/// A part of a subject template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    AggregateType,
+    EventType,
+    AggregateId,
+}
+
+/// Why a subject template or a stream name is not usable.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SubjectError(String);
+
+/// A subject template such as `events.{aggregate_type}.{event_type}`.
+///
+/// Placeholders: `{aggregate_type}`, `{event_type}`, `{aggregate_id}`. Values are made valid
+/// subject tokens: in the type names (dot-separated by design, so `Loan.Funded` spans two
+/// tokens) and in the aggregate id (where a dot is replaced too) every character other than an
+/// ASCII letter, digit, `-` or `_` becomes `_`, and an empty token becomes `_`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectTemplate {
+    parts: Vec<Part>,
+    template: String,
+}
+
+impl SubjectTemplate {
+    /// Parses `template`, refusing unknown placeholders, unbalanced braces, empty tokens, and
+    /// characters that are not allowed in a subject (whitespace, `*`, `>`, non-ASCII).
+    pub fn parse(template: &str) -> Result<SubjectTemplate, SubjectError> {
+        let err = |why: String| SubjectError(format!("subject {template:?}: {why}"));
+        if template.is_empty() {
+            return Err(err("is empty".into()));
+        }
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while !rest.is_empty() {
+            match rest.find(['{', '}']) {
+                Some(0) if rest.starts_with('{') => {
+                    let end = rest
+                        .find('}')
+                        .ok_or_else(|| err("an unclosed '{'".into()))?;
+                    parts.push(match &rest[1..end] {
+                        "aggregate_type" => Part::AggregateType,
+                        "event_type" => Part::EventType,
+                        "aggregate_id" => Part::AggregateId,
+                        other => {
+                            return Err(err(format!(
+                                "unknown placeholder {{{other}}}; use {{aggregate_type}}, \
+                                 {{event_type}} or {{aggregate_id}}"
+                            )))
+                        }
+                    });
+                    rest = &rest[end + 1..];
+                }
+                Some(0) => return Err(err("a '}' without '{'".into())),
+                found => {
+                    let end = found.unwrap_or(rest.len());
+                    let literal = &rest[..end];
+                    if let Some(c) = literal
+                        .chars()
+                        .find(|c| !c.is_ascii_graphic() || matches!(c, '*' | '>'))
+                    {
+                        return Err(err(format!("the character {c:?} is not allowed")));
+                    }
+                    parts.push(Part::Literal(literal.to_string()));
+                    rest = &rest[end..];
+                }
+            }
+        }
+        // Placeholders never render empty, so checking the literals' dots is enough.
+        let shape: String = parts
+            .iter()
+            .map(|p| match p {
+                Part::Literal(s) => s.as_str(),
+                _ => "x",
+            })
+            .collect();
+        if shape.split('.').any(str::is_empty) {
+            return Err(err(
+                "has an empty token (leading, trailing or double dot)".into()
+            ));
+        }
+        Ok(SubjectTemplate {
+            parts,
+            template: template.to_string(),
+        })
+    }
+
+    /// The subject of `event`.
+    pub fn render(&self, event: &Event) -> String {
+        let mut subject = String::with_capacity(self.template.len() + 32);
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => subject.push_str(s),
+                Part::AggregateType => push_name(&mut subject, &event.aggregate_type),
+                Part::EventType => push_name(&mut subject, &event.event_type),
+                Part::AggregateId => push_token(&mut subject, &event.aggregate_id),
+            }
+        }
+        subject
+    }
+
+    /// The subject filter a created stream captures: the fixed tokens before the first
+    /// placeholder, then `>` (`events.>` for the default); the template itself when it has no
+    /// placeholder; `None` when it starts with a placeholder (no safe filter exists).
+    pub fn stream_subject(&self) -> Option<String> {
+        if !self.parts.iter().any(|p| !matches!(p, Part::Literal(_))) {
+            return Some(self.template.clone());
+        }
+        let Some(Part::Literal(first)) = self.parts.first() else {
+            return None;
+        };
+        let fixed = &first[..first.rfind('.')? + 1];
+        Some(format!("{fixed}>"))
+    }
+}
+
+fn token_char(c: char) -> char {
+    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+        c
+    } else {
+        '_'
+    }
+}
+
+/// A dot-separated name: each segment made a token.
+fn push_name(subject: &mut String, name: &str) {
+    for (i, segment) in name.split('.').enumerate() {
+        if i > 0 {
+            subject.push('.');
+        }
+        push_token(subject, segment);
+    }
+}
+
+/// One token: disallowed characters (dots included) become `_`; empty becomes `_`.
+fn push_token(subject: &mut String, value: &str) {
+    if value.is_empty() {
+        subject.push('_');
+    }
+    subject.extend(value.chars().map(token_char));
+}
+
+/// Checks a JetStream stream name: 1-255 ASCII letters, digits, `-` or `_`.
+pub fn check_stream_name(name: &str) -> Result<(), SubjectError> {
+    if name.is_empty()
+        || name.len() > 255
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(SubjectError(format!(
+            "stream {name:?}: use 1-255 ASCII letters, digits, '-' or '_'"
+        )));
+    }
+    Ok(())
+}
+
+/// How to reach the server and where to publish.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    /// Server URLs (`nats://host:port`); the client fails over between them.
+    pub servers: Vec<String>,
+    /// Subject of each event.
+    pub subject: SubjectTemplate,
+    /// The JetStream stream that must capture the subjects.
+    pub stream: String,
+    /// Create the stream (subjects: [`SubjectTemplate::stream_subject`]) when it is missing.
+    pub create_stream: bool,
+    /// Duplicate window of a created stream; `None`: the server's default (2 minutes).
+    pub duplicate_window: Option<Duration>,
+    /// Connect, API and publish-ack timeout.
+    pub timeout: Duration,
+    /// Credentials: resolved from the environment by the caller.
+    pub credentials: Option<NatsCredentials>,
+    /// Failed flushes after which a publish is given up (its events are dead-lettered by then):
+    /// the handler's `max_attempts`.
+    pub max_attempts: u32,
+}
+
+/// Credentials for the NATS server.
+#[derive(Clone)]
+pub enum NatsCredentials {
+    /// User and password.
+    UserPassword(String, String),
+    /// A token.
+    Token(String),
+}
+
+impl std::fmt::Debug for NatsCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NatsCredentials::UserPassword(user, _) => {
+                write!(f, "UserPassword({user:?}, <redacted>)")
+            }
+            NatsCredentials::Token(_) => write!(f, "Token(<redacted>)"),
+        }
+    }
+}
+
+/// One publish whose ack is outstanding or must be sent again.
+struct Pending {
+    subject: String,
+    payload: Bytes,
+    id: String,
+    /// `None`: not in flight (its last attempt failed): publish again.
+    ack: Option<PublishAckFuture>,
+    failures: u32,
+}
+
+/// Publishes each event to JetStream, with header `Nats-Msg-Id` = the event id, so the
+/// stream drops redeliveries within its duplicate window (2 minutes by default).
+///
+/// Publishes are pipelined: [`Handler::handle`] sends and returns, [`Handler::flush`] (run
+/// before the transaction is acknowledged) awaits every outstanding ack and publishes again
+/// whatever was not acknowledged, so a transaction is confirmed only once JetStream stored all
+/// of its events. One connection serves the handler; publishes on it keep their order, so each
+/// aggregate's events are stored in order. The connection (and the stream check) is made on
+/// first use: an unreachable server is a transient failure of the event at hand.
+pub struct NatsSink {
+    options: NatsOptions,
+    context: tokio::sync::Mutex<Option<jetstream::Context>>,
+    pending: Mutex<Vec<Pending>>,
+    /// Held while acks are awaited: with several workers, a flush must not return while
+    /// another worker's flush still waits for acks of events this worker handled.
+    settling: tokio::sync::Mutex<()>,
+}
+
+impl NatsSink {
+    /// A sink for `options`; connects on first use.
+    pub fn new(options: NatsOptions) -> NatsSink {
+        NatsSink {
+            options,
+            context: tokio::sync::Mutex::new(None),
+            pending: Mutex::new(Vec::new()),
+            settling: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    async fn context(&self) -> Result<jetstream::Context, HandlerError> {
+        let mut guard = self.context.lock().await;
+        if let Some(context) = &*guard {
+            return Ok(context.clone());
+        }
+        let o = &self.options;
+        let mut connect = async_nats::ConnectOptions::new()
+            .name("pg_domain_events-listener")
+            .connection_timeout(o.timeout)
+            .request_timeout(Some(o.timeout));
+        match &o.credentials {
+            Some(NatsCredentials::UserPassword(user, password)) => {
+                connect = connect.user_and_password(user.clone(), password.clone())
+            }
+            Some(NatsCredentials::Token(token)) => connect = connect.token(token.clone()),
+            None => {}
+        }
+        let client = connect.connect(o.servers.as_slice()).await.map_err(|e| {
+            let definite = matches!(
+                e.kind(),
+                async_nats::ConnectErrorKind::ServerParse
+                    | async_nats::ConnectErrorKind::Authentication
+                    | async_nats::ConnectErrorKind::AuthorizationViolation
+            );
+            // A refused login is not retried (each event still tries once to connect).
+            let error = if definite {
+                HandlerError::definite("cannot connect to NATS")
+            } else {
+                HandlerError::transient("cannot connect to NATS")
+            };
+            error.with_source(e)
+        })?;
+        let context = jetstream::ContextBuilder::new()
+            .timeout(o.timeout)
+            .max_ack_inflight(4 * PIPELINE_DEPTH)
+            .build(client);
+        if o.create_stream {
+            let subject = o.subject.stream_subject().ok_or_else(|| {
+                HandlerError::definite("the subject template has no fixed prefix for a stream")
+            })?;
+            let stream = context
+                .get_or_create_stream(jetstream::stream::Config {
+                    name: o.stream.clone(),
+                    subjects: vec![subject.clone()],
+                    // Zero lets the server apply its default.
+                    duplicate_window: o.duplicate_window.unwrap_or_default(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| {
+                    HandlerError::transient(format!("cannot create stream {}", o.stream))
+                        .with_source(e)
+                })?;
+            info!(stream = %o.stream, subjects = ?stream.cached_info().config.subjects, "jetstream stream ready");
+        } else {
+            context.get_stream(&o.stream).await.map_err(|e| {
+                HandlerError::transient(format!("stream {} is not available", o.stream))
+                    .with_source(e)
+            })?;
+        }
+        *guard = Some(context.clone());
+        Ok(context)
+    }
+
+    async fn publish(
+        context: &jetstream::Context,
+        pending: &Pending,
+    ) -> Result<PublishAckFuture, HandlerError> {
+        let message = jetstream::message::PublishMessage::build()
+            .payload(pending.payload.clone())
+            .message_id(&pending.id)
+            .header("Content-Type", "application/json");
+        context
+            .send_publish(pending.subject.clone(), message)
+            .await
+            .map_err(publish_error)
+    }
+
+    /// Awaits the acks of everything pending (publishing again what is not in flight, when
+    /// `resend`). Returns the first error; failed publishes stay pending.
+    async fn settle(&self, resend: bool) -> Result<(), HandlerError> {
+        let _settling = self.settling.lock().await;
+        let mut batch = std::mem::take(&mut *self.lock_pending()?);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let context = if resend {
+            match self.context().await {
+                Ok(context) => Some(context),
+                Err(e) => {
+                    // Nothing was sent: keep everything for the next attempt.
+                    self.lock_pending()?.splice(0..0, batch);
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
+        let mut first_error = None;
+        if let Some(context) = &context {
+            for item in batch.iter_mut().filter(|p| p.ack.is_none()) {
+                match Self::publish(context, item).await {
+                    Ok(ack) => item.ack = Some(ack),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        // Acks arrive concurrently; waiting for them together bounds a dead server's cost to
+        // one timeout, not one per message.
+        let acks: Vec<Option<PublishAckFuture>> = batch.iter_mut().map(|p| p.ack.take()).collect();
+        let results = futures_util::future::join_all(acks.into_iter().map(|ack| async move {
+            match ack {
+                Some(ack) => Some(ack.await),
+                None => None,
+            }
+        }))
+        .await;
+        let mut failed = Vec::new();
+        for (mut item, result) in batch.into_iter().zip(results) {
+            let error = match result {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => publish_error(e),
+                None => HandlerError::transient("not published"),
+            };
+            if resend {
+                item.failures += 1;
+            }
+            if item.failures >= self.options.max_attempts {
+                // The dispatcher has given up on its flush by now: the event is a dead letter.
+                warn!(subject = %item.subject, event_id = %item.id, error = %crate::error::report(&error), "nats publish given up");
+            } else {
+                failed.push(item);
+            }
+            first_error.get_or_insert(error);
+        }
+        if !failed.is_empty() {
+            self.lock_pending()?.splice(0..0, failed);
+        }
+        match first_error {
+            Some(e) if resend => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn lock_pending(&self) -> Result<std::sync::MutexGuard<'_, Vec<Pending>>, HandlerError> {
+        self.pending
+            .lock()
+            .map_err(|_| HandlerError::definite("nats pending list poisoned"))
+    }
+}
+
+/// Classifies a publish failure: too large for the server is definite, the rest (timeouts,
+/// no stream for the subject, a broken connection, JetStream errors) transient.
+fn publish_error(e: async_nats::jetstream::context::PublishError) -> HandlerError {
+    match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded => {
+            HandlerError::definite("the event is larger than the server's max_payload")
+        }
+        PublishErrorKind::TimedOut => HandlerError::transient("no publish ack in time"),
+        PublishErrorKind::StreamNotFound => {
+            HandlerError::transient("no jetstream stream captures the subject")
+        }
+        _ => HandlerError::transient("publish failed"),
+    }
+    .with_source(e)
+}
+
+#[async_trait::async_trait]
+impl Handler for NatsSink {
+    async fn handle(&self, event: &Event) -> Result<(), HandlerError> {
+        let payload = serde_json::to_vec(event).map_err(|e| {
+            HandlerError::definite("cannot serialize the event as JSON").with_source(e)
+        })?;
+        let context = self.context().await?;
+        let mut item = Pending {
+            subject: self.options.subject.render(event),
+            payload: Bytes::from(payload),
+            id: event.id.to_string(),
+            ack: None,
+            failures: 0,
+        };
+        item.ack = Some(Self::publish(&context, &item).await?);
+        let depth = {
+            let mut pending = self.lock_pending()?;
+            pending.push(item);
+            pending.len()
+        };
+        if depth >= PIPELINE_DEPTH {
+            // Frees the in-flight permits; what failed is published again by `flush`.
+            self.settle(false).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), HandlerError> {
+        self.settle(true).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(aggregate_type: &str, aggregate_id: &str, event_type: &str) -> Event {
+        serde_json::from_value(serde_json::json!({
+            "position": 1, "id": "018f0000-0000-7000-8000-000000000001",
+            "aggregate_type": aggregate_type, "aggregate_id": aggregate_id,
+            "aggregate_version": 1, "event_type": event_type, "event_version": 1,
+            "payload": {}, "metadata": {},
+            "occurred_at": "2026-11-23T16:37:00Z", "recorded_at": "2026-11-23T16:37:00Z",
+            "txid": 1, "commit_lsn": "0/1"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn renders_placeholders_as_valid_tokens() {
+        let t = SubjectTemplate::parse(DEFAULT_SUBJECT).unwrap();
+        assert_eq!(
+            t.render(&event("Loan", "42", "Loan.Funded")),
+            "events.Loan.Loan.Funded"
+        );
+        let t = SubjectTemplate::parse("app.{aggregate_type}.{aggregate_id}.x").unwrap();
+        assert_eq!(
+            t.render(&event("Loan", "a.b *>c d@e", "Loan.Funded")),
+            "app.Loan.a_b___c_d_e.x"
+        );
+        assert_eq!(t.render(&event("Lo*an", "", "X")), "app.Lo_an._.x");
+    }
+
+    #[test]
+    fn refuses_bad_templates() {
+        for bad in [
+            "",
+            "events.{aggregate}",
+            "events.{event_type",
+            "events.}",
+            "events..{event_type}",
+            ".events.{event_type}",
+            "events.{event_type}.",
+            "events.*",
+            "events.>",
+            "ev ents.{event_type}",
+        ] {
+            assert!(SubjectTemplate::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn stream_subject_is_the_fixed_prefix() {
+        let subject = |t: &str| SubjectTemplate::parse(t).unwrap().stream_subject();
+        assert_eq!(subject(DEFAULT_SUBJECT).as_deref(), Some("events.>"));
+        assert_eq!(subject("a.b.{event_type}.c").as_deref(), Some("a.b.>"));
+        assert_eq!(subject("a.b-{event_type}").as_deref(), Some("a.>"));
+        assert_eq!(subject("all.events").as_deref(), Some("all.events"));
+        assert_eq!(subject("{aggregate_type}.events"), None);
+        assert_eq!(subject("x{aggregate_type}.events"), None);
+    }
+
+    #[test]
+    fn stream_names() {
+        assert!(check_stream_name("DOMAIN_EVENTS").is_ok());
+        assert!(check_stream_name("a.b").is_err());
+        assert!(check_stream_name("").is_err());
+        assert!(check_stream_name("a b").is_err());
+    }
+}

@@ -1,0 +1,379 @@
+//! Helpers for the webhook and NATS handler suites (`tests/tests/webhook.rs`,
+//! `tests/tests/nats.rs`): a real HTTP receiver on 127.0.0.1 that verifies signatures and
+//! answers as a test scripts it, the local nats-server (started when it is not running), unique
+//! JetStream streams removed on drop, and raising events in batches.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use hmac::{KeyInit, Mac};
+use listener::config::{HandlerConfig, HandlerKind};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The `X-Event-Id` header.
+    pub event_id: String,
+    /// The body, parsed.
+    pub event: Value,
+    /// All headers, lowercase names.
+    pub headers: HashMap<String, String>,
+    /// Whether `X-Signature` matched the HMAC of the body under the receiver's secret (`None`:
+    /// the receiver has no secret).
+    pub signature_ok: Option<bool>,
+    /// The status the receiver answered.
+    pub status: u16,
+}
+
+/// How the receiver answers: status and delay, given the request and how many requests
+/// (this one included) it got for the same event id.
+pub type Script = dyn Fn(&Received, usize) -> (u16, Duration) + Send + Sync;
+
+struct ReceiverState {
+    secret: Option<Vec<u8>>,
+    script: Box<Script>,
+    log: Mutex<Vec<Received>>,
+}
+
+/// A webhook receiver: axum on `127.0.0.1:0`, stopped on drop.
+pub struct Receiver {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    state: Arc<ReceiverState>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// `sha256=<hex HMAC-SHA256>` of `body`, computed here independently of the listener.
+pub fn expected_signature(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("any key length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+async fn receive(
+    State(state): State<Arc<ReceiverState>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> StatusCode {
+    let headers: HashMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                v.to_str().unwrap_or("<binary>").to_string(),
+            )
+        })
+        .collect();
+    let signature_ok = state.secret.as_ref().map(|secret| {
+        headers.get("x-signature").map(String::as_str)
+            == Some(expected_signature(secret, &body).as_str())
+    });
+    let mut received = Received {
+        event_id: headers.get("x-event-id").cloned().unwrap_or_default(),
+        event: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        headers,
+        signature_ok,
+        status: 0,
+    };
+    let attempt = {
+        let log = state.log.lock().expect("receiver log");
+        1 + log
+            .iter()
+            .filter(|r| r.event_id == received.event_id)
+            .count()
+    };
+    let (status, delay) = (state.script)(&received, attempt);
+    // A bad signature is refused whatever the script says.
+    let status = if signature_ok == Some(false) {
+        401
+    } else {
+        status
+    };
+    received.status = status;
+    state.log.lock().expect("receiver log").push(received);
+    tokio::time::sleep(delay).await;
+    StatusCode::from_u16(status).expect("status")
+}
+
+impl Receiver {
+    /// Starts a receiver verifying signatures with `secret` (if any), answering by `script`.
+    pub async fn start(
+        secret: Option<&[u8]>,
+        script: impl Fn(&Received, usize) -> (u16, Duration) + Send + Sync + 'static,
+    ) -> Receiver {
+        let state = Arc::new(ReceiverState {
+            secret: secret.map(<[u8]>::to_vec),
+            script: Box::new(script),
+            log: Mutex::new(Vec::new()),
+        });
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state(state.clone());
+        let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the receiver");
+        let addr = socket.local_addr().expect("receiver address");
+        let server = tokio::spawn(async move {
+            axum::serve(socket, app).await.expect("receiver serves");
+        });
+        Receiver {
+            addr,
+            state,
+            server,
+        }
+    }
+
+    /// The URL to configure.
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn requests(&self) -> Vec<Received> {
+        self.state.log.lock().expect("receiver log").clone()
+    }
+
+    /// Requests answered 2xx, in arrival order.
+    pub fn delivered(&self) -> Vec<Received> {
+        self.requests()
+            .into_iter()
+            .filter(|r| (200..300).contains(&r.status))
+            .collect()
+    }
+
+    /// Requests for `event_id`.
+    pub fn attempts(&self, event_id: Uuid) -> usize {
+        let id = event_id.to_string();
+        self.requests().iter().filter(|r| r.event_id == id).count()
+    }
+
+    /// Waits until the events `ids` were all delivered (answered 2xx); panics after `timeout`.
+    pub async fn wait_delivered(&self, ids: &[Uuid], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let delivered: std::collections::HashSet<String> =
+                self.delivered().into_iter().map(|r| r.event_id).collect();
+            let missing = ids
+                .iter()
+                .filter(|id| !delivered.contains(&id.to_string()))
+                .count();
+            if missing == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{missing} of {} events not delivered after {timeout:?}",
+                ids.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// A handler entry of `kind` named `name` with quick retries (`max_attempts`, 10-100 ms).
+pub fn handler(kind: HandlerKind, name: &str, max_attempts: u32) -> HandlerConfig {
+    HandlerConfig {
+        name: Some(name.to_string()),
+        kind,
+        max_attempts,
+        initial_backoff_ms: 10,
+        max_backoff_ms: 100,
+        ..HandlerConfig::default()
+    }
+}
+
+/// Raises one event per `(aggregate_type, aggregate_id, event_type)` in one transaction;
+/// returns their ids in order.
+pub async fn raise(
+    client: &impl tokio_postgres::GenericClient,
+    events: &[(&str, &str, &str)],
+) -> Vec<Uuid> {
+    let batch = Value::Array(
+        events
+            .iter()
+            .map(|(aggregate_type, id, event_type)| {
+                json!({"aggregate_type": aggregate_type, "aggregate_id": id,
+                       "event_type": event_type, "payload": {"secret": "not for logs"}})
+            })
+            .collect(),
+    );
+    client
+        .query("SELECT id FROM domain_events.raise_events($1)", &[&batch])
+        .await
+        .expect("raise_events")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The local nats-server with JetStream.
+pub const NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// Makes sure nats-server listens on 127.0.0.1:4222, starting it (JetStream on) if not.
+pub async fn ensure_nats_server() {
+    if tokio::net::TcpStream::connect("127.0.0.1:4222")
+        .await
+        .is_ok()
+    {
+        return;
+    }
+    let status = std::process::Command::new("start-stop-daemon")
+        .args([
+            "--start",
+            "--oknodo",
+            "--background",
+            "--exec",
+            "/usr/sbin/nats-server",
+            "--",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            "4222",
+            "-js",
+            "-sd",
+            "/var/lib/nats-server",
+            "-l",
+            "/var/log/nats-server.log",
+        ])
+        .status()
+        .expect("run start-stop-daemon");
+    assert!(status.success(), "cannot start nats-server");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while tokio::net::TcpStream::connect("127.0.0.1:4222")
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A JetStream context on the local server.
+pub async fn jetstream() -> async_nats::jetstream::Context {
+    ensure_nats_server().await;
+    let client = async_nats::connect(NATS_URL)
+        .await
+        .expect("connect to nats-server");
+    async_nats::jetstream::new(client)
+}
+
+/// A stream name and subject prefix no other test uses: `(T_<hex>, t<hex>)`.
+pub fn unique_stream() -> (String, String) {
+    let id = &Uuid::new_v4().simple().to_string()[..12];
+    (format!("T_{id}"), format!("t{id}"))
+}
+
+/// Deletes JetStream stream `0` when dropped.
+pub struct StreamGuard(pub String);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        // `drop` cannot await: a private runtime on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(client) = async_nats::connect(NATS_URL).await {
+                    let _ = async_nats::jetstream::new(client)
+                        .delete_stream(&name)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A message stored in a stream.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// Stream sequence.
+    pub sequence: u64,
+    /// Subject.
+    pub subject: String,
+    /// The `Nats-Msg-Id` header.
+    pub msg_id: Option<String>,
+    /// The body, parsed.
+    pub event: Value,
+}
+
+/// Number of messages in `stream`.
+pub async fn stream_count(js: &async_nats::jetstream::Context, stream: &str) -> u64 {
+    let mut stream = js.get_stream(stream).await.expect("stream exists");
+    stream.info().await.expect("stream info").state.messages
+}
+
+/// Every message of `stream`, by sequence.
+pub async fn stream_messages(js: &async_nats::jetstream::Context, stream: &str) -> Vec<Stored> {
+    let mut handle = js.get_stream(stream).await.expect("stream exists");
+    let state = handle.info().await.expect("stream info").state.clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return out;
+    }
+    for sequence in state.first_sequence..=state.last_sequence {
+        let message = handle.get_raw_message(sequence).await.expect("get message");
+        out.push(Stored {
+            sequence,
+            subject: message.subject.to_string(),
+            msg_id: message
+                .headers
+                .get("Nats-Msg-Id")
+                .map(|v| v.as_str().to_string()),
+            event: serde_json::from_slice(&message.payload).expect("JSON body"),
+        });
+    }
+    out
+}
+
+/// Waits until `stream` exists and holds at least `n` messages; panics after `timeout`.
+pub async fn wait_stream_count(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    n: u64,
+    timeout: Duration,
+) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let count = match js.get_stream(stream).await {
+            Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+            Err(_) => 0,
+        };
+        if count >= n {
+            return count;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stream {stream} holds {count} messages, not {n}, after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `nats` handler publishing to `stream` under `<prefix>.{aggregate_type}.{event_type}`.
+pub fn nats_handler(name: &str, stream: &str, prefix: &str, max_attempts: u32) -> HandlerConfig {
+    HandlerConfig {
+        servers: Some(vec![NATS_URL.to_string()]),
+        stream: Some(stream.to_string()),
+        subject: Some(format!("{prefix}.{{aggregate_type}}.{{event_type}}")),
+        timeout_ms: Some(5000),
+        ..handler(HandlerKind::Nats, name, max_attempts)
+    }
+}

@@ -1,0 +1,352 @@
+//! End-to-end tests of the `nats` handler against the local nats-server with JetStream
+//! (127.0.0.1:4222, started by the tests when not running). Each test uses its own stream and
+//! subject prefix, deleted at the end, so the tests may run in parallel.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use e2e::listener_support::*;
+use e2e::sink_support::*;
+use e2e::TestDb;
+use listener::service::registry_from_config;
+use uuid::Uuid;
+
+const SLOT_WAIT: Duration = Duration::from_secs(120);
+
+fn start(config: listener::config::Config) -> InProcess {
+    let registry = registry_from_config(&config).expect("registry");
+    InProcess::start_with(config, registry)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subjects_follow_the_template_and_the_stream_is_created() {
+    let js = jetstream().await;
+    let (stream, prefix) = unique_stream();
+    let _stream = StreamGuard(stream.clone());
+    assert!(
+        js.get_stream(&stream).await.is_err(),
+        "stream exists already"
+    );
+    let db = TestDb::new().await;
+    let name = unique_name("nats");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.handlers = vec![listener::config::HandlerConfig {
+        duplicate_window_secs: Some(600),
+        ..nats_handler("bus", &stream, &prefix, 3)
+    }];
+    let listener = start(config);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+
+    let ids = raise(
+        &db.client,
+        &[
+            ("Loan", "42", "Loan.Funded"),
+            ("ticket", "t-1", "ticket.created"),
+            ("User", "u@example.com", "User.Registered"),
+            ("Loan", "42", "Loan.Repaid"),
+        ],
+    )
+    .await;
+    wait_stream_count(&js, &stream, 4, Duration::from_secs(60)).await;
+    listener
+        .collector
+        .wait_for(4, Duration::from_secs(30))
+        .await;
+
+    let mut info = js.get_stream(&stream).await.unwrap();
+    let created = info.info().await.unwrap().config.clone();
+    assert_eq!(created.subjects, [format!("{prefix}.>")]);
+    assert_eq!(created.duplicate_window, Duration::from_secs(600));
+    let stored = stream_messages(&js, &stream).await;
+    let got: Vec<(String, Option<String>)> = stored
+        .iter()
+        .map(|m| (m.subject.clone(), m.msg_id.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                format!("{prefix}.Loan.Loan.Funded"),
+                Some(ids[0].to_string())
+            ),
+            (
+                format!("{prefix}.ticket.ticket.created"),
+                Some(ids[1].to_string())
+            ),
+            (
+                format!("{prefix}.User.User.Registered"),
+                Some(ids[2].to_string())
+            ),
+            (
+                format!("{prefix}.Loan.Loan.Repaid"),
+                Some(ids[3].to_string())
+            ),
+        ]
+    );
+    assert_eq!(stored[0].event["aggregate_id"], "42");
+    assert_eq!(stored[0].event["payload"]["secret"], "not for logs");
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+    listener.stop().await.unwrap();
+
+    // A second handler with an `{aggregate_id}` template on the now existing stream: the
+    // id's characters that are not subject-safe become `_`.
+    let name = unique_name("natsid");
+    let _slot2 = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.handlers = vec![listener::config::HandlerConfig {
+        subject: Some(format!("{prefix}.by_id.{{aggregate_id}}")),
+        create_stream: Some(false),
+        ..nats_handler("by_id", &stream, &prefix, 3)
+    }];
+    let listener = start(config);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    raise(&db.client, &[("User", "a.b c*>", "User.Renamed")]).await;
+    wait_stream_count(&js, &stream, 5, Duration::from_secs(60)).await;
+    let last = stream_messages(&js, &stream).await.pop().unwrap();
+    assert_eq!(last.subject, format!("{prefix}.by_id.a_b_c__"));
+    listener.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_retried_then_dead_lettered() {
+    let db = TestDb::new().await;
+    let name = unique_name("natsdown");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.handlers = vec![listener::config::HandlerConfig {
+        // Nothing listens on port 9: connection refused.
+        servers: Some(vec!["nats://127.0.0.1:9".into()]),
+        timeout_ms: Some(500),
+        ..nats_handler("bus", "NOWHERE", "nowhere", 3)
+    }];
+    let listener = start(config);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+
+    let first = raise(&db.client, &[("Loan", "1", "Loan.Funded")]).await;
+    let second = raise(&db.client, &[("Loan", "2", "Loan.Funded")]).await;
+    let letters = wait_dead_letters(&db.client, &name, 2, Duration::from_secs(60)).await;
+    let got: Vec<(String, Uuid, i32)> = letters
+        .iter()
+        .map(|(handler, id, _, attempts, _)| (handler.clone(), *id, *attempts))
+        .collect();
+    assert_eq!(
+        got,
+        [("bus".into(), first[0], 3), ("bus".into(), second[0], 3)]
+    );
+    assert!(
+        letters[0].4.contains("cannot connect to NATS"),
+        "{letters:?}"
+    );
+    // The stream went on: the collector saw both.
+    listener
+        .collector
+        .wait_for(2, Duration::from_secs(30))
+        .await;
+    listener.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_blocks_a_blocking_handler() {
+    let db = TestDb::new().await;
+    let name = unique_name("natsblock");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.handlers = vec![listener::config::HandlerConfig {
+        servers: Some(vec!["nats://127.0.0.1:9".into()]),
+        timeout_ms: Some(500),
+        on_failure: listener::OnFailure::Block,
+        ..nats_handler("bus", "NOWHERE", "nowhere", 2)
+    }];
+    let listener = start(config);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    raise(&db.client, &[("Loan", "1", "Loan.Funded")]).await;
+    let err = listener.stop_after_error(Duration::from_secs(60)).await;
+    let text = listener::error::report(&err);
+    assert!(text.contains("bus"), "{text}");
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+}
+
+/// The binary publishes 2 000 events raised over 200 transactions while it is SIGKILLed twice
+/// and restarted: the stream ends with each event exactly once (JetStream drops the replayed
+/// tail by `Nats-Msg-Id`), each aggregate's events in version order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_listener_publishes_each_event_exactly_once() {
+    const TXNS: usize = 200;
+    const PER_TXN: usize = 10;
+    let js = jetstream().await;
+    let (stream, prefix) = unique_stream();
+    let _stream = StreamGuard(stream.clone());
+    let db = TestDb::new().await;
+    let name = unique_name("natskill");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.handlers = vec![nats_handler("bus", &stream, &prefix, 10)];
+    let file = write_config(&config);
+    // A core subscriber sees every publish, replays included (deduplication is the stream's).
+    let mut published = async_nats::connect(NATS_URL)
+        .await
+        .expect("connect")
+        .subscribe(format!("{prefix}.>"))
+        .await
+        .expect("subscribe");
+    let publishes = tokio::spawn(async move {
+        use futures_util::StreamExt;
+        let mut n = 0usize;
+        while tokio::time::timeout(Duration::from_secs(5), published.next())
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            n += 1;
+        }
+        n
+    });
+    let mut runs = vec![ListenerProcess::spawn(&file, &[])];
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+
+    let writer_client = db.connect().await;
+    let writer = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        let types = [
+            ("Loan", "Loan.Funded"),
+            ("ticket", "ticket.created"),
+            ("User", "User.Renamed"),
+        ];
+        for txn in 0..TXNS {
+            let events: Vec<(String, String, String)> = (0..PER_TXN)
+                .map(|n| {
+                    let (aggregate_type, event_type) = types[(txn + n) % 3];
+                    (
+                        aggregate_type.to_string(),
+                        format!("a-{}", (txn * PER_TXN + n) % 17),
+                        event_type.to_string(),
+                    )
+                })
+                .collect();
+            let refs: Vec<(&str, &str, &str)> = events
+                .iter()
+                .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+                .collect();
+            ids.extend(raise(&writer_client, &refs).await);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        ids
+    });
+
+    for threshold in [300, 1000] {
+        wait_stream_count(&js, &stream, threshold, Duration::from_secs(120)).await;
+        runs.last_mut().unwrap().kill9();
+        runs.push(ListenerProcess::spawn(&file, &[]));
+    }
+    let ids = writer.await.expect("writer");
+    assert_eq!(ids.len(), TXNS * PER_TXN);
+    wait_stream_count(&js, &stream, ids.len() as u64, Duration::from_secs(120)).await;
+    // Let the last run go on for a moment: nothing more may arrive.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let last = runs.last_mut().unwrap();
+    last.terminate();
+    let status = last
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("exits");
+    assert!(status.success(), "{}", last.stderr());
+
+    let stored = stream_messages(&js, &stream).await;
+    assert_eq!(stored.len(), ids.len(), "each event exactly once");
+    let msg_ids: HashSet<String> = stored.iter().filter_map(|m| m.msg_id.clone()).collect();
+    let expected: HashSet<String> = ids.iter().map(Uuid::to_string).collect();
+    assert_eq!(msg_ids, expected);
+    let table: HashSet<String> = db
+        .client
+        .query("SELECT id::text FROM domain_events.event", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        msg_ids, table,
+        "the stream holds exactly the table's events"
+    );
+    let mut versions: HashMap<(String, String), Vec<i64>> = HashMap::new();
+    for m in &stored {
+        assert_eq!(m.msg_id.as_deref(), m.event["id"].as_str());
+        versions
+            .entry((
+                m.event["aggregate_type"].as_str().unwrap().into(),
+                m.event["aggregate_id"].as_str().unwrap().into(),
+            ))
+            .or_default()
+            .push(m.event["aggregate_version"].as_i64().unwrap());
+    }
+    for (aggregate, seen) in versions {
+        let expected: Vec<i64> = (1..=seen.len() as i64).collect();
+        assert_eq!(seen, expected, "{aggregate:?} out of order");
+    }
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+    let publishes = publishes.await.expect("subscriber");
+    assert!(publishes >= ids.len(), "{publishes} publishes");
+    eprintln!(
+        "{} events, {publishes} publishes: {} replayed after the kills and dropped by JetStream",
+        ids.len(),
+        publishes - ids.len()
+    );
+}
+
+/// A publish whose ack fails (here: its stream was deleted) fails the transaction's flush; the
+/// retried flush publishes it again, and once the stream is back the event is stored, not
+/// dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_publishes_are_sent_again_by_the_retried_flush() {
+    let js = jetstream().await;
+    let (stream, prefix) = unique_stream();
+    let _stream = StreamGuard(stream.clone());
+    let create = || async {
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![format!("{prefix}.>")],
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+    };
+    create().await;
+    let db = TestDb::new().await;
+    let name = unique_name("natsflush");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.handlers = vec![listener::config::HandlerConfig {
+        create_stream: Some(false),
+        timeout_ms: Some(1000),
+        max_backoff_ms: 300,
+        ..nats_handler("bus", &stream, &prefix, 40)
+    }];
+    let listener = start(config);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    let first = raise(&db.client, &[("Loan", "1", "Loan.Funded")]).await;
+    wait_stream_count(&js, &stream, 1, Duration::from_secs(60)).await;
+    listener
+        .collector
+        .wait_for(1, Duration::from_secs(30))
+        .await;
+
+    js.delete_stream(&stream).await.expect("delete stream");
+    let second = raise(&db.client, &[("Loan", "1", "Loan.Repaid")]).await;
+    listener
+        .collector
+        .wait_for(2, Duration::from_secs(30))
+        .await;
+    // Several flushes fail meanwhile (no stream answers the publish).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+    create().await;
+    wait_stream_count(&js, &stream, 1, Duration::from_secs(30)).await;
+    let stored = stream_messages(&js, &stream).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].msg_id, Some(second[0].to_string()));
+    assert_ne!(first[0], second[0]);
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+    listener.stop().await.unwrap();
+}
