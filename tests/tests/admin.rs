@@ -3,14 +3,15 @@
 //! walsender, the retained-WAL warning of the binary, and a slot invalidated by
 //! `max_slot_wal_keep_size`.
 //!
-//! These tests own slots (and one changes a cluster setting), so they run one at a time (nextest
-//! group `serial-cluster`). The binary tests need `cargo build -p listener` first.
+//! These tests own slots, so they run one at a time (nextest group `serial-cluster`); the one that
+//! invalidates a slot does it on a private cluster of its own. The binary tests need `cargo build -p listener` first.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use e2e::admin_support::*;
+use e2e::cluster_support::PrivateCluster;
 use e2e::listener_support::*;
 use e2e::TestDb;
 use listener::config::Config;
@@ -369,14 +370,16 @@ async fn admin_binary_token_and_slot_wal_warning() {
 /// refuses to start and tells the operator what to do, instead of silently skipping events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_lost_slot_is_a_definite_error_naming_slot_drop() {
-    let db = TestDb::new().await;
+    // A cluster of its own: a 1 MB max_slot_wal_keep_size would invalidate the slots of the
+    // suites running beside this one on the shared cluster.
+    let cluster = PrivateCluster::start("lostslot");
+    cluster.create_database("lost").await;
+    let client = e2e::connect(&cluster.dsn("lost")).await;
     let name = unique_name("admlost");
-    let _guard = SlotGuard(name.clone());
-    let config = config_for(&db, &name);
-    let file = write_config(&config);
+    let file = write_config(&cluster.listener_config("lost", &name));
     let mut child = ListenerProcess::spawn(&file, &[]);
-    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
-    raise(&db.client, &["Loan.Funded"]).await;
+    wait_slot_active(&client, &name, SLOT_WAIT).await;
+    raise(&client, &["Loan.Funded"]).await;
     child.wait_lines(1, SCRAPE_WAIT).await;
     child.terminate();
     assert!(child
@@ -385,57 +388,34 @@ async fn admin_lost_slot_is_a_definite_error_naming_slot_drop() {
         .expect("exits")
         .success());
 
-    let admin = e2e::listener_support::admin().await;
-    // Restored whatever happens below, so the rest of the cluster is unaffected.
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            let _ = std::thread::spawn(|| {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(async {
-                    let admin = e2e::listener_support::admin().await;
-                    // One statement per call: ALTER SYSTEM refuses a transaction block.
-                    let _ = admin
-                        .batch_execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
-                        .await;
-                    let _ = admin.batch_execute("SELECT pg_reload_conf()").await;
-                });
-            })
-            .join();
-        }
-    }
-    let _reset = Reset;
-    admin
+    // One statement per call: ALTER SYSTEM refuses a transaction block.
+    client
         .batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
         .await
         .expect("set max_slot_wal_keep_size");
-    admin
+    client
         .batch_execute("SELECT pg_reload_conf()")
         .await
         .expect("reload");
     // Write and switch WAL segments until a checkpoint invalidates the stopped slot.
     let mut status = String::new();
     for _ in 0..20 {
-        db.client
+        client
             .batch_execute(
                 "CREATE TABLE IF NOT EXISTS filler (pad text); \
                  INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 3000)",
             )
             .await
             .expect("generate WAL");
-        db.client
+        client
             .batch_execute("SELECT pg_switch_wal()")
             .await
             .expect("switch WAL");
-        db.client
+        client
             .batch_execute("CHECKPOINT")
             .await
             .expect("checkpoint");
-        status = db
-            .client
+        status = client
             .query_one(
                 "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
                 &[&name],
