@@ -4,7 +4,8 @@
 //! `max_slot_wal_keep_size`.
 //!
 //! These tests own slots, so they run one at a time (nextest group `serial-cluster`); the one that
-//! invalidates a slot does it on a private cluster of its own. The binary tests need `cargo build -p listener` first.
+//! invalidates a slot does it on a private cluster of its own. The binary tests need
+//! `cargo build -p listener` first.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
