@@ -189,18 +189,42 @@ async fn no_dml_form_rewrites_history_in_any_partition() {
     assert_eq!(snapshot(&db.client).await, before);
 }
 
-/// A superuser who turns user triggers off for the session (`session_replication_role =
-/// replica`, as `pg_restore` and replication tools do) rewrites history with plain DML today: the
-/// immutability triggers are enabled for origin sessions only. Ignored until they are `ENABLE
-/// ALWAYS` (docs/reliability.md); run with `--run-ignored all` to see it fail.
+/// A superuser who turns ordinary triggers off for the session (`session_replication_role =
+/// replica`, as restore and replication tools do) still cannot rewrite history with plain DML:
+/// the immutability triggers fire `ALWAYS`, on every partition.
 #[tokio::test]
-#[ignore = "known gap: immutability triggers do not fire with session_replication_role = replica"]
 async fn replica_sessions_cannot_rewrite_history_either() {
     let db = TestDb::new().await;
     db.client
         .batch_execute("SELECT * FROM domain_events.raise_event('Loan', 'H-1', 'Loan.Opened')")
         .await
         .unwrap();
+    // A partition made after CREATE EXTENSION (here by an import into an old month) too.
+    db.client
+        .batch_execute(
+            "SELECT * FROM domain_events.import_events('[{\"aggregate_type\": \"Loan\", \
+                 \"aggregate_id\": \"H-0\", \"event_type\": \"Loan.Opened\", \
+                 \"recorded_at\": \"2001-01-15T00:00:00Z\"}]')",
+        )
+        .await
+        .unwrap();
+    let not_always: Vec<String> = db
+        .client
+        .query(
+            "SELECT t.tgrelid::regclass::text || ' ' || t.tgname FROM pg_trigger t
+               JOIN pg_class c ON c.oid = t.tgrelid
+              WHERE c.relnamespace = 'domain_events'::regnamespace
+                AND t.tgname IN ('event_immutable', 'event_no_truncate')
+                AND t.tgenabled <> 'A'
+              ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(not_always.is_empty(), "not ENABLE ALWAYS: {not_always:?}");
     let before = snapshot(&db.client).await;
     db.client
         .batch_execute("SET session_replication_role = replica")
@@ -210,6 +234,8 @@ async fn replica_sessions_cannot_rewrite_history_either() {
         "UPDATE domain_events.event SET payload = '{\"tampered\": true}'",
         "DELETE FROM domain_events.event",
         "TRUNCATE domain_events.event",
+        "TRUNCATE domain_events.event_p200101",
+        "DELETE FROM domain_events.event_p200101",
     ] {
         assert_sqlstate(&db.client, sql, "55000").await;
     }
