@@ -451,7 +451,7 @@ fn field<'a>(line: &'a serde_json::Map<String, serde_json::Value>, key: &str) ->
 /// byte for byte (JSON stays raw text, so depth is no limit), keeps streaming, confirms past them,
 /// never logs them, and stops cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_binary_streams_past_hostile_rows_without_crashing() {
+async fn the_binary_streams_past_hostile_rows_and_the_slot_moves_on() {
     let db = TestDb::new().await;
     let name = unique_name("hostile");
     let _slot = SlotGuard(name.clone());
