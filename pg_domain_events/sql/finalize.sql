@@ -7,6 +7,12 @@ CREATE TRIGGER event_no_truncate BEFORE TRUNCATE ON domain_events.event
 -- Statement triggers are not cloned to partitions: each partition gets its own.
 CREATE TRIGGER event_no_truncate BEFORE TRUNCATE ON domain_events.event_default
     FOR EACH STATEMENT EXECUTE FUNCTION domain_events.refuse_event_change();
+-- ALWAYS: they fire with session_replication_role = replica too, the switch that silences
+-- ordinary triggers (restore and replication tools set it; so can a superuser). The row trigger's
+-- setting is carried to every partition, existing and future; each TRUNCATE guard gets its own.
+ALTER TABLE domain_events.event ENABLE ALWAYS TRIGGER event_immutable;
+ALTER TABLE domain_events.event ENABLE ALWAYS TRIGGER event_no_truncate;
+ALTER TABLE domain_events.event_default ENABLE ALWAYS TRIGGER event_no_truncate;
 
 -- The current month and domain_events.premake_months ahead exist from the start, so the first
 -- raise_event of a new database does not create a partition inside the caller's transaction

@@ -75,13 +75,15 @@ pub fn months_of(table: &str) -> String {
     )
 }
 
-/// Creates one monthly partition; its own TRUNCATE guard, as statement triggers are not cloned.
+/// Creates one monthly partition; its own TRUNCATE guard, as statement triggers are not cloned
+/// (firing `ALWAYS`, like the cloned row trigger: see `finalize.sql`).
 pub fn create_partition(name: &str, from: &str, to: &str) -> String {
     format!(
         "CREATE TABLE domain_events.{name} PARTITION OF domain_events.event \
            FOR VALUES FROM ('{from}') TO ('{to}'); \
          CREATE TRIGGER event_no_truncate BEFORE TRUNCATE ON domain_events.{name} \
-           FOR EACH STATEMENT EXECUTE FUNCTION domain_events.refuse_event_change()"
+           FOR EACH STATEMENT EXECUTE FUNCTION domain_events.refuse_event_change(); \
+         ALTER TABLE domain_events.{name} ENABLE ALWAYS TRIGGER event_no_truncate"
     )
 }
 
@@ -109,7 +111,8 @@ pub fn attach_partition(name: &str, from: &str, to: &str) -> String {
         "ALTER TABLE domain_events.event ATTACH PARTITION domain_events.{name} \
            FOR VALUES FROM ('{from}') TO ('{to}'); \
          CREATE TRIGGER event_no_truncate BEFORE TRUNCATE ON domain_events.{name} \
-           FOR EACH STATEMENT EXECUTE FUNCTION domain_events.refuse_event_change()"
+           FOR EACH STATEMENT EXECUTE FUNCTION domain_events.refuse_event_change(); \
+         ALTER TABLE domain_events.{name} ENABLE ALWAYS TRIGGER event_no_truncate"
     )
 }
 
