@@ -19,6 +19,7 @@ pub mod operations;
 pub mod pgoutput;
 pub mod publication;
 mod redrive;
+pub mod replay;
 pub mod service;
 pub mod sink;
 pub mod stream;

@@ -3,5 +3,5 @@
 mod sql;
 mod stdout;
 
-pub use sql::{quote_function, FunctionNameError, SqlHandler};
+pub use sql::{quote_function, Delivery, FunctionNameError, SqlHandler};
 pub use stdout::StdoutSink;
