@@ -1,13 +1,15 @@
 //! Benchmarks of pg_domain_events, measured against baselines in the same run.
 //!
 //! `cargo run -p bench --release -- store` compares the event store with a plain INSERT and
-//! a PL/pgSQL implementation of the same contract; `capture` measures table capture. Each benchmark is a subcommand in its own
+//! a PL/pgSQL implementation of the same contract; `capture` measures table capture; `pipeline`,
+//! `workers` and `replay` measure the listener. Each benchmark is a subcommand in its own
 //! module; this file only wires them up.
 
 use clap::{Parser, Subcommand};
 
 mod capture;
 mod pipeline;
+mod replay;
 mod store;
 
 /// Benchmarks of pg_domain_events (run against the private cluster, not as tests).
@@ -32,6 +34,9 @@ enum Command {
     /// The listener's ordered workers: the same backlog drained with 1, 4 and 16 workers, with a
     /// no-op handler and a slow one.
     Workers(pipeline::WorkersArgs),
+    /// `listener replay`: stored events → no-op handler throughput, next to `SELECT count(*)`
+    /// and a plain `COPY … TO STDOUT` of the same rows.
+    Replay(replay::ReplayArgs),
 }
 
 #[tokio::main]
@@ -41,5 +46,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Capture(args) => capture::run(args).await,
         Command::Pipeline(args) => pipeline::run(args).await,
         Command::Workers(args) => pipeline::run_workers(args).await,
+        Command::Replay(args) => replay::run(args).await,
     }
 }
