@@ -82,7 +82,10 @@ fn rate(events: i64, d: Duration) -> f64 {
 
 /// Runs the benchmark and prints its figures.
 pub async fn run(a: ReplayArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(a.rounds >= 1 && a.events >= 1, "--rounds and --events must be positive");
+    anyhow::ensure!(
+        a.rounds >= 1 && a.events >= 1,
+        "--rounds and --events must be positive"
+    );
     let admin = connect(&a.cluster.dsn).await?;
     let dbname = format!("pgde_bench_replay_{}", std::process::id());
     admin
@@ -134,11 +137,15 @@ async fn measure(a: &ReplayArgs, dbname: &str) -> anyhow::Result<()> {
         bytes as f64 / a.events as f64
     );
 
-    let mut database = listener::config::DatabaseConfig::default();
-    database.host = param(&a.cluster.dsn, "host", "127.0.0.1");
-    database.port = param(&a.cluster.dsn, "port", "5432").parse().context("port")?;
-    database.user = param(&a.cluster.dsn, "user", "postgres");
-    database.dbname = dbname.to_string();
+    let database = listener::config::DatabaseConfig {
+        host: param(&a.cluster.dsn, "host", "127.0.0.1"),
+        port: param(&a.cluster.dsn, "port", "5432")
+            .parse()
+            .context("port")?,
+        user: param(&a.cluster.dsn, "user", "postgres"),
+        dbname: dbname.to_string(),
+        ..Default::default()
+    };
 
     let (mut counts, mut copies, mut replays) = (Vec::new(), Vec::new(), Vec::new());
     let mut copied_bytes = 0u64;
