@@ -1,13 +1,15 @@
 //! Benchmarks of pg_domain_events, measured against baselines in the same run.
 //!
 //! `cargo run -p bench --release -- store` compares the event store with a plain INSERT and
-//! a PL/pgSQL implementation of the same contract; `capture` measures table capture. Each benchmark is a subcommand in its own
+//! a PL/pgSQL implementation of the same contract; `capture` measures table capture; `pipeline`,
+//! `workers` and `replay` measure the listener. Each benchmark is a subcommand in its own
 //! module; this file only wires them up.
 
 use clap::{Parser, Subcommand};
 
 mod capture;
 mod pipeline;
+mod replay;
 mod sinks;
 mod store;
 
@@ -36,6 +38,9 @@ enum Command {
     /// The webhook and NATS handlers: commit → JetStream ack and commit → HTTP receiver
     /// events/s, and JetStream ack pipelining.
     Sinks(sinks::SinksArgs),
+    /// `listener replay`: stored events → no-op handler throughput, next to `SELECT count(*)`
+    /// and a plain `COPY … TO STDOUT` of the same rows.
+    Replay(replay::ReplayArgs),
 }
 
 #[tokio::main]
@@ -46,5 +51,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Pipeline(args) => pipeline::run(args).await,
         Command::Workers(args) => pipeline::run_workers(args).await,
         Command::Sinks(args) => sinks::run(args).await,
+        Command::Replay(args) => replay::run(args).await,
     }
 }

@@ -40,7 +40,8 @@ pub struct PipelineArgs {
     recvlogical: String,
 }
 
-fn param(dsn: &str, key: &str, default: &str) -> String {
+/// The value of `key` in a `key=value` connection string, or `default`.
+pub(crate) fn param(dsn: &str, key: &str, default: &str) -> String {
     dsn.split_whitespace()
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == key)

@@ -21,6 +21,7 @@ pub mod operations;
 pub mod pgoutput;
 pub mod publication;
 mod redrive;
+pub mod replay;
 pub mod retention;
 pub mod service;
 pub mod sink;

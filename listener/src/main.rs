@@ -1,5 +1,5 @@
 //! The `listener` binary: parses flags, loads the configuration, wires the built-in handlers and
-//! runs the library until SIGINT or SIGTERM.
+//! runs the library until SIGINT or SIGTERM; plus one-shot operator commands.
 
 use std::process::ExitCode;
 
@@ -8,14 +8,23 @@ use listener::config::{Config, ConfigArgs, LogConfig, LogFormat};
 use listener::dead_letter::{render_table, DeadLetterStore};
 use listener::error::report;
 use listener::operations;
+use listener::replay::{self, Replay, Selection};
 use listener::service::{registry_from_config, Listener};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
-/// Follows committed pg_domain_events through logical replication and dispatches them.
+/// Delivers committed pg_domain_events to handlers.
+///
+/// `run` follows new events (logical replication, or LISTEN/NOTIFY polling with
+/// replication.mode = "notify") and hands each to the handlers of the configuration file;
+/// `replay` runs handlers over events already stored. Every command reads the same TOML file
+/// (--config or PGDE_CONFIG), overridable by PGDE_* environment variables and the flags below;
+/// the password comes only from PGDE_PASSWORD or PGPASSWORD.
+///
+/// Exit status: 0 success, 1 failure, 2 invalid configuration or arguments.
 #[derive(Debug, Parser)]
-#[command(name = "listener", version, about)]
+#[command(name = "listener", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -23,10 +32,30 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Stream events to the configured handlers until SIGINT/SIGTERM.
+    /// Stream committed events to the configured handlers until SIGINT/SIGTERM.
+    ///
+    /// Starts where the subscription left off (its slot, or its row in
+    /// domain_events.subscription); a new subscription starts at the current position: earlier
+    /// events are not delivered (use `replay` for those). Exits 1 on a definite failure (e.g.
+    /// a lost slot), 2 on an invalid configuration; a second signal exits at once with 130.
     Run(ConfigArgs),
     /// Print the effective configuration (file + environment + flags) as TOML and exit.
     PrintConfig(ConfigArgs),
+    /// Run handlers over events stored in domain_events.event: rebuild a projection, feed a new
+    /// consumer, or recover the events a lost slot never delivered.
+    ///
+    /// Reads the selected events (filters combine with AND) in position order, which is
+    /// per-aggregate version order, from one consistent snapshot, and runs the chosen handlers
+    /// of the configuration file over them with their filters and retry policies. Failures are
+    /// not dead-lettered: they are printed with their event ids and the exit status is 1. The
+    /// summary goes to standard error (standard output belongs to the stdout handler).
+    /// A `sql` handler applies every replayed event, whatever its position row says, and leaves
+    /// that row unchanged. SIGINT/SIGTERM stop at the next batch and print where to resume
+    /// (exit 130).
+    ///
+    /// Exit status: 0 every event handled, 1 some failed (or the database failed), 2 invalid
+    /// arguments or configuration (nothing is handled).
+    Replay(ReplayArgs),
     /// Inspect and redrive the dead letters of the configured subscription.
     DeadLetters {
         #[command(subcommand)]
@@ -35,7 +64,7 @@ enum Command {
     /// Print every subscription of the database: position, confirmed LSN, events and WAL bytes
     /// behind, WAL retained by its slot, and whether a listener is streaming from it.
     Status(ConfigArgs),
-    /// Repair the configured replication slot.
+    /// Repair the configured replication slot (replication mode).
     Slot {
         #[command(subcommand)]
         command: SlotCommand,
@@ -45,17 +74,78 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum SlotCommand {
     /// Drop the slot (e.g. after it was invalidated: wal_status = lost) and forget the
-    /// subscription's confirmed LSN, so the next `run` creates a fresh slot. Events committed
-    /// while no slot existed must then be replayed from the table; the command prints from
-    /// which position.
+    /// subscription's confirmed LSN, so the next `run` creates a fresh slot.
+    ///
+    /// Refused while a listener streams from the slot. Events committed while no slot existed
+    /// are not delivered by the new one: the command prints the last handled position P; start
+    /// the listener again, then run `listener replay --from-position P+1` (events the new slot
+    /// also delivers come twice: at least once, never lost).
     Drop(ConfigArgs),
+}
+
+/// Flags of `listener replay`.
+#[derive(Debug, clap::Args)]
+struct ReplayArgs {
+    /// Run only this configured handler (repeatable); default: every configured handler.
+    #[arg(long = "handler", value_name = "NAME")]
+    handlers: Vec<String>,
+    /// Only events of this aggregate type.
+    #[arg(long, value_name = "TYPE")]
+    aggregate_type: Option<String>,
+    /// Only events of aggregates with this id.
+    #[arg(long, value_name = "ID")]
+    aggregate_id: Option<String>,
+    /// Only events of this type: exact (Loan.Funded) or a prefix (Loan.*). Handlers still
+    /// apply their own filters.
+    #[arg(long, value_name = "TYPE|PREFIX.*")]
+    event_type: Option<listener::Filter>,
+    /// Only events at or after this position.
+    #[arg(long, value_name = "N")]
+    from_position: Option<i64>,
+    /// Only events at or before this position.
+    #[arg(long, value_name = "N")]
+    to_position: Option<i64>,
+    /// Only events recorded (recorded_at) at or after this time: RFC 3339 with an offset
+    /// (2026-11-23T16:00:00Z) or a date (2026-11-23, midnight UTC).
+    #[arg(long, value_name = "TIMESTAMP", value_parser = replay::parse_timestamp)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only events recorded before this time (same formats as --since).
+    #[arg(long, value_name = "TIMESTAMP", value_parser = replay::parse_timestamp)]
+    until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Count the selected events per handler on standard output; handle nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Events read per fetch; handlers are flushed after each batch.
+    #[arg(long, value_name = "N", default_value_t = replay::DEFAULT_BATCH_SIZE,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    batch_size: usize,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+impl ReplayArgs {
+    fn selection(&self) -> Selection {
+        Selection {
+            aggregate_type: self.aggregate_type.clone(),
+            aggregate_id: self.aggregate_id.clone(),
+            event_type: self.event_type.clone(),
+            from_position: self.from_position,
+            to_position: self.to_position,
+            since: self.since,
+            until: self.until,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
 enum DeadLetterCommand {
-    /// Print the subscription's dead letters as a tab-separated table.
+    /// Print the subscription's dead letters as a tab-separated table (position, event id,
+    /// handler, attempts, first and last failure, pending redrive request, error).
     List(ConfigArgs),
     /// Ask the running listener to deliver dead letters again (all, or one event's).
+    ///
+    /// Marks them with domain_events.redrive(); a running `listener run` of this subscription
+    /// picks them up within replication.redrive_interval_ms, and removes each one it delivers.
     Redrive {
         /// Only the dead letters of this event.
         #[arg(long, value_name = "UUID")]
@@ -72,6 +162,7 @@ fn main() -> ExitCode {
         Command::PrintConfig(args) => (args, false),
         Command::DeadLetters { command } => return dead_letters(command),
         Command::Status(args) => return status(args),
+        Command::Replay(args) => return replay(args),
         Command::Slot {
             command: SlotCommand::Drop(args),
         } => return drop_slot(args),
@@ -234,6 +325,88 @@ fn drop_slot(args: &ConfigArgs) -> ExitCode {
     })
 }
 
+/// `listener replay`: exit 2 before anything is handled when an argument, the configuration or
+/// a handler name is wrong.
+fn replay(args: &ReplayArgs) -> ExitCode {
+    let config = match args.config.load() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {}", report(&err));
+            return ExitCode::from(2);
+        }
+    };
+    let selection = args.selection();
+    if let Err(err) = selection.validate() {
+        eprintln!("error: {}", report(&err));
+        return ExitCode::from(2);
+    }
+    init_logging(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let registry = match replay::registry_for_replay(&config, &args.handlers) {
+            Ok(registry) => registry,
+            Err(err) => {
+                eprintln!("error: {}", report(&err));
+                return ExitCode::from(2);
+            }
+        };
+        let replay = Replay::new(config.database.clone(), selection)
+            .with_batch_size(args.batch_size)
+            .with_workers(config.replication.workers);
+        if args.dry_run {
+            return match replay.count().await {
+                Ok(counts) => {
+                    let total: u64 = counts.iter().map(|(_, n)| n).sum();
+                    println!("{total} event(s) selected; nothing handled (dry run)");
+                    println!("handler\tevents");
+                    for name in registry.names() {
+                        let routed: u64 = counts
+                            .iter()
+                            .filter(|(event_type, _)| registry.routes(event_type).contains(&name))
+                            .map(|(_, n)| n)
+                            .sum();
+                        println!("{name}\t{routed}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {}", report(&err));
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        let cancel = CancellationToken::new();
+        let signals = tokio::spawn(watch_signals(cancel.clone()));
+        let result = replay.run(registry, cancel).await;
+        signals.abort();
+        match result {
+            Ok(summary) => {
+                eprint!("{}", summary.render());
+                match summary.ending {
+                    _ if summary.succeeded() => ExitCode::SUCCESS,
+                    replay::Ending::Interrupted if summary.failures.is_empty() => {
+                        ExitCode::from(130)
+                    }
+                    _ => ExitCode::FAILURE,
+                }
+            }
+            Err(err) => {
+                eprintln!("error: {}", report(&err));
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
 /// Cancels on the first SIGINT/SIGTERM (graceful: finish in-flight, confirm, exit 0); exits at
 /// once on the second.
 async fn watch_signals(cancel: CancellationToken) {
@@ -252,7 +425,7 @@ async fn watch_signals(cancel: CancellationToken) {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    info!("shutting down: finishing the in-flight transaction");
+    info!("shutting down: finishing the work in flight");
     cancel.cancel();
     tokio::select! {
         _ = term.recv() => {}

@@ -6,6 +6,6 @@ mod stdout;
 pub mod webhook;
 
 pub use nats::{NatsCredentials, NatsOptions, NatsSink, SubjectTemplate};
-pub use sql::{quote_function, FunctionNameError, SqlHandler};
+pub use sql::{quote_function, Delivery, FunctionNameError, SqlHandler};
 pub use stdout::StdoutSink;
 pub use webhook::WebhookSink;

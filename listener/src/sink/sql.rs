@@ -12,6 +12,10 @@ use crate::event::Event;
 /// Stream order must be total for the position to be meaningful: use it with one worker (the
 /// configuration refuses `workers > 1` with a `sql` handler). A redriven event (commit LSN 0/0)
 /// is applied in the transaction that deletes its dead letter, so a redrive is exactly-once too.
+///
+/// A handler built [`SqlHandler::for_replay`] (by `listener replay`) calls the function for every
+/// event it is given, whatever its position, and neither reads nor moves the position row nor
+/// touches dead letters: a replay is an operator's explicit "apply these again", at least once.
 pub struct SqlHandler {
     db: crate::config::DatabaseConfig,
     /// `"schema"."function"`, quoted.
@@ -20,8 +24,23 @@ pub struct SqlHandler {
     subscription: String,
     /// `mode` of the position row: the subscription's mode.
     mode: crate::config::Mode,
+    /// Following the stream, or replaying stored events.
+    delivery: Delivery,
     /// The connection and the task driving it (it ends when the client is dropped).
     client: tokio::sync::Mutex<Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>>,
+}
+
+/// What a [`SqlHandler`] is given, which decides its bookkeeping. Explicit, because both a
+/// redriven and a replayed event carry commit LSN 0/0: the LSN alone cannot tell them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delivery {
+    /// Events of the stream (exactly once by position) and redriven dead letters (exactly once
+    /// by the dead letter's removal).
+    #[default]
+    Stream,
+    /// Stored events replayed by `listener replay`: each one applied, in its own transaction,
+    /// regardless of the handler's position, which is left as it is.
+    Replay,
 }
 
 /// Why a `sql` handler's function name is not usable.
@@ -63,6 +82,7 @@ impl SqlHandler {
             handler: handler.into(),
             subscription: subscription.into(),
             mode: crate::config::Mode::Replication,
+            delivery: Delivery::Stream,
             client: tokio::sync::Mutex::new(None),
         })
     }
@@ -71,6 +91,17 @@ impl SqlHandler {
     pub fn with_mode(mut self, mode: crate::config::Mode) -> SqlHandler {
         self.mode = mode;
         self
+    }
+
+    /// Applies every event given, ignoring and keeping the position row: for `listener replay`.
+    pub fn for_replay(mut self) -> SqlHandler {
+        self.delivery = Delivery::Replay;
+        self
+    }
+
+    /// What this handler is given.
+    pub fn delivery(&self) -> Delivery {
+        self.delivery
     }
 
     /// The name of the row holding this handler's position.
@@ -84,8 +115,13 @@ impl SqlHandler {
         event: &Event,
         json: &str,
     ) -> Result<(), tokio_postgres::Error> {
-        let row_name = self.position_row();
         let call = format!("SELECT {}($1::text::jsonb)", self.function);
+        if self.delivery == Delivery::Replay {
+            // One statement: its own transaction. The commit LSN is meaningless here (0/0 is
+            // not a redrive), and the position row belongs to the stream.
+            return client.execute(&call, &[&json]).await.map(|_| ());
+        }
+        let row_name = self.position_row();
         let tx = client.transaction().await?;
         if event.commit_lsn == crate::lsn::Lsn::ZERO {
             // A redrive: applied together with the removal of its dead letter, so that a crash
@@ -159,18 +195,20 @@ impl Handler for SqlHandler {
                 let (client, connection) = crate::subscription::connect(&self.db)
                     .await
                     .map_err(|e| sql_failure(e.is_transient(), "cannot connect", e))?;
-                client
-                    .execute(
-                        "INSERT INTO domain_events.subscription (name, mode, position, lsn) \
+                if self.delivery == Delivery::Stream {
+                    client
+                        .execute(
+                            "INSERT INTO domain_events.subscription (name, mode, position, lsn) \
                          VALUES ($1, $2, 0, '0/0') ON CONFLICT (name) DO NOTHING",
-                        &[&self.position_row(), &self.mode.as_str()],
-                    )
-                    .await
-                    .map_err(|e| {
-                        let err =
-                            crate::error::Error::sql("creating the handler's position row")(e);
-                        sql_failure(err.is_transient(), "cannot create the position row", err)
-                    })?;
+                            &[&self.position_row(), &self.mode.as_str()],
+                        )
+                        .await
+                        .map_err(|e| {
+                            let err =
+                                crate::error::Error::sql("creating the handler's position row")(e);
+                            sql_failure(err.is_transient(), "cannot create the position row", err)
+                        })?;
+                }
                 guard.insert((client, connection))
             }
         };
