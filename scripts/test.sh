@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting, clippy, the extension's backend tests (#[pg_test]),
-# then the end-to-end suites against a fresh private cluster (scripts/cluster.sh).
+# then the end-to-end suites against a fresh private cluster (scripts/cluster.sh), then a short
+# fuzzing run of the stream decoders and the configuration loader (scripts/fuzz.sh).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,3 +32,6 @@ trap 'scripts/cluster.sh stop immediate || true' EXIT
 export PGDE_TEST_DSN="host=127.0.0.1 port=$PGDE_PORT user=postgres dbname=postgres"
 cargo build -p listener --quiet
 cargo nextest run --workspace --exclude pg_domain_events --no-fail-fast
+
+echo "== fuzzing: a short run of each target over its committed corpus"
+scripts/fuzz.sh "${PGDE_FUZZ_SECONDS:-20}"

@@ -317,8 +317,9 @@ fn drop_slot(args: &ConfigArgs) -> ExitCode {
         if let Some(position) = outcome.last_position {
             println!(
                 "subscription {subscription:?} had handled events up to position {position}; \
-                 the next run starts a new slot at the current WAL position: replay events \
-                 committed since then from domain_events.event"
+                 the next run starts a new slot at the current WAL position: start it, then \
+                 run `listener replay --from-position {}` for the events committed in between",
+                position + 1
             );
         }
         Ok(ExitCode::SUCCESS)

@@ -29,8 +29,9 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 pub fn lost_slot_problem() -> String {
     "has been invalidated (wal_status = lost: it retained more WAL than max_slot_wal_keep_size \
      allows), so events committed since its last confirmed position are no longer in the WAL. \
-     Run `listener slot drop` (it prints the last handled position), replay the events after \
-     that position from domain_events.event, then start the listener again to create a new slot"
+     Run `listener slot drop` (it prints the last handled position P), start the listener again \
+     to create a new slot, then `listener replay --from-position P+1` for the events committed \
+     in between"
         .to_string()
 }
 
