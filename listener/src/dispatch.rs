@@ -281,12 +281,6 @@ impl Registry {
         self.entries.is_empty()
     }
 
-    /// Moves every handler of `other` to the end of this registry, keeping their order.
-    pub fn append(&mut self, other: Registry) -> &mut Registry {
-        self.entries.extend(other.entries);
-        self
-    }
-
     /// Names of the registered handlers, in registration order.
     pub fn names(&self) -> Vec<&str> {
         self.entries.iter().map(|r| r.name.as_str()).collect()

@@ -40,12 +40,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 use uuid::Uuid;
 
-use crate::config::{Config, ConfigError, DatabaseConfig, HandlerKind};
+use crate::config::{Config, ConfigError, DatabaseConfig};
 use crate::dead_letter::{event_from_row, DeadLetter, DeadLetterSink, EVENT_COLUMNS};
 use crate::dispatch::{Ack, Dispatcher, Filter, Item, Registry, Undecodable};
 use crate::error::{report, Error};
 use crate::lsn::Lsn;
-use crate::sink::SqlHandler;
+use crate::service::Purpose;
 
 /// Count per event type of the selected events (for `--dry-run`); appended to a WHERE clause.
 const COUNT_BY_TYPE: &str =
@@ -185,39 +185,11 @@ pub fn registry_for_replay(config: &Config, names: &[String]) -> Result<Registry
             ),
         ));
     }
-    let mut registry = Registry::new();
-    for handler in &config.handlers {
-        if !names.is_empty() && !names.contains(&handler.name()) {
-            continue;
-        }
-        if handler.kind == HandlerKind::Sql {
-            let function = handler.function.as_deref().unwrap_or_default();
-            let sql = SqlHandler::new(
-                config.database.clone(),
-                function,
-                handler.name(),
-                config.replication.subscription_name(),
-            )
-            .map_err(|e| invalid(&format!("handler {}", handler.name()), e.to_string()))?
-            .with_mode(config.replication.mode)
-            .for_replay();
-            registry.register_with(
-                handler.name(),
-                handler.filters()?,
-                handler.retry(),
-                handler.on_failure,
-                Arc::new(sql),
-            );
-        } else {
-            // Every other kind behaves the same in a replay: built as for the stream.
-            let one = Config {
-                handlers: vec![handler.clone()],
-                ..config.clone()
-            };
-            registry.append(crate::service::registry_from_config(&one)?);
-        }
-    }
-    Ok(registry)
+    let selected = config
+        .handlers
+        .iter()
+        .filter(|h| names.is_empty() || names.contains(&h.name()));
+    crate::service::build_registry(config, selected, Purpose::Replay)
 }
 
 /// One event a handler failed on for good during a replay.

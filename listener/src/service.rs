@@ -26,9 +26,9 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::admin::{Health, Phase};
-use crate::config::{Config, HandlerKind, Mode};
+use crate::config::{Config, ConfigError, HandlerConfig, HandlerKind, Mode};
 use crate::dead_letter::DeadLetterStore;
-use crate::dispatch::{jitter, Ack, Dispatcher, Item, Registry, Undecodable};
+use crate::dispatch::{jitter, Ack, Dispatcher, Handler, Item, Registry, Undecodable};
 use crate::error::{report, Error};
 use crate::event::{Decoded, EventDecoder, EventError};
 use crate::lsn::Lsn;
@@ -38,25 +38,40 @@ use crate::sink::{NatsSink, SqlHandler, StdoutSink, WebhookSink};
 use crate::stream::{ConnectOptions, ReplicationConnection, ReplicationMessage, SlotState};
 use crate::subscription::{self, SubscriptionStore, HEARTBEAT_PREFIX};
 
+/// What built-in handlers are built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Following the stream (`listener run`).
+    Stream,
+    /// Running over stored events (`listener replay`): a `sql` handler applies every event,
+    /// whatever its position row says ([`SqlHandler::for_replay`]).
+    Replay,
+}
+
 /// Builds the registry of built-in handlers described by `config.handlers`.
 ///
 /// Secrets named by handlers (`secret_env`, `user_env`, …) are read from the process
 /// environment now: a missing variable is a configuration error naming it.
 pub fn registry_from_config(config: &Config) -> Result<Registry, Error> {
+    build_registry(config, &config.handlers, Purpose::Stream)
+}
+
+/// Builds the registry of `handlers` (entries of `config.handlers`), in their order, for
+/// `purpose`; the rest of `config` supplies the database and subscription they work for.
+pub fn build_registry<'a>(
+    config: &Config,
+    handlers: impl IntoIterator<Item = &'a HandlerConfig>,
+    purpose: Purpose,
+) -> Result<Registry, Error> {
     let env = |name: &str| std::env::var(name).ok();
+    let invalid = |handler: &HandlerConfig, message: String| ConfigError::Invalid {
+        origin: Some(format!("handler {}", handler.name())),
+        message,
+    };
     let mut registry = Registry::new();
-    for handler in &config.handlers {
-        let filters = handler.filters()?;
-        match handler.kind {
-            HandlerKind::Stdout => {
-                registry.register_with(
-                    handler.name(),
-                    filters,
-                    handler.retry(),
-                    handler.on_failure,
-                    Arc::new(StdoutSink::new()),
-                );
-            }
+    for handler in handlers {
+        let sink: Arc<dyn Handler> = match handler.kind {
+            HandlerKind::Stdout => Arc::new(StdoutSink::new()),
             HandlerKind::Sql => {
                 let function = handler.function.as_deref().unwrap_or_default();
                 let sql = SqlHandler::new(
@@ -65,47 +80,30 @@ pub fn registry_from_config(config: &Config) -> Result<Registry, Error> {
                     handler.name(),
                     config.replication.subscription_name(),
                 )
-                .map_err(|e| crate::config::ConfigError::Invalid {
-                    origin: Some(format!("handler {}", handler.name())),
-                    message: e.to_string(),
-                })?;
-                let sql = sql.with_mode(config.replication.mode);
-                registry.register_with(
-                    handler.name(),
-                    filters,
-                    handler.retry(),
-                    handler.on_failure,
-                    Arc::new(sql),
-                );
+                .map_err(|e| invalid(handler, e.to_string()))?
+                .with_mode(config.replication.mode);
+                match purpose {
+                    Purpose::Stream => Arc::new(sql),
+                    Purpose::Replay => Arc::new(sql.for_replay()),
+                }
             }
             HandlerKind::Webhook => {
                 let secret = handler.webhook_secret(env)?;
                 let url = handler.url.as_deref().unwrap_or_default();
-                let sink = WebhookSink::new(url, handler.timeout(), secret).map_err(|e| {
-                    crate::config::ConfigError::Invalid {
-                        origin: Some(format!("handler {}", handler.name())),
-                        message: crate::error::report(&e),
-                    }
-                })?;
-                registry.register_with(
-                    handler.name(),
-                    filters,
-                    handler.retry(),
-                    handler.on_failure,
-                    Arc::new(sink),
-                );
+                Arc::new(
+                    WebhookSink::new(url, handler.timeout(), secret)
+                        .map_err(|e| invalid(handler, crate::error::report(&e)))?,
+                )
             }
-            HandlerKind::Nats => {
-                let sink = NatsSink::new(handler.nats_options(env)?);
-                registry.register_with(
-                    handler.name(),
-                    filters,
-                    handler.retry(),
-                    handler.on_failure,
-                    Arc::new(sink),
-                );
-            }
-        }
+            HandlerKind::Nats => Arc::new(NatsSink::new(handler.nats_options(env)?)),
+        };
+        registry.register_with(
+            handler.name(),
+            handler.filters()?,
+            handler.retry(),
+            handler.on_failure,
+            sink,
+        );
     }
     Ok(registry)
 }

@@ -101,29 +101,31 @@ impl Drop for TestDb {
             return;
         }
         let name = self.name.clone();
-        // `drop` cannot await and the test's runtime may be shutting down: a private runtime on a
-        // thread of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok((client, connection)) = tokio_postgres::connect(&admin_dsn(), NoTls).await
-                {
-                    let driver = tokio::spawn(connection);
-                    let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                    drop(client);
-                    let _ = driver.await;
-                }
-            });
-        })
-        .join();
+        block_on_cleanup(async move {
+            if let Ok((client, connection)) = tokio_postgres::connect(&admin_dsn(), NoTls).await {
+                let driver = tokio::spawn(connection);
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+                drop(client);
+                let _ = driver.await;
+            }
+        });
     }
+}
+
+/// Runs `cleanup` to completion from a `Drop` impl, best effort: `drop` cannot await, and the
+/// test's runtime may be shutting down, so it runs on a private runtime on a thread of its own.
+pub fn block_on_cleanup(cleanup: impl std::future::Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(cleanup);
+        }
+    })
+    .join();
 }
 
 /// The SQLSTATE of a failed statement, as its five-character code.

@@ -251,19 +251,7 @@ pub struct SlotGuard(pub String);
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        let name = self.0.clone();
-        // `drop` cannot await, and the test's runtime may be shutting down: use a private
-        // runtime on a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(drop_slot_eventually(name));
-        })
-        .join();
+        crate::block_on_cleanup(drop_slot_eventually(self.0.clone()));
     }
 }
 

@@ -281,23 +281,13 @@ pub struct StreamGuard(pub String);
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         let name = self.0.clone();
-        // `drop` cannot await: a private runtime on a thread of its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async {
-                if let Ok(client) = async_nats::connect(NATS_URL).await {
-                    let _ = async_nats::jetstream::new(client)
-                        .delete_stream(&name)
-                        .await;
-                }
-            });
-        })
-        .join();
+        crate::block_on_cleanup(async move {
+            if let Ok(client) = async_nats::connect(NATS_URL).await {
+                let _ = async_nats::jetstream::new(client)
+                    .delete_stream(&name)
+                    .await;
+            }
+        });
     }
 }
 
