@@ -5,11 +5,11 @@ use std::ffi::{c_char, CString};
 
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
-use pgrx::JsonB;
 
 use crate::errors::{EventError, OrReport};
 use crate::event::{self, Arguments, NewEvent};
 use crate::gucs::{self, EventsEnabled};
+use crate::json_arg::JsonbText;
 use crate::partition;
 use crate::store::{self, Stored};
 
@@ -25,8 +25,8 @@ fn raise_event(
     aggregate_type: Option<&str>,
     aggregate_id: Option<&str>,
     event_type: Option<&str>,
-    payload: default!(Option<JsonB>, "'{}'"),
-    metadata: default!(Option<JsonB>, "'{}'"),
+    payload: default!(Option<JsonbText>, "'{}'"),
+    metadata: default!(Option<JsonbText>, "'{}'"),
     expected_version: default!(Option<i64>, "NULL"),
     occurred_at: default!(Option<TimestampWithTimeZone>, "now()"),
     event_version: default!(Option<i32>, 1),
@@ -42,12 +42,17 @@ fn raise_event(
     if let Some(rows) = short_circuit() {
         return TableIterator::new(rows);
     }
+    let payload = payload.map(|j| j.parse("payload")).transpose().or_report();
+    let metadata = metadata
+        .map(|j| j.parse("metadata"))
+        .transpose()
+        .or_report();
     let event = NewEvent::from_arguments(Arguments {
         aggregate_type,
         aggregate_id,
         event_type,
-        payload: payload.as_ref().map(|j| &j.0),
-        metadata: metadata.as_ref().map(|j| &j.0),
+        payload: payload.as_ref(),
+        metadata: metadata.as_ref(),
         expected_version,
         occurred_at,
         event_version,
@@ -60,7 +65,7 @@ fn raise_event(
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn raise_events(
-    events: Option<JsonB>,
+    events: Option<JsonbText>,
 ) -> TableIterator<
     'static,
     (
@@ -73,9 +78,12 @@ fn raise_events(
     if let Some(rows) = short_circuit() {
         return TableIterator::new(rows);
     }
-    let events = events.ok_or_else(|| EventError::null("events")).or_report();
+    let events = events
+        .ok_or_else(|| EventError::null("events"))
+        .and_then(|j| j.parse("events"))
+        .or_report();
     TableIterator::new(append(
-        NewEvent::from_json_batch(&events.0, false).or_report(),
+        NewEvent::from_json_batch(&events, false).or_report(),
     ))
 }
 
@@ -83,7 +91,7 @@ fn raise_events(
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn import_events(
-    events: Option<JsonB>,
+    events: Option<JsonbText>,
 ) -> TableIterator<
     'static,
     (
@@ -96,10 +104,11 @@ fn import_events(
     if let Some(rows) = short_circuit() {
         return TableIterator::new(rows);
     }
-    let events = events.ok_or_else(|| EventError::null("events")).or_report();
-    TableIterator::new(append(
-        NewEvent::from_json_batch(&events.0, true).or_report(),
-    ))
+    let events = events
+        .ok_or_else(|| EventError::null("events"))
+        .and_then(|j| j.parse("events"))
+        .or_report();
+    TableIterator::new(append(NewEvent::from_json_batch(&events, true).or_report()))
 }
 
 /// Premakes partitions, moves stray rows out of the default partition, applies retention.

@@ -324,7 +324,7 @@ fn track_relation(
     id_column: default!(Option<&str>, "'id'"),
     columns: default!(Option<Vec<Option<String>>>, "NULL"),
     ignore_columns: default!(Option<Vec<Option<String>>>, "'{}'"),
-    column_events: default!(Option<pgrx::JsonB>, "'{}'"),
+    column_events: default!(Option<crate::json_arg::JsonbText>, "'{}'"),
     id_columns: default!(Option<Vec<Option<String>>>, "NULL"),
 ) {
     let tbl = tbl.ok_or_else(|| EventError::null("tbl")).or_report();
@@ -357,7 +357,11 @@ fn track_relation(
     let ignore_columns = text_array("ignore_columns", ignore_columns)
         .or_report()
         .unwrap_or_default();
-    let column_events: HashMap<String, String> = match column_events.map(|j| j.0) {
+    let column_events = column_events
+        .map(|j| j.parse("column_events"))
+        .transpose()
+        .or_report();
+    let column_events: HashMap<String, String> = match column_events {
         None => EventError::null("column_events").report(),
         Some(Value::Object(map)) => map
             .into_iter()

@@ -12,6 +12,7 @@ mod errors;
 mod event;
 mod gucs;
 mod immutability;
+mod json_arg;
 mod maintenance;
 mod partition;
 mod store;

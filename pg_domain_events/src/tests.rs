@@ -132,6 +132,39 @@ mod tests {
         Spi::run(r#"SELECT * FROM domain_events.raise_events('[{"aggregate_type": "Loan", "aggregate_id": "7", "event_type": "Loan.Created", "recorded_at": "2001-01-01T00:00:00Z"}]')"#).unwrap();
     }
 
+    /// Deeper than the JSON parser's 128 levels: an invalid argument (22023) naming it, not an
+    /// internal error raised before the function body runs.
+    #[pg_test]
+    fn json_nested_too_deeply_is_an_invalid_argument() {
+        use pgrx::pg_sys::panic::CaughtError;
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        // One statement: after a caught error the transaction can only roll back. The other
+        // arguments (metadata, batches, column_events) are covered end to end (hostile.rs).
+        let sql = format!(
+            "SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created', '{deep}')"
+        );
+        let caught = PgTryBuilder::new(|| {
+            Spi::run(&sql).unwrap();
+            None
+        })
+        .catch_others(|e| match e {
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
+                Some((r.sql_error_code(), r.message().to_string()))
+            }
+            CaughtError::RustPanic { ereport, .. } => {
+                Some((ereport.sql_error_code(), ereport.message().to_string()))
+            }
+        })
+        .execute();
+        let (code, message) = caught.expect("deep JSON must be refused");
+        assert_eq!(
+            code,
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "{message}"
+        );
+        assert!(message.contains("nest at most 128 levels"), "{message}");
+    }
+
     #[pg_test(error = "invalid payload: must be a JSON object, got an array")]
     fn payload_must_be_an_object() {
         Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created', '[1,2]')")
