@@ -116,22 +116,36 @@ pub(crate) fn batch(size: usize, n: u64) -> serde_json::Value {
     )
 }
 
-/// Runs the pipeline benchmark and prints its figures.
-pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
-    let dbname = format!("pgde_bench_{}", std::process::id());
-    let admin = connect(&dsn_for(&a.cluster.dsn, "postgres")).await?;
+/// Creates database `dbname` on the cluster with the extension and publication `bench`; returns
+/// a connection to `postgres` (to drop the database at the end) and one to the new database.
+pub(crate) async fn publishing_database(
+    cluster_dsn: &str,
+    dbname: &str,
+) -> anyhow::Result<(tokio_postgres::Client, tokio_postgres::Client)> {
+    let admin = connect(&dsn_for(cluster_dsn, "postgres")).await?;
     admin
         .batch_execute(&format!("CREATE DATABASE {dbname}"))
         .await
         .context("create database")?;
-    let db = connect(&dsn_for(&a.cluster.dsn, &dbname)).await?;
+    let db = connect(&dsn_for(cluster_dsn, dbname)).await?;
+    for sql in [
+        "CREATE EXTENSION pg_domain_events",
+        "CREATE PUBLICATION bench FOR TABLE domain_events.event \
+         WITH (publish_via_partition_root = true, publish = 'insert')",
+    ] {
+        db.batch_execute(sql).await.context("setup")?;
+    }
+    Ok((admin, db))
+}
+
+/// Runs the pipeline benchmark and prints its figures.
+pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
+    let dbname = format!("pgde_bench_{}", std::process::id());
+    let (admin, db) = publishing_database(&a.cluster.dsn, &dbname).await?;
     // One statement per call: a multi-statement string is one transaction, and a slot cannot be
     // created in a transaction that wrote.
     for sql in [
-        "CREATE EXTENSION pg_domain_events",
         "SELECT domain_events.maintain()",
-        "CREATE PUBLICATION bench FOR TABLE domain_events.event \
-         WITH (publish_via_partition_root = true, publish = 'insert')",
         "SELECT pg_create_logical_replication_slot('bench_listener_' || pg_backend_pid(), 'pgoutput')",
     ] {
         db.batch_execute(sql).await.context("setup")?;
@@ -337,19 +351,7 @@ pub struct WorkersArgs {
 /// takes `delay_ms` per event, and prints events/s for each.
 pub async fn run_workers(a: WorkersArgs) -> anyhow::Result<()> {
     let dbname = format!("pgde_bench_workers_{}", std::process::id());
-    let admin = connect(&dsn_for(&a.cluster.dsn, "postgres")).await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {dbname}"))
-        .await
-        .context("create database")?;
-    let db = connect(&dsn_for(&a.cluster.dsn, &dbname)).await?;
-    for sql in [
-        "CREATE EXTENSION pg_domain_events",
-        "CREATE PUBLICATION bench FOR TABLE domain_events.event \
-         WITH (publish_via_partition_root = true, publish = 'insert')",
-    ] {
-        db.batch_execute(sql).await.context("setup")?;
-    }
+    let (admin, db) = publishing_database(&a.cluster.dsn, &dbname).await?;
     let delays = [Duration::ZERO, Duration::from_millis(a.delay_ms)];
     let mut runs = Vec::new();
     for delay in delays {

@@ -20,8 +20,8 @@ use listener::sink::{NatsOptions, NatsSink, SubjectTemplate};
 use listener::{Event, Handler, Listener};
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::{batch, listener_config};
-use crate::store::{connect, dsn_for, ClusterArgs};
+use crate::pipeline::{batch, listener_config, publishing_database};
+use crate::store::ClusterArgs;
 
 /// Flags of `bench sinks`.
 #[derive(clap::Args, Debug)]
@@ -107,19 +107,7 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
 
     // 2 and 3. The whole path from the slot.
     let dbname = format!("pgde_bench_sinks_{tag}");
-    let admin = connect(&dsn_for(&a.cluster.dsn, "postgres")).await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {dbname}"))
-        .await
-        .context("create database")?;
-    let db = connect(&dsn_for(&a.cluster.dsn, &dbname)).await?;
-    for sql in [
-        "CREATE EXTENSION pg_domain_events",
-        "CREATE PUBLICATION bench FOR TABLE domain_events.event \
-         WITH (publish_via_partition_root = true, publish = 'insert')",
-    ] {
-        db.batch_execute(sql).await.context("setup")?;
-    }
+    let (admin, db) = publishing_database(&a.cluster.dsn, &dbname).await?;
     let runs = ["nats_w1", "webhook_w1", "webhook_w4"];
     for slot in runs {
         // Slots first, all before the writes, so each run drains exactly the same WAL.

@@ -187,15 +187,8 @@ fn main() -> ExitCode {
         };
     }
     init_logging(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            error!(error = %err, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async move {
         let registry = match registry_from_config(&config) {
@@ -237,15 +230,8 @@ where
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(async {
         let (client, connection) = listener::subscription::connect(&config.database).await?;
@@ -342,15 +328,8 @@ fn replay(args: &ReplayArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     init_logging(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async move {
         let registry = match replay::registry_for_replay(&config, &args.handlers) {
@@ -406,6 +385,17 @@ fn replay(args: &ReplayArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// Builds the async runtime; on failure says why on stderr (logging may not be set up yet).
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    match builder.enable_all().build() {
+        Ok(runtime) => Some(runtime),
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            None
+        }
+    }
 }
 
 /// Cancels on the first SIGINT/SIGTERM (graceful: finish in-flight, confirm, exit 0); exits at
