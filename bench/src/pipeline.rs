@@ -101,7 +101,27 @@ pub(crate) fn listener_config(dsn: &str, dbname: &str, slot: &str) -> Config {
     config
 }
 
-pub(crate) fn batch(size: usize, n: u64) -> serde_json::Value {
+/// Raises `events` events of [`batch`] in transactions of `per_txn` events.
+pub(crate) async fn write_backlog(
+    db: &tokio_postgres::Client,
+    events: u64,
+    per_txn: u64,
+) -> anyhow::Result<()> {
+    let mut written = 0;
+    while written < events {
+        let size = (events - written).min(per_txn) as usize;
+        db.query(
+            "SELECT 1 FROM domain_events.raise_events($1)",
+            &[&batch(size, written)],
+        )
+        .await
+        .context("raise_events")?;
+        written += size as u64;
+    }
+    Ok(())
+}
+
+fn batch(size: usize, n: u64) -> serde_json::Value {
     serde_json::Value::Array(
         (0..size)
             .map(|i| {
@@ -162,17 +182,7 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
 
     // 1. Write the backlog.
     let started = Instant::now();
-    let mut written = 0;
-    while written < a.events {
-        let size = (a.events - written).min(1000) as usize;
-        db.query(
-            "SELECT 1 FROM domain_events.raise_events($1)",
-            &[&batch(size, written)],
-        )
-        .await
-        .context("raise_events")?;
-        written += size as u64;
-    }
+    write_backlog(&db, a.events, 1000).await?;
     let end_lsn: String = db
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
         .await?
@@ -367,17 +377,7 @@ pub async fn run_workers(a: WorkersArgs) -> anyhow::Result<()> {
             runs.push((workers, delay, slot));
         }
     }
-    let mut written = 0;
-    while written < a.events {
-        let size = (a.events - written).min(1000) as usize;
-        db.query(
-            "SELECT 1 FROM domain_events.raise_events($1)",
-            &[&batch(size, written)],
-        )
-        .await
-        .context("raise_events")?;
-        written += size as u64;
-    }
+    write_backlog(&db, a.events, 1000).await?;
     println!(
         "listener workers: {} events over 1000 aggregates, drained from the slot by each configuration",
         a.events

@@ -20,7 +20,7 @@ use listener::sink::{NatsOptions, NatsSink, SubjectTemplate};
 use listener::{Event, Handler, Listener};
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::{batch, listener_config, publishing_database};
+use crate::pipeline::{listener_config, publishing_database, write_backlog};
 use crate::store::ClusterArgs;
 
 /// Flags of `bench sinks`.
@@ -118,17 +118,7 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
         .await
         .context("create slot")?;
     }
-    let mut written = 0;
-    while written < a.events {
-        let size = (a.events - written).min(a.per_txn) as usize;
-        db.query(
-            "SELECT 1 FROM domain_events.raise_events($1)",
-            &[&batch(size, written)],
-        )
-        .await
-        .context("raise_events")?;
-        written += size as u64;
-    }
+    write_backlog(&db, a.events, a.per_txn).await?;
 
     // An HTTP receiver that counts and answers 204.
     let received = Arc::new(AtomicU64::new(0));
