@@ -315,7 +315,8 @@ pub struct HandlerConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_env: Option<String>,
     /// `kind = "webhook"`: per-request timeout; `kind = "nats"`: connect, API and publish-ack
-    /// timeout. Milliseconds, default 10 000.
+    /// timeout; `kind = "kafka"`: connect, metadata, topic creation and produce-ack timeout.
+    /// Milliseconds, default 10 000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
     /// `kind = "nats"`: server URLs, default `["nats://127.0.0.1:4222"]`.
@@ -346,6 +347,29 @@ pub struct HandlerConfig {
     /// `kind = "nats"`: name of the environment variable holding an authentication token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_env: Option<String>,
+    /// `kind = "kafka"`: bootstrap brokers (`host:port`), default `["127.0.0.1:9092"]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<Vec<String>>,
+    /// `kind = "kafka"`: topic template, default `events.{aggregate_type}` (placeholders
+    /// `{aggregate_type}`, `{event_type}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// `kind = "kafka"`: create a topic when it is missing (default `true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_topics: Option<bool>,
+    /// `kind = "kafka"`: partitions of a created topic (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<i32>,
+    /// `kind = "kafka"`: replication factor of a created topic (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_factor: Option<i16>,
+    /// `kind = "kafka"`: batch compression, `none` (default), `gzip` or `snappy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<crate::sink::KafkaCompression>,
+    /// `kind = "kafka"`: largest record batch in bytes, default 1 048 588 (the broker's default
+    /// `message.max.bytes`). A larger event is dead-lettered; larger transactions are split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_message_bytes: Option<usize>,
 }
 
 impl Default for HandlerConfig {
@@ -371,6 +395,13 @@ impl Default for HandlerConfig {
             user_env: None,
             password_env: None,
             token_env: None,
+            brokers: None,
+            topic: None,
+            create_topics: None,
+            partitions: None,
+            replication_factor: None,
+            compression: None,
+            max_message_bytes: None,
         }
     }
 }
@@ -400,6 +431,8 @@ pub enum HandlerKind {
     Webhook,
     /// A JetStream publish per event ([`crate::sink::NatsSink`]).
     Nats,
+    /// A Kafka record per event ([`crate::sink::KafkaSink`]).
+    Kafka,
 }
 
 impl HandlerKind {
@@ -410,6 +443,7 @@ impl HandlerKind {
             HandlerKind::Sql => "sql",
             HandlerKind::Webhook => "webhook",
             HandlerKind::Nats => "nats",
+            HandlerKind::Kafka => "kafka",
         }
     }
 
@@ -429,6 +463,16 @@ impl HandlerKind {
                 "user_env",
                 "password_env",
                 "token_env",
+            ],
+            HandlerKind::Kafka => &[
+                "brokers",
+                "topic",
+                "create_topics",
+                "partitions",
+                "replication_factor",
+                "compression",
+                "max_message_bytes",
+                "timeout_ms",
             ],
         }
     }
@@ -460,6 +504,13 @@ impl HandlerConfig {
             ("user_env", self.user_env.is_some()),
             ("password_env", self.password_env.is_some()),
             ("token_env", self.token_env.is_some()),
+            ("brokers", self.brokers.is_some()),
+            ("topic", self.topic.is_some()),
+            ("create_topics", self.create_topics.is_some()),
+            ("partitions", self.partitions.is_some()),
+            ("replication_factor", self.replication_factor.is_some()),
+            ("compression", self.compression.is_some()),
+            ("max_message_bytes", self.max_message_bytes.is_some()),
         ]
         .into_iter()
         .filter_map(|(key, set)| set.then_some(key))
@@ -480,13 +531,70 @@ impl HandlerConfig {
         .collect()
     }
 
-    /// The timeout of a `webhook` or `nats` handler.
+    /// The timeout of a `webhook`, `nats` or `kafka` handler.
     pub fn timeout(&self) -> Duration {
-        match self.timeout_ms {
-            Some(ms) => Duration::from_millis(ms),
-            None if self.kind == HandlerKind::Nats => crate::sink::nats::DEFAULT_TIMEOUT,
-            None => crate::sink::webhook::DEFAULT_TIMEOUT,
+        match (self.timeout_ms, self.kind) {
+            (Some(ms), _) => Duration::from_millis(ms),
+            (None, HandlerKind::Nats) => crate::sink::nats::DEFAULT_TIMEOUT,
+            (None, HandlerKind::Kafka) => crate::sink::kafka::DEFAULT_TIMEOUT,
+            (None, _) => crate::sink::webhook::DEFAULT_TIMEOUT,
         }
+    }
+
+    /// The options of a `kafka` handler.
+    pub fn kafka_options(&self) -> Result<crate::sink::KafkaOptions, ConfigError> {
+        use crate::sink::kafka;
+        let origin = || Some(format!("handler {}", self.name()));
+        let topic = crate::sink::TopicTemplate::parse(
+            self.topic.as_deref().unwrap_or(kafka::DEFAULT_TOPIC),
+        )
+        .map_err(|e| invalid(origin(), e.to_string()))?;
+        let create_topics = self.create_topics.unwrap_or(true);
+        if !create_topics && (self.partitions.is_some() || self.replication_factor.is_some()) {
+            return Err(invalid(
+                origin(),
+                "partitions and replication_factor apply to topics the listener creates \
+                 (create_topics = true)",
+            ));
+        }
+        let partitions = self.partitions.unwrap_or(1);
+        if partitions < 1 {
+            return Err(invalid(origin(), "partitions must be at least 1"));
+        }
+        let replication_factor = self.replication_factor.unwrap_or(1);
+        if replication_factor < 1 {
+            return Err(invalid(origin(), "replication_factor must be at least 1"));
+        }
+        let max_message_bytes = self
+            .max_message_bytes
+            .unwrap_or(kafka::DEFAULT_MAX_MESSAGE_BYTES);
+        if max_message_bytes < 1024 {
+            return Err(invalid(origin(), "max_message_bytes must be at least 1024"));
+        }
+        let brokers = self
+            .brokers
+            .clone()
+            .unwrap_or_else(|| vec![kafka::DEFAULT_BROKER.into()]);
+        if brokers.is_empty() {
+            return Err(invalid(origin(), "brokers is empty"));
+        }
+        if let Some(broker) = brokers.iter().find(|b| !is_host_port(b)) {
+            return Err(invalid(
+                origin(),
+                format!("broker {broker:?}: use host:port (no scheme)"),
+            ));
+        }
+        Ok(crate::sink::KafkaOptions {
+            brokers,
+            topic,
+            create_topics,
+            partitions,
+            replication_factor,
+            compression: self.compression.unwrap_or_default(),
+            max_message_bytes,
+            timeout: self.timeout(),
+            max_attempts: self.max_attempts,
+        })
     }
 
     /// The options of a `nats` handler, secrets read through `lookup` (an environment).
@@ -604,6 +712,7 @@ impl HandlerConfig {
                 HandlerKind::Sql,
                 HandlerKind::Webhook,
                 HandlerKind::Nats,
+                HandlerKind::Kafka,
             ]
             .into_iter()
             .filter(|k| k.keys().contains(&key))
@@ -644,6 +753,9 @@ impl HandlerConfig {
             HandlerKind::Nats => {
                 self.nats_options(lookup)?;
             }
+            HandlerKind::Kafka => {
+                self.kafka_options()?;
+            }
         }
         Ok(())
     }
@@ -666,6 +778,16 @@ impl HandlerConfig {
             initial_backoff: Duration::from_millis(self.initial_backoff_ms),
             max_backoff: Duration::from_millis(self.max_backoff_ms),
         }
+    }
+}
+
+/// `host:port` with a non-empty host and a port number (a bracketed IPv6 host is fine).
+fn is_host_port(address: &str) -> bool {
+    match address.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty() && !host.contains(['/', ' ']) && port.parse::<u16>().is_ok()
+        }
+        None => false,
     }
 }
 
@@ -1296,7 +1418,7 @@ mod tests {
             ),
             (
                 "[[handlers]]\nkind = \"stdout\"\ntimeout_ms = 5\n",
-                "kind = \"webhook\" or \"nats\" only",
+                "kind = \"webhook\" or \"nats\" or \"kafka\" only",
             ),
             (
                 "[[handlers]]\nkind = \"webhook\"\nurl = \"http://x\"\ntimeout_ms = 0\n",
@@ -1340,5 +1462,50 @@ mod tests {
              create_stream = false\n",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn kafka_handlers_are_checked() {
+        let load = |text: &str| {
+            let file = write(text);
+            Config::load(Some(&file.0), &[], &Overrides::default())
+        };
+        let config = load("[[handlers]]\nkind = \"kafka\"\n").unwrap();
+        let options = config.handlers[0].kafka_options().unwrap();
+        assert_eq!(options.brokers, ["127.0.0.1:9092"]);
+        assert_eq!((options.partitions, options.replication_factor), (1, 1));
+        assert!(options.create_topics);
+        assert_eq!(options.timeout, Duration::from_secs(10));
+        assert_eq!(options.max_message_bytes, 1_048_588);
+        let config = load(
+            "[[handlers]]\nkind = \"kafka\"\nbrokers = [\"k1:9092\", \"[::1]:9093\"]\n\
+             topic = \"app.{aggregate_type}.{event_type}\"\npartitions = 6\n\
+             replication_factor = 3\ncompression = \"snappy\"\ntimeout_ms = 2500\n",
+        )
+        .unwrap();
+        let options = config.handlers[0].kafka_options().unwrap();
+        assert_eq!(options.partitions, 6);
+        assert_eq!(options.compression, crate::sink::KafkaCompression::Snappy);
+        assert_eq!(options.timeout, Duration::from_millis(2500));
+        for (text, expected) in [
+            ("brokers = []", "brokers is empty"),
+            ("brokers = [\"kafka://k:9092\"]", "use host:port"),
+            ("brokers = [\"k\"]", "use host:port"),
+            ("topic = \"events.{aggregate_id}\"", "unknown placeholder"),
+            ("topic = \"ev ents\"", "not allowed"),
+            ("partitions = 0", "at least 1"),
+            ("replication_factor = 0", "at least 1"),
+            (
+                "create_topics = false\npartitions = 3",
+                "create_topics = true",
+            ),
+            ("compression = \"zstd\"", "zstd"),
+            ("max_message_bytes = 10", "at least 1024"),
+            ("subject = \"x\"", "subject is for kind = \"nats\" only"),
+        ] {
+            let text = format!("[[handlers]]\nkind = \"kafka\"\n{text}\n");
+            let err = load(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
     }
 }

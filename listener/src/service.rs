@@ -34,7 +34,7 @@ use crate::event::{Decoded, EventDecoder, EventError};
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, PgOutputMessage};
-use crate::sink::{NatsSink, SqlHandler, StdoutSink, WebhookSink};
+use crate::sink::{KafkaSink, NatsSink, SqlHandler, StdoutSink, WebhookSink};
 use crate::stream::{ConnectOptions, ReplicationConnection, ReplicationMessage, SlotState};
 use crate::subscription::{self, SubscriptionStore, HEARTBEAT_PREFIX};
 
@@ -96,6 +96,7 @@ pub fn build_registry<'a>(
                 )
             }
             HandlerKind::Nats => Arc::new(NatsSink::new(handler.nats_options(env)?)),
+            HandlerKind::Kafka => Arc::new(KafkaSink::new(handler.kafka_options()?)),
         };
         registry.register_with(
             handler.name(),

@@ -7,6 +7,7 @@ use async_nats::jetstream::{self, context::PublishAckFuture, context::PublishErr
 use bytes::Bytes;
 use tracing::{info, warn};
 
+use super::template::{self, Part};
 use crate::dispatch::{Handler, HandlerError};
 use crate::event::Event;
 
@@ -23,15 +24,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// that a huge transaction neither exhausts the client's in-flight permits nor holds unbounded
 /// memory.
 const PIPELINE_DEPTH: usize = 1024;
-
-/// A part of a subject template.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Literal(String),
-    AggregateType,
-    EventType,
-    AggregateId,
-}
 
 /// Why a subject template or a stream name is not usable.
 #[derive(Debug, thiserror::Error)]
@@ -55,45 +47,12 @@ impl SubjectTemplate {
     /// characters that are not allowed in a subject (whitespace, `*`, `>`, non-ASCII).
     pub fn parse(template: &str) -> Result<SubjectTemplate, SubjectError> {
         let err = |why: String| SubjectError(format!("subject {template:?}: {why}"));
-        if template.is_empty() {
-            return Err(err("is empty".into()));
-        }
-        let mut parts = Vec::new();
-        let mut rest = template;
-        while !rest.is_empty() {
-            match rest.find(['{', '}']) {
-                Some(0) if rest.starts_with('{') => {
-                    let end = rest
-                        .find('}')
-                        .ok_or_else(|| err("an unclosed '{'".into()))?;
-                    parts.push(match &rest[1..end] {
-                        "aggregate_type" => Part::AggregateType,
-                        "event_type" => Part::EventType,
-                        "aggregate_id" => Part::AggregateId,
-                        other => {
-                            return Err(err(format!(
-                                "unknown placeholder {{{other}}}; use {{aggregate_type}}, \
-                                 {{event_type}} or {{aggregate_id}}"
-                            )))
-                        }
-                    });
-                    rest = &rest[end + 1..];
-                }
-                Some(0) => return Err(err("a '}' without '{'".into())),
-                found => {
-                    let end = found.unwrap_or(rest.len());
-                    let literal = &rest[..end];
-                    if let Some(c) = literal
-                        .chars()
-                        .find(|c| !c.is_ascii_graphic() || matches!(c, '*' | '>'))
-                    {
-                        return Err(err(format!("the character {c:?} is not allowed")));
-                    }
-                    parts.push(Part::Literal(literal.to_string()));
-                    rest = &rest[end..];
-                }
-            }
-        }
+        let parts = template::parse(
+            template,
+            &[Part::AggregateType, Part::EventType, Part::AggregateId],
+            |c| c.is_ascii_graphic() && !matches!(c, '*' | '>'),
+        )
+        .map_err(err)?;
         // Placeholders never render empty, so checking the literals' dots is enough.
         let shape: String = parts
             .iter()
@@ -119,9 +78,8 @@ impl SubjectTemplate {
         for part in &self.parts {
             match part {
                 Part::Literal(s) => subject.push_str(s),
-                Part::AggregateType => push_name(&mut subject, &event.aggregate_type),
-                Part::EventType => push_name(&mut subject, &event.event_type),
                 Part::AggregateId => push_token(&mut subject, &event.aggregate_id),
+                type_name => push_name(&mut subject, type_name.value(event).unwrap_or_default()),
             }
         }
         subject

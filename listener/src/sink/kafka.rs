@@ -1,0 +1,828 @@
+//! The `kafka` handler: one record per event, keyed by aggregate id, on a topic per aggregate
+//! type, confirmed only once the broker acknowledged every record of the transaction.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rskafka::client::error::{Error as KafkaError, ProtocolError};
+use rskafka::client::partition::{Compression, PartitionClient, UnknownTopicHandling};
+use rskafka::client::{Client, ClientBuilder};
+use rskafka::record::Record;
+use rskafka::BackoffConfig;
+use tokio::sync::OnceCell;
+use tracing::{info, warn};
+
+use super::template::{self, Part};
+use crate::dispatch::{Handler, HandlerError};
+use crate::event::Event;
+
+/// Topic template when none is configured.
+pub const DEFAULT_TOPIC: &str = "events.{aggregate_type}";
+/// Bootstrap broker when none is configured.
+pub const DEFAULT_BROKER: &str = "127.0.0.1:9092";
+/// Connect, metadata and produce-ack timeout when none is configured.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest record batch sent, and so largest event, when none is configured: the broker's
+/// default `message.max.bytes` (1 MiB plus the batch overhead).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_048_588;
+
+/// The longest topic name Kafka accepts.
+const MAX_TOPIC_LEN: usize = 249;
+/// A record batch's header; each record adds its own framing (estimated by [`RECORD_OVERHEAD`]).
+const BATCH_OVERHEAD: usize = 61;
+/// Upper bound of a record's framing besides its key, value and header bytes (varint lengths,
+/// attributes, deltas), so that a batch estimate never undershoots.
+const RECORD_OVERHEAD: usize = 64;
+/// Buffered bytes after which `handle` sends what it has instead of waiting for `flush`: a huge
+/// transaction must not hold unbounded memory.
+const BUFFER_LIMIT: usize = 8 * 1024 * 1024;
+
+/// Why a topic template is not usable.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TopicError(String);
+
+/// A topic template such as `events.{aggregate_type}`.
+///
+/// Placeholders: `{aggregate_type}` and `{event_type}` (a topic per aggregate would make
+/// millions of topics, so `{aggregate_id}` is refused: it is the record key). Rendered values
+/// keep ASCII letters, digits, `.`, `_` and `-`; every other character becomes `_`, and an empty
+/// value becomes `_`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate {
+    parts: Vec<Part>,
+    template: String,
+}
+
+fn topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+impl TopicTemplate {
+    /// Parses `template`, refusing unknown placeholders, unbalanced braces, characters a topic
+    /// name cannot hold, and fixed names that are too long or are `.` / `..`.
+    pub fn parse(template: &str) -> Result<TopicTemplate, TopicError> {
+        let err = |why: String| TopicError(format!("topic {template:?}: {why}"));
+        let parts = template::parse(
+            template,
+            &[Part::AggregateType, Part::EventType],
+            topic_char,
+        )
+        .map_err(err)?;
+        let fixed: usize = parts
+            .iter()
+            .map(|p| match p {
+                Part::Literal(s) => s.len(),
+                _ => 1,
+            })
+            .sum();
+        if fixed > MAX_TOPIC_LEN {
+            return Err(err(format!("is longer than {MAX_TOPIC_LEN} characters")));
+        }
+        if template == "." || template == ".." {
+            return Err(err("is not a valid topic name".into()));
+        }
+        Ok(TopicTemplate {
+            parts,
+            template: template.to_string(),
+        })
+    }
+
+    /// The topic of `event`; an error when the rendered name is longer than Kafka allows (or is
+    /// `.` / `..`), which no retry can cure.
+    pub fn render(&self, event: &Event) -> Result<String, TopicError> {
+        let mut topic = String::with_capacity(self.template.len() + 16);
+        for part in &self.parts {
+            match part.value(event) {
+                None => {
+                    if let Part::Literal(s) = part {
+                        topic.push_str(s)
+                    }
+                }
+                Some("") => topic.push('_'),
+                Some(value) => {
+                    topic.extend(value.chars().map(|c| if topic_char(c) { c } else { '_' }))
+                }
+            }
+        }
+        if topic.len() > MAX_TOPIC_LEN || topic == "." || topic == ".." {
+            return Err(TopicError(format!(
+                "topic {topic:?} (from {:?}) is not a valid topic name: at most \
+                 {MAX_TOPIC_LEN} characters, not \".\" or \"..\"",
+                self.template
+            )));
+        }
+        Ok(topic)
+    }
+}
+
+/// Kafka's default partitioner for keyed records (`Utils.murmur2` of the Java client, then
+/// `toPositive(hash) % partitions`), so that an aggregate lands in the same partition as it
+/// would from any other Kafka producer.
+pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
+    ((murmur2(key) & 0x7fff_ffff) % partitions.max(1) as u32) as i32
+}
+
+/// Murmur2, 32-bit, seed `0x9747b28c`, as in the Kafka Java client.
+fn murmur2(data: &[u8]) -> u32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h = SEED ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = chunks.remainder();
+    if tail.len() >= 3 {
+        h ^= (tail[2] as u32) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= (tail[1] as u32) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= tail[0] as u32;
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
+/// Record compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KafkaCompression {
+    /// Uncompressed batches (the default).
+    #[default]
+    None,
+    /// gzip.
+    Gzip,
+    /// Snappy.
+    Snappy,
+}
+
+impl KafkaCompression {
+    fn codec(self) -> Compression {
+        match self {
+            KafkaCompression::None => Compression::NoCompression,
+            KafkaCompression::Gzip => Compression::Gzip,
+            KafkaCompression::Snappy => Compression::Snappy,
+        }
+    }
+}
+
+/// How to reach the brokers and where to produce.
+#[derive(Debug, Clone)]
+pub struct KafkaOptions {
+    /// Bootstrap brokers, `host:port`; the others are found through metadata.
+    pub brokers: Vec<String>,
+    /// Topic of each event.
+    pub topic: TopicTemplate,
+    /// Create a topic when it is missing.
+    pub create_topics: bool,
+    /// Partitions of a created topic.
+    pub partitions: i32,
+    /// Replication factor of a created topic.
+    pub replication_factor: i16,
+    /// Batch compression.
+    pub compression: KafkaCompression,
+    /// Largest record batch: an event whose record alone is larger is refused (dead-lettered);
+    /// larger transactions are split.
+    pub max_message_bytes: usize,
+    /// Connect, metadata, topic creation and produce-ack timeout.
+    pub timeout: Duration,
+    /// Failed flushes after which a record is given up (its event is dead-lettered by then): the
+    /// handler's `max_attempts`.
+    pub max_attempts: u32,
+}
+
+/// A topic's partitions, each with its client made on first use.
+struct Route {
+    topic: Arc<str>,
+    partitions: Vec<OnceCell<Arc<PartitionClient>>>,
+}
+
+/// One record waiting for its broker ack.
+struct Pending {
+    topic: Arc<str>,
+    partition: i32,
+    record: Record,
+    size: usize,
+    failures: u32,
+}
+
+/// Records waiting for their broker ack, in handling order.
+#[derive(Default)]
+struct Buffer {
+    records: Vec<Pending>,
+    bytes: usize,
+}
+
+impl Buffer {
+    fn take(&mut self) -> Vec<Pending> {
+        self.bytes = 0;
+        std::mem::take(&mut self.records)
+    }
+
+    /// Puts records back before those buffered since they were taken.
+    fn restore(&mut self, records: Vec<Pending>) {
+        self.bytes += records.iter().map(|p| p.size).sum::<usize>();
+        self.records.splice(0..0, records);
+    }
+}
+
+/// The outcome of producing one partition's records.
+struct Produced {
+    /// What was not acknowledged, in order.
+    failed: Vec<Pending>,
+    error: Option<HandlerError>,
+    /// The connection is suspect: build a new client before the next attempt.
+    reset: bool,
+    /// The topic is unknown to the broker: look it up (and create it) again.
+    forget_topic: bool,
+}
+
+/// Produces each event as a record: key = aggregate id, value = the event JSON, headers with
+/// the event's identity, timestamp = `recorded_at`.
+///
+/// Records are buffered by [`Handler::handle`] and produced by [`Handler::flush`] (run before
+/// the transaction is acknowledged): per partition in order, one batch after the other (each
+/// acknowledged by all in-sync replicas, `acks = -1`), partitions in parallel. Anything not
+/// acknowledged stays buffered and is produced again by the next flush, so a transaction is
+/// confirmed only once the broker stored all of its records. A record produced again after a
+/// lost ack may be stored twice: consumers deduplicate by the `event_id` header.
+///
+/// The client, topic checks and creation are made on first use: an unreachable broker is a
+/// transient failure of the event at hand.
+pub struct KafkaSink {
+    options: KafkaOptions,
+    client: tokio::sync::Mutex<Option<Arc<Client>>>,
+    routes: tokio::sync::Mutex<HashMap<String, Arc<Route>>>,
+    pending: Mutex<Buffer>,
+    /// Held while records are produced: with several workers, a flush must not return while
+    /// another worker's flush still produces records this worker handled, and one partition's
+    /// batches must not overtake each other.
+    settling: tokio::sync::Mutex<()>,
+}
+
+impl KafkaSink {
+    /// A sink for `options`; connects on first use.
+    pub fn new(options: KafkaOptions) -> KafkaSink {
+        KafkaSink {
+            options,
+            client: tokio::sync::Mutex::new(None),
+            routes: tokio::sync::Mutex::new(HashMap::new()),
+            pending: Mutex::new(Buffer::default()),
+            settling: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Runs a client call under the handler's timeout: the client's own retries stop at the
+    /// same deadline, and a broker that accepts connections but never answers cannot hang us.
+    async fn timed<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T, KafkaError>>,
+    ) -> Result<T, HandlerError> {
+        match tokio::time::timeout(self.options.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(classify(what, e)),
+            Err(_) => Err(HandlerError::transient(format!(
+                "{what}: no answer from the broker within {:?}",
+                self.options.timeout
+            ))),
+        }
+    }
+
+    async fn client(&self) -> Result<Arc<Client>, HandlerError> {
+        let mut guard = self.client.lock().await;
+        if let Some(client) = &*guard {
+            return Ok(Arc::clone(client));
+        }
+        let o = &self.options;
+        let builder = ClientBuilder::new(o.brokers.clone())
+            .client_id("pg_domain_events-listener")
+            .max_message_size(o.max_message_bytes.max(DEFAULT_MAX_MESSAGE_BYTES) * 2)
+            .backoff_config(BackoffConfig {
+                init_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_secs(1),
+                base: 3.0,
+                deadline: Some(o.timeout),
+            });
+        let client = Arc::new(
+            self.timed("cannot connect to Kafka", builder.build())
+                .await?,
+        );
+        *guard = Some(Arc::clone(&client));
+        Ok(client)
+    }
+
+    /// Forgets the client and every partition client made from it.
+    async fn reset(&self) {
+        *self.client.lock().await = None;
+        self.routes.lock().await.clear();
+    }
+
+    /// The topic's route: looked up once, the topic created when missing.
+    async fn route(&self, topic: &str) -> Result<Arc<Route>, HandlerError> {
+        let mut routes = self.routes.lock().await;
+        if let Some(route) = routes.get(topic) {
+            return Ok(Arc::clone(route));
+        }
+        let client = self.client().await?;
+        let partitions = match self.partition_count(&client, topic).await? {
+            Some(n) => n,
+            None if self.options.create_topics => {
+                self.create_topic(&client, topic).await?;
+                self.partition_count(&client, topic).await?.ok_or_else(|| {
+                    HandlerError::transient(format!("topic {topic} is not visible after creation"))
+                })?
+            }
+            None => {
+                return Err(HandlerError::transient(format!(
+                    "topic {topic} does not exist and create_topics = false"
+                )))
+            }
+        };
+        let route = Arc::new(Route {
+            topic: Arc::from(topic),
+            partitions: (0..partitions).map(|_| OnceCell::new()).collect(),
+        });
+        routes.insert(topic.to_string(), Arc::clone(&route));
+        Ok(route)
+    }
+
+    async fn partition_count(
+        &self,
+        client: &Client,
+        topic: &str,
+    ) -> Result<Option<usize>, HandlerError> {
+        let topics = self
+            .timed("cannot read the topic list", client.list_topics())
+            .await?;
+        Ok(topics
+            .into_iter()
+            .find(|t| t.name == topic)
+            .map(|t| t.partitions.len())
+            .filter(|&n| n > 0))
+    }
+
+    async fn create_topic(&self, client: &Client, topic: &str) -> Result<(), HandlerError> {
+        let o = &self.options;
+        let controller = client
+            .controller_client()
+            .map_err(|e| classify("cannot reach the controller", e))?;
+        let timeout_ms = o.timeout.as_millis().min(i32::MAX as u128) as i32;
+        let created = tokio::time::timeout(
+            o.timeout,
+            controller.create_topic(topic, o.partitions, o.replication_factor, timeout_ms),
+        )
+        .await;
+        match created {
+            Ok(Ok(())) => {
+                info!(
+                    topic,
+                    partitions = o.partitions,
+                    replication_factor = o.replication_factor,
+                    "kafka topic created"
+                );
+                Ok(())
+            }
+            // Another listener (or an operator) was first.
+            Ok(Err(KafkaError::ServerError {
+                protocol_error: ProtocolError::TopicAlreadyExists,
+                ..
+            })) => Ok(()),
+            Ok(Err(e)) => Err(classify(&format!("cannot create topic {topic}"), e)),
+            Err(_) => Err(HandlerError::transient(format!(
+                "cannot create topic {topic}: no answer within {:?}",
+                o.timeout
+            ))),
+        }
+    }
+
+    async fn partition_client(
+        &self,
+        route: &Route,
+        partition: i32,
+    ) -> Result<Arc<PartitionClient>, HandlerError> {
+        let cell = &route.partitions[partition as usize];
+        let client = cell
+            .get_or_try_init(|| async {
+                let client = self.client().await?;
+                self.timed(
+                    "cannot reach the partition leader",
+                    client.partition_client(
+                        route.topic.to_string(),
+                        partition,
+                        UnknownTopicHandling::Retry,
+                    ),
+                )
+                .await
+                .map(Arc::new)
+            })
+            .await?;
+        Ok(Arc::clone(client))
+    }
+
+    /// Produces one partition's records in order, in batches of at most `max_message_bytes`,
+    /// stopping at the first failure (later batches must not overtake it).
+    async fn produce_partition(
+        &self,
+        route: Arc<Route>,
+        partition: i32,
+        records: Vec<Pending>,
+    ) -> Produced {
+        let mut produced = Produced {
+            failed: Vec::new(),
+            error: None,
+            reset: false,
+            forget_topic: false,
+        };
+        let client = match self.partition_client(&route, partition).await {
+            Ok(client) => client,
+            Err(e) => {
+                produced.reset = true;
+                produced.error = Some(e);
+                produced.failed = records;
+                return produced;
+            }
+        };
+        let limit = self.options.max_message_bytes;
+        let mut rest = records.into_iter().peekable();
+        while rest.peek().is_some() {
+            let mut batch = Vec::new();
+            let mut size = BATCH_OVERHEAD;
+            while let Some(next) = rest.peek() {
+                if !batch.is_empty() && size + next.size > limit {
+                    break;
+                }
+                size += next.size;
+                batch.extend(rest.next());
+            }
+            let records = batch.iter().map(|p| p.record.clone()).collect();
+            let sent = tokio::time::timeout(
+                self.options.timeout,
+                client.produce(records, self.options.compression.codec()),
+            )
+            .await;
+            let error = match sent {
+                Ok(Ok(_offsets)) => continue,
+                Ok(Err(e)) => {
+                    if let KafkaError::ServerError { protocol_error, .. } = &e {
+                        produced.forget_topic =
+                            *protocol_error == ProtocolError::UnknownTopicOrPartition;
+                    } else {
+                        produced.reset = true;
+                    }
+                    classify(&format!("produce to {} [{partition}]", route.topic), e)
+                }
+                Err(_) => {
+                    produced.reset = true;
+                    HandlerError::transient(format!(
+                        "produce to {} [{partition}]: no ack within {:?}",
+                        route.topic, self.options.timeout
+                    ))
+                }
+            };
+            produced.error = Some(error);
+            produced.failed = batch;
+            produced.failed.extend(rest);
+            break;
+        }
+        produced
+    }
+
+    /// Produces everything buffered. With `counted`, failures count toward giving a record up
+    /// and the first error is returned; otherwise (a send from `handle` to bound the buffer)
+    /// failures only stay buffered for the flush.
+    async fn settle(&self, counted: bool) -> Result<(), HandlerError> {
+        let _settling = self.settling.lock().await;
+        let batch = self.lock_pending()?.take();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut first_error = None;
+        let mut failed = Vec::new();
+        // Per topic and partition, in handling order. A topic is looked up again after a reset
+        // (and re-created if it vanished); should it have fewer partitions now, its records are
+        // re-partitioned by key.
+        let mut by_partition: BTreeMap<(Arc<str>, i32), (Arc<Route>, Vec<Pending>)> =
+            BTreeMap::new();
+        let mut routes: HashMap<Arc<str>, Option<Arc<Route>>> = HashMap::new();
+        for mut item in batch {
+            let route = match routes.get(&item.topic) {
+                Some(route) => route.clone(),
+                None => {
+                    let route = match self.route(&item.topic).await {
+                        Ok(route) => Some(route),
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                            None
+                        }
+                    };
+                    routes.insert(Arc::clone(&item.topic), route.clone());
+                    route
+                }
+            };
+            let Some(route) = route else {
+                failed.push(item);
+                continue;
+            };
+            if item.partition as usize >= route.partitions.len() {
+                let key = item.record.key.as_deref().unwrap_or_default();
+                item.partition = partition_for(key, route.partitions.len() as i32);
+            }
+            by_partition
+                .entry((Arc::clone(&item.topic), item.partition))
+                .or_insert_with(|| (route, Vec::new()))
+                .1
+                .push(item);
+        }
+        let results = futures_util::future::join_all(by_partition.into_iter().map(
+            |((_, partition), (route, records))| self.produce_partition(route, partition, records),
+        ))
+        .await;
+        let mut reset = false;
+        let mut forget = Vec::new();
+        let mut definite = false;
+        for produced in results {
+            let Some(error) = produced.error else {
+                continue;
+            };
+            reset |= produced.reset;
+            if produced.forget_topic {
+                forget.extend(produced.failed.first().map(|p| Arc::clone(&p.topic)));
+            }
+            definite |= !error.is_transient();
+            failed.extend(produced.failed);
+            first_error.get_or_insert(error);
+        }
+        if reset {
+            self.reset().await;
+        } else if !forget.is_empty() {
+            let mut routes = self.routes.lock().await;
+            for topic in &forget {
+                routes.remove(&**topic);
+            }
+        }
+        let mut kept = Vec::new();
+        for mut item in failed {
+            if counted {
+                item.failures += 1;
+            }
+            if (counted && definite) || item.failures >= self.options.max_attempts {
+                // The dispatcher gives up on this flush now, or already has: the event is a
+                // dead letter, not to be produced later.
+                warn!(topic = %item.topic, partition = item.partition, "kafka record given up");
+            } else {
+                kept.push(item);
+            }
+        }
+        if !kept.is_empty() {
+            self.lock_pending()?.restore(kept);
+        }
+        match first_error {
+            Some(e) if counted => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn lock_pending(&self) -> Result<std::sync::MutexGuard<'_, Buffer>, HandlerError> {
+        self.pending
+            .lock()
+            .map_err(|_| HandlerError::definite("kafka pending list poisoned"))
+    }
+}
+
+/// Classifies a client failure: a record or topic the broker refuses is definite; timeouts,
+/// connection failures, leader changes and unknown topics are transient.
+fn classify(what: &str, e: KafkaError) -> HandlerError {
+    let definite = matches!(
+        &e,
+        KafkaError::ServerError {
+            protocol_error: ProtocolError::MessageTooLarge
+                | ProtocolError::RecordListTooLarge
+                | ProtocolError::InvalidRecord
+                | ProtocolError::CorruptMessage
+                | ProtocolError::InvalidTopicException
+                | ProtocolError::TopicAuthorizationFailed
+                | ProtocolError::InvalidReplicationFactor
+                | ProtocolError::InvalidPartitions
+                | ProtocolError::PolicyViolation,
+            ..
+        }
+    );
+    if definite {
+        HandlerError::definite(what.to_string()).with_source(e)
+    } else {
+        HandlerError::transient(what.to_string()).with_source(e)
+    }
+}
+
+/// The record of `event`.
+fn record(event: &Event) -> Result<Record, HandlerError> {
+    let value = serde_json::to_vec(event)
+        .map_err(|e| HandlerError::definite("cannot serialize the event as JSON").with_source(e))?;
+    let mut headers = BTreeMap::from([
+        ("event_id".to_string(), event.id.to_string().into_bytes()),
+        (
+            "event_type".to_string(),
+            event.event_type.clone().into_bytes(),
+        ),
+        (
+            "event_version".to_string(),
+            event.event_version.to_string().into_bytes(),
+        ),
+        (
+            "aggregate_type".to_string(),
+            event.aggregate_type.clone().into_bytes(),
+        ),
+        (
+            "aggregate_version".to_string(),
+            event.aggregate_version.to_string().into_bytes(),
+        ),
+        ("content-type".to_string(), b"application/json".to_vec()),
+    ]);
+    for key in ["correlation_id", "causation_id"] {
+        if let Some(value) = metadata_string(event, key) {
+            headers.insert(key.to_string(), value.into_bytes());
+        }
+    }
+    Ok(Record {
+        key: Some(event.aggregate_id.clone().into_bytes()),
+        value: Some(value),
+        headers,
+        timestamp: event.recorded_at,
+    })
+}
+
+/// A metadata key's value as header text: strings as they are, numbers as written; absent,
+/// null, objects and arrays give no header.
+fn metadata_string(event: &Event, key: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Ids<'a> {
+        #[serde(borrow, default)]
+        correlation_id: Option<&'a serde_json::value::RawValue>,
+        #[serde(borrow, default)]
+        causation_id: Option<&'a serde_json::value::RawValue>,
+    }
+    let ids: Ids<'_> = serde_json::from_str(event.metadata.get()).ok()?;
+    let raw = match key {
+        "correlation_id" => ids.correlation_id?,
+        _ => ids.causation_id?,
+    };
+    match serde_json::from_str::<serde_json::Value>(raw.get()).ok()? {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for KafkaSink {
+    async fn handle(&self, event: &Event) -> Result<(), HandlerError> {
+        let topic = self
+            .options
+            .topic
+            .render(event)
+            .map_err(|e| HandlerError::definite(e.to_string()))?;
+        let record = record(event)?;
+        let size = record.approximate_size() + RECORD_OVERHEAD;
+        if size + BATCH_OVERHEAD > self.options.max_message_bytes {
+            return Err(HandlerError::definite(format!(
+                "the event's record is about {size} bytes, more than max_message_bytes = {}",
+                self.options.max_message_bytes
+            )));
+        }
+        let route = self.route(&topic).await?;
+        let partition = partition_for(event.aggregate_id.as_bytes(), route.partitions.len() as i32);
+        let buffered = {
+            let mut pending = self.lock_pending()?;
+            pending.records.push(Pending {
+                topic: Arc::clone(&route.topic),
+                partition,
+                record,
+                size,
+                failures: 0,
+            });
+            pending.bytes += size;
+            pending.bytes
+        };
+        if buffered >= BUFFER_LIMIT {
+            self.settle(false).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), HandlerError> {
+        self.settle(true).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(aggregate_type: &str, event_type: &str, metadata: &str) -> Event {
+        serde_json::from_value(serde_json::json!({
+            "position": 1, "id": "018f0000-0000-7000-8000-000000000001",
+            "aggregate_type": aggregate_type, "aggregate_id": "42",
+            "aggregate_version": 3, "event_type": event_type, "event_version": 2,
+            "payload": {}, "metadata": serde_json::from_str::<serde_json::Value>(metadata).unwrap(),
+            "occurred_at": "2026-11-23T16:37:00Z", "recorded_at": "2026-11-23T16:37:01Z",
+            "txid": 1, "commit_lsn": "0/1"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Kafka's UtilsTest.testMurmur2.
+        for (key, hash) in [
+            ("21", -973932308),
+            ("foobar", -790332482),
+            ("a-little-bit-long-string", -985981536),
+            ("a-little-bit-longer-string", -1486304829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58897971,
+            ),
+            ("abc", 479470107),
+        ] {
+            assert_eq!(murmur2(key.as_bytes()) as i32, hash, "{key}");
+        }
+        assert_eq!(partition_for(b"21", 1), 0);
+        assert_eq!(partition_for(b"21", 7), ((-973932308i32 & 0x7fff_ffff) % 7));
+    }
+
+    #[test]
+    fn renders_topics() {
+        let t = TopicTemplate::parse(DEFAULT_TOPIC).unwrap();
+        assert_eq!(
+            t.render(&event("Loan", "Loan.Funded", "{}")).unwrap(),
+            "events.Loan"
+        );
+        let t = TopicTemplate::parse("app-{aggregate_type}.{event_type}").unwrap();
+        assert_eq!(
+            t.render(&event("Lo an/ü", "Loan.Funded", "{}")).unwrap(),
+            "app-Lo_an__.Loan.Funded"
+        );
+        assert_eq!(t.render(&event("", "X", "{}")).unwrap(), "app-_.X");
+        let long = "x".repeat(300);
+        assert!(t.render(&event(&long, "X", "{}")).is_err());
+    }
+
+    #[test]
+    fn refuses_bad_topic_templates() {
+        for bad in [
+            "",
+            "events.{aggregate_id}",
+            "events.{tenant}",
+            "events.{aggregate_type",
+            "events }",
+            "ev ents",
+            "events/{aggregate_type}",
+            ".",
+            "..",
+        ] {
+            assert!(TopicTemplate::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(TopicTemplate::parse(&"x".repeat(250)).is_err());
+        assert!(TopicTemplate::parse("all-events").is_ok());
+    }
+
+    #[test]
+    fn records_carry_key_headers_and_the_event() {
+        let e = event(
+            "Loan",
+            "Loan.Funded",
+            r#"{"correlation_id": "c-1", "causation_id": 17, "actor": "u"}"#,
+        );
+        let r = record(&e).unwrap();
+        assert_eq!(r.key.as_deref(), Some(&b"42"[..]));
+        let header = |k: &str| String::from_utf8(r.headers[k].clone()).unwrap();
+        assert_eq!(header("event_id"), e.id.to_string());
+        assert_eq!(header("event_type"), "Loan.Funded");
+        assert_eq!(header("event_version"), "2");
+        assert_eq!(header("aggregate_type"), "Loan");
+        assert_eq!(header("aggregate_version"), "3");
+        assert_eq!(header("correlation_id"), "c-1");
+        assert_eq!(header("causation_id"), "17");
+        assert_eq!(r.timestamp, e.recorded_at);
+        let value: serde_json::Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
+        assert_eq!(value["id"], e.id.to_string());
+
+        let bare = record(&event("Loan", "Loan.Funded", r#"{"correlation_id": null}"#)).unwrap();
+        assert!(!bare.headers.contains_key("correlation_id"));
+        assert!(!bare.headers.contains_key("causation_id"));
+    }
+}
