@@ -239,6 +239,12 @@ impl Buffer {
     }
 }
 
+/// One partition's records of a flush.
+struct PartitionBatch {
+    route: Arc<Route>,
+    records: Vec<Pending>,
+}
+
 /// The outcome of producing one partition's records.
 struct Produced {
     /// What was not acknowledged, in order.
@@ -515,8 +521,7 @@ impl KafkaSink {
         // Per topic and partition, in handling order. A topic is looked up again after a reset
         // (and re-created if it vanished); should it have fewer partitions now, its records are
         // re-partitioned by key.
-        let mut by_partition: BTreeMap<(Arc<str>, i32), (Arc<Route>, Vec<Pending>)> =
-            BTreeMap::new();
+        let mut by_partition: BTreeMap<(Arc<str>, i32), PartitionBatch> = BTreeMap::new();
         let mut routes: HashMap<Arc<str>, Option<Arc<Route>>> = HashMap::new();
         for mut item in batch {
             let route = match routes.get(&item.topic) {
@@ -543,12 +548,15 @@ impl KafkaSink {
             }
             by_partition
                 .entry((Arc::clone(&item.topic), item.partition))
-                .or_insert_with(|| (route, Vec::new()))
-                .1
+                .or_insert_with(|| PartitionBatch {
+                    route,
+                    records: Vec::new(),
+                })
+                .records
                 .push(item);
         }
         let results = futures_util::future::join_all(by_partition.into_iter().map(
-            |((_, partition), (route, records))| self.produce_partition(route, partition, records),
+            |((_, partition), batch)| self.produce_partition(batch.route, partition, batch.records),
         ))
         .await;
         let mut reset = false;
