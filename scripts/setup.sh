@@ -3,7 +3,18 @@
 # Debian packages (PostgreSQL 15 server and headers, libclang for pgrx's bindgen, sudo for
 # `cargo pgrx test --runas`, OpenSSL headers for the listener's TLS), cargo-pgrx pinned to the
 # pgrx version of the extension crate, pgrx's PG 15 configuration, and cargo-nextest.
+# With --kafka, also the tansu Kafka-protocol broker the Kafka handler's tests run against
+# (about 13 minutes to build, once; the demo does not need it).
 set -euo pipefail
+
+TANSU_VERSION=0.6.0
+with_kafka=false
+for arg in "$@"; do
+    case "$arg" in
+        --kafka) with_kafka=true ;;
+        *) echo "usage: scripts/setup.sh [--kafka]" >&2; exit 2 ;;
+    esac
+done
 
 PGRX_VERSION=0.18.1
 PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
@@ -33,4 +44,10 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "setup: installing cargo-nextest (once)"
     cargo install cargo-nextest --locked --quiet
+fi
+
+# The in-memory storage engine needs the dynostore feature.
+if $with_kafka && [ "$(tansu --version 2>/dev/null | awk '{print $2}')" != "$TANSU_VERSION" ]; then
+    echo "setup: installing the tansu broker $TANSU_VERSION for the Kafka tests (about 13 minutes, once)"
+    cargo install tansu --version "=$TANSU_VERSION" --locked --features dynostore --quiet
 fi

@@ -8,6 +8,7 @@
 use clap::{Parser, Subcommand};
 
 mod capture;
+mod kafka;
 mod pipeline;
 mod replay;
 mod sinks;

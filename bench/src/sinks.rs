@@ -1,11 +1,15 @@
-//! The webhook and NATS handlers: events/s from commit to JetStream ack and to a local HTTP
-//! receiver, and what pipelining JetStream acks buys.
+//! The webhook, NATS and Kafka handlers: events/s from commit to JetStream ack, to Kafka ack
+//! and to a local HTTP receiver, what pipelining JetStream acks buys, and what the Kafka
+//! handler costs over the raw Kafka client.
 //!
 //! 1. The `nats` handler on its own: synthetic events published to a throwaway stream, with a
 //!    `flush` (which waits for the outstanding acks) after every 1, 10 and 100 events: a flush
 //!    per event is the same as waiting for each ack inside `handle`.
+//!    The `kafka` handler on its own likewise, next to the raw client producing the same
+//!    records in batches of the same size (`crate::kafka`).
 //! 2. The whole path: a backlog of `--events` events (transactions of `--per-txn`) drained by
-//!    the listener to the `nats` handler, timed until the stream holds them all.
+//!    the listener to the `nats` handler, timed until the stream holds them all; the same to
+//!    the `kafka` handler (topics of 3 partitions), timed until the broker holds them all.
 //! 3. The same backlog drained to the `webhook` handler posting to an HTTP receiver on
 //!    127.0.0.1 (axum, answers 204 at once), with 1 and 4 workers.
 
@@ -37,6 +41,12 @@ pub struct SinksArgs {
     /// Events per transaction of the backlog.
     #[arg(long, default_value_t = 10)]
     per_txn: u64,
+    /// A Kafka broker (`host:port`) to use instead of starting a tansu broker for the run.
+    #[arg(long)]
+    kafka: Option<String>,
+    /// The tansu binary started when `--kafka` is not given.
+    #[arg(long, default_value = "tansu")]
+    tansu: String,
 }
 
 fn synthetic(n: u64) -> anyhow::Result<Event> {
@@ -105,10 +115,15 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
         js.delete_stream(&stream).await.ok();
     }
 
+    let broker = crate::kafka::Broker::start(a.kafka.as_deref(), &a.tansu).await?;
+    let events: Vec<Event> = (1..=a.events).map(synthetic).collect::<Result<_, _>>()?;
+    crate::kafka::handler_against_raw_client(&broker, &events, tag).await?;
+    let kafka = broker.client().await?;
+
     // 2 and 3. The whole path from the slot.
     let dbname = format!("pgde_bench_sinks_{tag}");
     let (admin, db) = publishing_database(&a.cluster.dsn, &dbname).await?;
-    let runs = ["nats_w1", "webhook_w1", "webhook_w4"];
+    let runs = ["nats_w1", "kafka_w1", "webhook_w1", "webhook_w4"];
     for slot in runs {
         // Slots first, all before the writes, so each run drains exactly the same WAL.
         db.execute(
@@ -145,9 +160,11 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
     println!("|---|---:|---:|");
     for slot in runs {
         let stream = format!("BENCH_{tag}_PIPE");
+        let topic_prefix = format!("bench{tag}pipe");
         let mut config = listener_config(&a.cluster.dsn, &dbname, &format!("bench_{slot}"));
         let (kind, workers) = match slot {
             "nats_w1" => (HandlerKind::Nats, 1),
+            "kafka_w1" => (HandlerKind::Kafka, 1),
             "webhook_w1" => (HandlerKind::Webhook, 1),
             _ => (HandlerKind::Webhook, 4),
         };
@@ -158,6 +175,13 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
                 servers: Some(vec![a.nats.clone()]),
                 stream: Some(stream.clone()),
                 subject: Some(format!("bench{tag}pipe.{{aggregate_type}}.{{event_type}}")),
+                ..HandlerConfig::default()
+            },
+            HandlerKind::Kafka => HandlerConfig {
+                kind,
+                brokers: Some(vec![broker.address.clone()]),
+                topic: Some(format!("{topic_prefix}.{{aggregate_type}}")),
+                partitions: Some(3),
                 ..HandlerConfig::default()
             },
             _ => HandlerConfig {
@@ -176,13 +200,19 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
         loop {
             let done = match kind {
                 HandlerKind::Nats => stream_messages(&js, &stream).await,
+                // Every backlog event is a Loan.
+                HandlerKind::Kafka => {
+                    crate::kafka::record_count(&kafka, &format!("{topic_prefix}.Loan")).await?
+                }
                 _ => received.load(Ordering::Relaxed),
             };
             if done >= a.events {
                 break;
             }
             anyhow::ensure!(!task.is_finished(), "the listener stopped early");
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            // Counting Kafka records takes metadata and offset requests: poll it less often.
+            let poll = if kind == HandlerKind::Kafka { 20 } else { 2 };
+            tokio::time::sleep(Duration::from_millis(poll)).await;
         }
         let elapsed = started.elapsed();
         cancel.cancel();

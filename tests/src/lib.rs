@@ -8,6 +8,7 @@ use tokio_postgres::{Client, NoTls};
 
 pub mod admin_support;
 pub mod cluster_support;
+pub mod kafka_support;
 pub mod listener_support;
 pub mod sink_support;
 pub mod store_support;

@@ -636,8 +636,8 @@ fn classify(what: &str, e: KafkaError) -> HandlerError {
     }
 }
 
-/// The record of `event`.
-fn record(event: &Event) -> Result<Record, HandlerError> {
+/// The record the handler produces for `event`: key, value, headers and timestamp.
+pub fn record(event: &Event) -> Result<Record, HandlerError> {
     let value = serde_json::to_vec(event)
         .map_err(|e| HandlerError::definite("cannot serialize the event as JSON").with_source(e))?;
     let mut headers = BTreeMap::from([

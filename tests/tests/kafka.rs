@@ -1,0 +1,542 @@
+//! End-to-end tests of the `kafka` handler against a real Kafka-protocol broker: tansu
+//! (in-memory storage), one of each test's own on a free loopback port, so that a test can stop,
+//! freeze or restart it. Records are read back through the Kafka protocol.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use e2e::kafka_support::*;
+use e2e::listener_support::*;
+use e2e::sink_support::raise;
+use e2e::TestDb;
+use listener::config::{Config, HandlerConfig};
+use listener::service::registry_from_config;
+use listener::sink::kafka::partition_for;
+use listener::Lsn;
+use serde_json::json;
+use uuid::Uuid;
+
+const SLOT_WAIT: Duration = Duration::from_secs(120);
+const DELIVERY_WAIT: Duration = Duration::from_secs(120);
+
+fn start(config: Config) -> InProcess {
+    let registry = registry_from_config(&config).expect("registry");
+    InProcess::start_with(config, registry)
+}
+
+fn topic_names(prefix: &str) -> Vec<String> {
+    ["Loan", "Ticket", "User"]
+        .iter()
+        .map(|t| format!("{prefix}.{t}"))
+        .collect()
+}
+
+/// Raises `txns` transactions of `per_txn` events over the three aggregate types and 7
+/// aggregates each; returns the ids in commit order.
+async fn raise_mixed(
+    client: &impl tokio_postgres::GenericClient,
+    txns: usize,
+    per_txn: usize,
+) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    for txn in 0..txns {
+        let events: Vec<(String, String, String)> = (0..per_txn)
+            .map(|n| {
+                let i = txn * per_txn + n;
+                let aggregate_type = ["Loan", "Ticket", "User"][i % 3];
+                (
+                    aggregate_type.to_string(),
+                    format!("{}-{}", aggregate_type.to_lowercase(), i % 7),
+                    format!("{aggregate_type}.Changed"),
+                )
+            })
+            .collect();
+        let refs: Vec<(&str, &str, &str)> = events
+            .iter()
+            .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+            .collect();
+        ids.extend(raise(client, &refs).await);
+    }
+    ids
+}
+
+/// Checks per-key order: dropping repeated event ids (redeliveries), each aggregate's versions
+/// are 1, 2, 3, … within its one partition; returns the number of repeats.
+fn assert_keyed_order(records: &[Fetched]) -> usize {
+    let mut seen = HashSet::new();
+    let mut versions: HashMap<(String, String), Vec<i64>> = HashMap::new();
+    let mut partitions: HashMap<(String, String), HashSet<i32>> = HashMap::new();
+    let mut repeats = 0;
+    for r in records {
+        if !seen.insert(r.event_id().to_string()) {
+            repeats += 1;
+            continue;
+        }
+        let key = (
+            r.event["aggregate_type"].as_str().unwrap().to_string(),
+            r.event["aggregate_id"].as_str().unwrap().to_string(),
+        );
+        versions
+            .entry(key.clone())
+            .or_default()
+            .push(r.event["aggregate_version"].as_i64().unwrap());
+        partitions.entry(key).or_default().insert(r.partition);
+    }
+    for (aggregate, seen) in versions {
+        let expected: Vec<i64> = (1..=seen.len() as i64).collect();
+        assert_eq!(seen, expected, "{aggregate:?} out of order");
+        assert_eq!(
+            partitions[&aggregate].len(),
+            1,
+            "{aggregate:?} spread over partitions"
+        );
+    }
+    repeats
+}
+
+fn ids_of(records: &[Fetched]) -> HashSet<String> {
+    records.iter().map(|r| r.event_id().to_string()).collect()
+}
+
+fn as_strings(ids: &[Uuid]) -> HashSet<String> {
+    ids.iter().map(Uuid::to_string).collect()
+}
+
+async fn current_lsn(client: &tokio_postgres::Client) -> Lsn {
+    let text: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    text.parse().unwrap()
+}
+
+async fn confirmed(client: &tokio_postgres::Client, slot: &str) -> Lsn {
+    slot_positions(client, slot).await.0.parse().unwrap()
+}
+
+/// Three aggregate types land in three topics created with the configured partitions; each
+/// record is keyed by its aggregate id, in the partition Kafka's own partitioner picks, with
+/// the identity headers and the event JSON; each aggregate's events are in version order. A
+/// second handler compresses its batches with gzip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_keys_headers_and_order() {
+    let broker = Broker::start().await;
+    let prefix = unique_prefix();
+    let db = TestDb::new().await;
+    let name = unique_name("kafka");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.replication.workers = 3;
+    config.handlers = vec![
+        kafka_handler("bus", &broker, &prefix, 3),
+        HandlerConfig {
+            topic: Some(format!("{prefix}-gz.{{aggregate_type}}")),
+            partitions: Some(1),
+            compression: Some(listener::sink::KafkaCompression::Gzip),
+            ..kafka_handler("zipped", &broker, &prefix, 3)
+        },
+    ];
+    let listener = start(config);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+
+    let mut ids = raise_mixed(&db.client, 20, 15).await;
+    // Correlation and causation ids become headers.
+    let traced: Uuid = db
+        .client
+        .query_one(
+            "SELECT id FROM domain_events.raise_event('Loan', 'loan-traced', 'Loan.Funded', \
+             '{}', metadata => $1::jsonb)",
+            &[&json!({"correlation_id": "corr-1", "causation_id": "cause-2"})],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    ids.push(traced);
+
+    let reader = client(&broker.address()).await;
+    let names = topic_names(&prefix);
+    let records = wait_records(&reader, &names, ids.len(), DELIVERY_WAIT).await;
+    listener.stop().await.unwrap();
+
+    let created = topics(&reader).await;
+    for name in &names {
+        assert_eq!(created.get(name), Some(&3), "{name} in {created:?}");
+    }
+    assert_eq!(records.len(), ids.len(), "each event once");
+    assert_eq!(ids_of(&records), as_strings(&ids));
+    assert_eq!(assert_keyed_order(&records), 0);
+    let stored: HashMap<String, (String, String)> = db
+        .client
+        .query(
+            "SELECT id::text, to_char(recorded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS'), \
+             event_version::text FROM domain_events.event",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    for r in &records {
+        let aggregate_type = r.event["aggregate_type"].as_str().unwrap();
+        let aggregate_id = r.event["aggregate_id"].as_str().unwrap();
+        assert_eq!(r.key.as_deref(), Some(aggregate_id));
+        assert_eq!(
+            r.partition,
+            partition_for(aggregate_id.as_bytes(), 3),
+            "{r:?}"
+        );
+        assert_eq!(r.headers["event_id"], r.event["id"].as_str().unwrap());
+        assert_eq!(
+            r.headers["event_type"],
+            r.event["event_type"].as_str().unwrap()
+        );
+        assert_eq!(r.headers["aggregate_type"], aggregate_type);
+        assert_eq!(
+            r.headers["aggregate_version"],
+            r.event["aggregate_version"].to_string()
+        );
+        let (recorded_at, event_version) = &stored[r.event_id()];
+        assert_eq!(&r.headers["event_version"], event_version);
+        assert_eq!(
+            &r.timestamp.format("%Y-%m-%dT%H:%M:%S%.3f").to_string(),
+            recorded_at
+        );
+        assert_eq!(r.headers["content-type"], "application/json");
+    }
+    let traced = records
+        .iter()
+        .find(|r| r.event_id() == traced.to_string())
+        .unwrap();
+    assert_eq!(traced.headers["correlation_id"], "corr-1");
+    assert_eq!(traced.headers["causation_id"], "cause-2");
+    assert!(!records[0].headers.contains_key("correlation_id"));
+
+    let zipped_names: Vec<String> = ["Loan", "Ticket", "User"]
+        .iter()
+        .map(|t| format!("{prefix}-gz.{t}"))
+        .collect();
+    let zipped = read_topics(&reader, &zipped_names).await;
+    assert_eq!(ids_of(&zipped), as_strings(&ids));
+    assert_eq!(zipped.len(), ids.len());
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+}
+
+/// A broker that stops answering mid-stream (SIGSTOP) makes the flush time out and be retried
+/// with backoff; nothing after the last acknowledged transaction is confirmed, nothing is
+/// dead-lettered. Once it answers again every event is there, and only events that were not
+/// yet confirmed may appear twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_broker_is_retried_without_confirming() {
+    let broker = Broker::start().await;
+    let prefix = unique_prefix();
+    let db = TestDb::new().await;
+    let name = unique_name("kafkafrz");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.handlers = vec![HandlerConfig {
+        timeout_ms: Some(1000),
+        max_backoff_ms: 500,
+        ..kafka_handler("bus", &broker, &prefix, 1000)
+    }];
+    let listener = start(config);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    let reader = client(&broker.address()).await;
+    let names = topic_names(&prefix);
+
+    let before = raise_mixed(&db.client, 10, 5).await;
+    wait_records(&reader, &names, before.len(), DELIVERY_WAIT).await;
+    let lsn = current_lsn(&db.client).await;
+    wait_confirmed_past(&db.client, &name, lsn, DELIVERY_WAIT).await;
+
+    broker.freeze();
+    let unconfirmed_from = current_lsn(&db.client).await;
+    let during = raise_mixed(&db.client, 10, 5).await;
+    // Several timeouts and retries.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        confirmed(&db.client, &name).await <= unconfirmed_from,
+        "confirmed past events the broker never acknowledged"
+    );
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+    broker.thaw();
+
+    let all: Vec<Uuid> = before.iter().chain(&during).copied().collect();
+    let end = current_lsn(&db.client).await;
+    wait_confirmed_past(&db.client, &name, end, DELIVERY_WAIT).await;
+    let records = read_topics(&reader, &names).await;
+    listener.stop().await.unwrap();
+    assert_eq!(
+        ids_of(&records),
+        as_strings(&all),
+        "every event, nothing else"
+    );
+    let repeats = assert_keyed_order(&records);
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    for r in &records {
+        *copies.entry(r.event_id()).or_default() += 1;
+    }
+    for id in &before {
+        assert_eq!(
+            copies[id.to_string().as_str()],
+            1,
+            "confirmed event {id} sent again"
+        );
+    }
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+    eprintln!(
+        "{} events, {repeats} repeated from the unconfirmed tail",
+        all.len()
+    );
+}
+
+/// A broker killed mid-stream (losing its in-memory topics) and started again empty: while it
+/// is down nothing is confirmed or dead-lettered; once back, the listener reconnects, creates
+/// the topics again and produces every event that was not confirmed — and none that was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_broker_gets_every_unconfirmed_event() {
+    let mut broker = Broker::start().await;
+    let prefix = unique_prefix();
+    let db = TestDb::new().await;
+    let name = unique_name("kafkarst");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.handlers = vec![HandlerConfig {
+        timeout_ms: Some(1000),
+        max_backoff_ms: 500,
+        ..kafka_handler("bus", &broker, &prefix, 1000)
+    }];
+    let listener = start(config);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    let names = topic_names(&prefix);
+
+    let before = {
+        let reader = client(&broker.address()).await;
+        let ids = raise_mixed(&db.client, 10, 5).await;
+        wait_records(&reader, &names, ids.len(), DELIVERY_WAIT).await;
+        ids
+    };
+    let lsn = current_lsn(&db.client).await;
+    wait_confirmed_past(&db.client, &name, lsn, DELIVERY_WAIT).await;
+
+    broker.kill();
+    let unconfirmed_from = current_lsn(&db.client).await;
+    let during = raise_mixed(&db.client, 10, 5).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        confirmed(&db.client, &name).await <= unconfirmed_from,
+        "confirmed past events no broker acknowledged"
+    );
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+
+    broker.restart().await;
+    let end = current_lsn(&db.client).await;
+    wait_confirmed_past(&db.client, &name, end, DELIVERY_WAIT).await;
+    let reader = client(&broker.address()).await;
+    let records = read_topics(&reader, &names).await;
+    listener.stop().await.unwrap();
+    assert_eq!(
+        ids_of(&records),
+        as_strings(&during),
+        "the new broker holds exactly the events not confirmed before the old one died"
+    );
+    assert!(ids_of(&records).is_disjoint(&as_strings(&before)));
+    assert_keyed_order_from_restart(&records, &during);
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+}
+
+/// After a broker restart the aggregates' first versions are gone with the old broker, so
+/// order is checked as "increasing" rather than "from 1".
+fn assert_keyed_order_from_restart(records: &[Fetched], expected: &[Uuid]) {
+    let mut seen = HashSet::new();
+    let mut last: HashMap<String, (i64, i32)> = HashMap::new();
+    for r in records {
+        if !seen.insert(r.event_id().to_string()) {
+            continue;
+        }
+        let key = r.key.clone().unwrap();
+        let version = r.event["aggregate_version"].as_i64().unwrap();
+        if let Some((previous, partition)) = last.insert(key.clone(), (version, r.partition)) {
+            assert!(version > previous, "{key}: {version} after {previous}");
+            assert_eq!(partition, r.partition, "{key} spread over partitions");
+        }
+    }
+    assert_eq!(seen.len(), expected.len());
+}
+
+/// The binary produces 2 000 events raised over 200 transactions while it is SIGKILLed twice
+/// and restarted: every event of the table is in Kafka, the events confirmed before the first
+/// kill exactly once, and each aggregate's first copies are in version order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_listener_loses_nothing() {
+    const TXNS: usize = 200;
+    const PER_TXN: usize = 10;
+    let broker = Broker::start().await;
+    let prefix = unique_prefix();
+    let db = TestDb::new().await;
+    let name = unique_name("kafkakill");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.handlers = vec![kafka_handler("bus", &broker, &prefix, 10)];
+    let file = write_config(&config);
+    let mut runs = vec![ListenerProcess::spawn(&file, &[])];
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+
+    let writer_client = db.connect().await;
+    let writer = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for txn in 0..TXNS {
+            ids.extend(raise_mixed(&writer_client, 1, PER_TXN).await);
+            if txn % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        ids
+    });
+
+    let reader = client(&broker.address()).await;
+    let names = topic_names(&prefix);
+    let mut confirmed_at_first_kill = None;
+    for threshold in [300, 1000] {
+        wait_records(&reader, &names, threshold, DELIVERY_WAIT).await;
+        runs.last_mut().unwrap().kill9();
+        confirmed_at_first_kill.get_or_insert(confirmed(&db.client, &name).await);
+        runs.push(ListenerProcess::spawn(&file, &[]));
+    }
+    let ids = writer.await.expect("writer");
+    assert_eq!(ids.len(), TXNS * PER_TXN);
+    let end = current_lsn(&db.client).await;
+    wait_confirmed_past(&db.client, &name, end, DELIVERY_WAIT).await;
+    let last = runs.last_mut().unwrap();
+    last.terminate();
+    let status = last
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("exits");
+    assert!(status.success(), "{}", last.stderr());
+
+    let records = read_topics(&reader, &names).await;
+    let table: HashSet<String> = db
+        .client
+        .query("SELECT id::text FROM domain_events.event", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        ids_of(&records),
+        table,
+        "Kafka holds exactly the table's events"
+    );
+    assert_eq!(table, as_strings(&ids));
+    let repeats = assert_keyed_order(&records);
+    let first_kill = confirmed_at_first_kill.unwrap();
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    for r in &records {
+        *copies.entry(r.event_id()).or_default() += 1;
+    }
+    let mut confirmed_before = 0;
+    for r in &records {
+        let commit: Lsn = r.event["commit_lsn"].as_str().unwrap().parse().unwrap();
+        if commit < first_kill {
+            confirmed_before += 1;
+            assert_eq!(
+                copies[r.event_id()],
+                1,
+                "{} confirmed, then sent again",
+                r.event_id()
+            );
+        }
+    }
+    assert!(
+        confirmed_before > 0,
+        "nothing was confirmed before the first kill"
+    );
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+    eprintln!(
+        "{} events, {} records: {repeats} repeated after the kills; {confirmed_before} \
+         confirmed before the first kill, each once",
+        ids.len(),
+        records.len()
+    );
+}
+
+/// Nothing listens: each event is retried `max_attempts` times, then dead-lettered, and the
+/// stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_is_retried_then_dead_lettered() {
+    let db = TestDb::new().await;
+    let name = unique_name("kafkadown");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.handlers = vec![HandlerConfig {
+        // Nothing listens on port 9: connection refused.
+        brokers: Some(vec!["127.0.0.1:9".into()]),
+        timeout_ms: Some(500),
+        topic: Some("nowhere.{aggregate_type}".into()),
+        ..e2e::sink_support::handler(listener::config::HandlerKind::Kafka, "bus", 3)
+    }];
+    let listener = start(config);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    let first = raise(&db.client, &[("Loan", "1", "Loan.Funded")]).await;
+    let second = raise(&db.client, &[("Loan", "2", "Loan.Funded")]).await;
+    let letters = wait_dead_letters(&db.client, &name, 2, Duration::from_secs(60)).await;
+    let got: Vec<(String, Uuid, i32)> = letters
+        .iter()
+        .map(|(handler, id, _, attempts, _)| (handler.clone(), *id, *attempts))
+        .collect();
+    assert_eq!(
+        got,
+        [("bus".into(), first[0], 3), ("bus".into(), second[0], 3)]
+    );
+    assert!(
+        letters[0].4.contains("cannot connect to Kafka"),
+        "{letters:?}"
+    );
+    listener
+        .collector
+        .wait_for(2, Duration::from_secs(30))
+        .await;
+    listener.stop().await.unwrap();
+}
+
+/// An event whose record exceeds `max_message_bytes` is a definite failure: dead-lettered after
+/// one attempt, while the rest of its transaction and the stream go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_event_is_dead_lettered_and_the_stream_goes_on() {
+    let broker = Broker::start().await;
+    let prefix = unique_prefix();
+    let db = TestDb::new().await;
+    let name = unique_name("kafkabig");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.handlers = vec![HandlerConfig {
+        max_message_bytes: Some(4096),
+        ..kafka_handler("bus", &broker, &prefix, 5)
+    }];
+    let listener = start(config);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    let batch = json!([
+        {"aggregate_type": "Loan", "aggregate_id": "1", "event_type": "Loan.Funded",
+         "payload": {"blob": "x".repeat(8000)}},
+        {"aggregate_type": "Loan", "aggregate_id": "2", "event_type": "Loan.Funded",
+         "payload": {"small": true}},
+    ]);
+    let ids: Vec<Uuid> = db
+        .client
+        .query("SELECT id FROM domain_events.raise_events($1)", &[&batch])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let reader = client(&broker.address()).await;
+    let records = wait_records(&reader, &[format!("{prefix}.Loan")], 1, DELIVERY_WAIT).await;
+    assert_eq!(ids_of(&records), as_strings(&ids[1..]));
+    let letters = wait_dead_letters(&db.client, &name, 1, Duration::from_secs(30)).await;
+    assert_eq!((letters[0].1, letters[0].3), (ids[0], 1));
+    assert!(letters[0].4.contains("max_message_bytes"), "{letters:?}");
+    listener.stop().await.unwrap();
+}
