@@ -228,7 +228,7 @@ pub async fn read_topic(client: &Client, topic: &str) -> Vec<Fetched> {
             .expect("earliest offset");
         while offset < end {
             let (records, _high_watermark) = reader
-                .fetch_records(offset, 1..8_000_000, 1_000)
+                .fetch_records(offset, 1..8_000_000, 10)
                 .await
                 .expect("fetch records");
             assert!(
@@ -256,6 +256,46 @@ pub async fn read_topic(client: &Client, topic: &str) -> Vec<Fetched> {
         }
     }
     out
+}
+
+/// Records stored in the topics in `names` (the sum of their partitions' high watermarks),
+/// without reading them; a topic that does not exist counts 0.
+pub async fn count_records(client: &Client, names: &[String]) -> i64 {
+    let existing = topics(client).await;
+    let mut total = 0;
+    for name in names {
+        let Some(&partitions) = existing.get(name) else {
+            continue;
+        };
+        for partition in 0..partitions as i32 {
+            let reader = client
+                .partition_client(name.to_string(), partition, UnknownTopicHandling::Retry)
+                .await
+                .expect("partition client");
+            total += reader
+                .get_offset(OffsetAt::Latest)
+                .await
+                .expect("latest offset");
+        }
+    }
+    total
+}
+
+/// Waits until the topics in `names` hold at least `n` records together (counted by
+/// [`count_records`]); panics after `timeout`.
+pub async fn wait_count(client: &Client, names: &[String], n: i64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let count = count_records(client, names).await;
+        if count >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{names:?} hold {count} records, not {n}, after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Every record of every topic in `names`.

@@ -102,6 +102,42 @@ fn as_strings(ids: &[Uuid]) -> HashSet<String> {
     ids.iter().map(Uuid::to_string).collect()
 }
 
+/// The latest commit among `records` (from the `commit_lsn` of their event JSON): the slot
+/// has confirmed them all once its confirmed position is past it. Waiting for the server's
+/// current WAL position instead would wait for WAL of other databases, which this slot only
+/// confirms at the next keepalive.
+fn last_commit(records: &[Fetched]) -> Lsn {
+    records
+        .iter()
+        .map(|r| r.event["commit_lsn"].as_str().unwrap().parse().unwrap())
+        .max()
+        .expect("records")
+}
+
+/// Waits until every event of `ids` is in the topics in `names`; returns all records then.
+async fn wait_ids(
+    reader: &rskafka::client::Client,
+    names: &[String],
+    ids: &[Uuid],
+) -> Vec<Fetched> {
+    let expected = as_strings(ids);
+    let deadline = std::time::Instant::now() + DELIVERY_WAIT;
+    loop {
+        let records = read_topics(reader, names).await;
+        let present = ids_of(&records);
+        if expected.is_subset(&present) {
+            return records;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {} events in {names:?} after {DELIVERY_WAIT:?}",
+            expected.intersection(&present).count(),
+            expected.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn current_lsn(client: &tokio_postgres::Client) -> Lsn {
     let text: String = client
         .query_one("SELECT pg_current_wal_lsn()::text", &[])
@@ -246,9 +282,8 @@ async fn a_frozen_broker_is_retried_without_confirming() {
     let names = topic_names(&prefix);
 
     let before = raise_mixed(&db.client, 10, 5).await;
-    wait_records(&reader, &names, before.len(), DELIVERY_WAIT).await;
-    let lsn = current_lsn(&db.client).await;
-    wait_confirmed_past(&db.client, &name, lsn, DELIVERY_WAIT).await;
+    let records = wait_ids(&reader, &names, &before).await;
+    wait_confirmed_past(&db.client, &name, last_commit(&records), DELIVERY_WAIT).await;
 
     broker.freeze();
     let unconfirmed_from = current_lsn(&db.client).await;
@@ -263,8 +298,9 @@ async fn a_frozen_broker_is_retried_without_confirming() {
     broker.thaw();
 
     let all: Vec<Uuid> = before.iter().chain(&during).copied().collect();
-    let end = current_lsn(&db.client).await;
-    wait_confirmed_past(&db.client, &name, end, DELIVERY_WAIT).await;
+    let records = wait_ids(&reader, &names, &all).await;
+    wait_confirmed_past(&db.client, &name, last_commit(&records), DELIVERY_WAIT).await;
+    // Everything is confirmed: nothing more may be produced.
     let records = read_topics(&reader, &names).await;
     listener.stop().await.unwrap();
     assert_eq!(
@@ -311,14 +347,12 @@ async fn a_restarted_broker_gets_every_unconfirmed_event() {
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
     let names = topic_names(&prefix);
 
-    let before = {
+    let before = raise_mixed(&db.client, 10, 5).await;
+    {
         let reader = client(&broker.address()).await;
-        let ids = raise_mixed(&db.client, 10, 5).await;
-        wait_records(&reader, &names, ids.len(), DELIVERY_WAIT).await;
-        ids
-    };
-    let lsn = current_lsn(&db.client).await;
-    wait_confirmed_past(&db.client, &name, lsn, DELIVERY_WAIT).await;
+        let records = wait_ids(&reader, &names, &before).await;
+        wait_confirmed_past(&db.client, &name, last_commit(&records), DELIVERY_WAIT).await;
+    }
 
     broker.kill();
     let unconfirmed_from = current_lsn(&db.client).await;
@@ -331,9 +365,9 @@ async fn a_restarted_broker_gets_every_unconfirmed_event() {
     assert!(dead_letters(&db.client, &name).await.is_empty());
 
     broker.restart().await;
-    let end = current_lsn(&db.client).await;
-    wait_confirmed_past(&db.client, &name, end, DELIVERY_WAIT).await;
     let reader = client(&broker.address()).await;
+    let records = wait_ids(&reader, &names, &during).await;
+    wait_confirmed_past(&db.client, &name, last_commit(&records), DELIVERY_WAIT).await;
     let records = read_topics(&reader, &names).await;
     listener.stop().await.unwrap();
     assert_eq!(
@@ -386,11 +420,10 @@ async fn killed_listener_loses_nothing() {
     let writer_client = db.connect().await;
     let writer = tokio::spawn(async move {
         let mut ids = Vec::new();
-        for txn in 0..TXNS {
+        for _ in 0..TXNS {
             ids.extend(raise_mixed(&writer_client, 1, PER_TXN).await);
-            if txn % 10 == 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            // About 5 s of writing, so that the kills fall mid-stream.
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
         ids
     });
@@ -399,15 +432,15 @@ async fn killed_listener_loses_nothing() {
     let names = topic_names(&prefix);
     let mut confirmed_at_first_kill = None;
     for threshold in [300, 1000] {
-        wait_records(&reader, &names, threshold, DELIVERY_WAIT).await;
+        wait_count(&reader, &names, threshold, DELIVERY_WAIT).await;
         runs.last_mut().unwrap().kill9();
         confirmed_at_first_kill.get_or_insert(confirmed(&db.client, &name).await);
         runs.push(ListenerProcess::spawn(&file, &[]));
     }
     let ids = writer.await.expect("writer");
     assert_eq!(ids.len(), TXNS * PER_TXN);
-    let end = current_lsn(&db.client).await;
-    wait_confirmed_past(&db.client, &name, end, DELIVERY_WAIT).await;
+    let records = wait_ids(&reader, &names, &ids).await;
+    wait_confirmed_past(&db.client, &name, last_commit(&records), DELIVERY_WAIT).await;
     let last = runs.last_mut().unwrap();
     last.terminate();
     let status = last

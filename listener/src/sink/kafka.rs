@@ -669,7 +669,11 @@ pub fn record(event: &Event) -> Result<Record, HandlerError> {
         key: Some(event.aggregate_id.clone().into_bytes()),
         value: Some(value),
         headers,
-        timestamp: event.recorded_at,
+        // Whole milliseconds: Kafka's precision. The client encodes each record as a truncated
+        // millisecond delta from the batch's first record, which is off by one for
+        // sub-millisecond times that are not in order within the batch.
+        timestamp: chrono::DateTime::from_timestamp_millis(event.recorded_at.timestamp_millis())
+            .unwrap_or(event.recorded_at),
     })
 }
 
@@ -746,7 +750,7 @@ mod tests {
             "aggregate_type": aggregate_type, "aggregate_id": "42",
             "aggregate_version": 3, "event_type": event_type, "event_version": 2,
             "payload": {}, "metadata": serde_json::from_str::<serde_json::Value>(metadata).unwrap(),
-            "occurred_at": "2026-11-23T16:37:00Z", "recorded_at": "2026-11-23T16:37:01Z",
+            "occurred_at": "2026-11-23T16:37:00Z", "recorded_at": "2026-11-23T16:37:01.123987Z",
             "txid": 1, "commit_lsn": "0/1"
         }))
         .unwrap()
@@ -825,7 +829,7 @@ mod tests {
         assert_eq!(header("aggregate_version"), "3");
         assert_eq!(header("correlation_id"), "c-1");
         assert_eq!(header("causation_id"), "17");
-        assert_eq!(r.timestamp, e.recorded_at);
+        assert_eq!(r.timestamp.to_rfc3339(), "2026-11-23T16:37:01.123+00:00");
         let value: serde_json::Value = serde_json::from_slice(r.value.as_deref().unwrap()).unwrap();
         assert_eq!(value["id"], e.id.to_string());
 
