@@ -33,7 +33,7 @@ impl Broker {
             .port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(tansu)
-            .args(["broker", "--storage-engine", "memory://tansu/"])
+            .args(["broker", "--silent", "--storage-engine", "memory://tansu/"])
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())

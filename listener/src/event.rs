@@ -270,6 +270,24 @@ pub fn timestamp(s: &str, column: &'static str) -> Result<DateTime<Utc>, EventEr
         })
 }
 
+/// An event for unit tests: fixed sample values, with the fields in `overrides` (a JSON
+/// object) replaced.
+#[cfg(test)]
+pub(crate) fn sample(overrides: serde_json::Value) -> Event {
+    let mut event = serde_json::json!({
+        "position": 1, "id": "018f0000-0000-7000-8000-000000000001",
+        "aggregate_type": "Loan", "aggregate_id": "42", "aggregate_version": 1,
+        "event_type": "Loan.Funded", "event_version": 1, "payload": {}, "metadata": {},
+        "occurred_at": "2026-11-23T16:37:00Z", "recorded_at": "2026-11-23T16:37:00Z",
+        "txid": 1, "commit_lsn": "0/1"
+    });
+    if let (Some(event), serde_json::Value::Object(overrides)) = (event.as_object_mut(), overrides)
+    {
+        event.extend(overrides);
+    }
+    serde_json::from_value(event).expect("a valid sample event")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,7 +72,7 @@ impl Broker {
             .open(&self.log)
             .expect("broker log file");
         let child = Command::new(tansu_binary())
-            .args(["broker", "--storage-engine", "memory://tansu/"])
+            .args(["broker", "--silent", "--storage-engine", "memory://tansu/"])
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
             .env_remove("STORAGE_ENGINE")
             .env_remove("LISTENER_URL")

@@ -398,6 +398,16 @@ impl ListenerProcess {
         assert!(status.success(), "kill -TERM failed");
     }
 
+    /// SIGTERM, then waits up to 30 s for a successful exit; panics with the logs otherwise.
+    pub async fn stop_ok(&mut self) {
+        self.terminate();
+        let status = self
+            .wait_exit(Duration::from_secs(30))
+            .await
+            .expect("exits within 30 s of SIGTERM");
+        assert!(status.success(), "exit {status}; logs:\n{}", self.stderr());
+    }
+
     /// Waits for exit up to `timeout`; `None` if still running.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -533,12 +543,7 @@ pub async fn finish_and_assert_schedules_once(
 ) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let last = runs.last_mut().expect("at least one run");
-    last.terminate();
-    let status = last
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("exits");
-    assert!(status.success(), "{}", last.stderr());
+    last.stop_ok().await;
     let wrong: Vec<(String, i64)> = client
         .query(
             "SELECT loan_id, count(*) FROM payment_schedule GROUP BY loan_id HAVING count(*) <> 12",

@@ -367,3 +367,44 @@ pub fn nats_handler(name: &str, stream: &str, prefix: &str, max_attempts: u32) -
         ..handler(HandlerKind::Nats, name, max_attempts)
     }
 }
+
+/// Runs the "server unreachable" case of a handler that publishes to a server: a listener on
+/// `db` with `handler` alone (its retries quick, its server address pointing at nothing)
+/// receives two events, one transaction each. Each must be dead-lettered under the handler's
+/// name after exactly `max_attempts` calls, with an error containing `error`, and the stream
+/// must go on (the collector sees both).
+pub async fn assert_unreachable_server_dead_letters(
+    db: &crate::TestDb,
+    handler: HandlerConfig,
+    error: &str,
+) {
+    use crate::listener_support::*;
+    let name = unique_name("down");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(db, &name);
+    let (handler_name, max_attempts) = (handler.name(), handler.max_attempts as i32);
+    config.handlers = vec![handler];
+    let registry = listener::service::registry_from_config(&config).expect("registry");
+    let listener = InProcess::start_with(config, registry);
+    wait_slot_active(&db.client, &name, Duration::from_secs(120)).await;
+    let first = raise(&db.client, &[("Loan", "1", "Loan.Funded")]).await;
+    let second = raise(&db.client, &[("Loan", "2", "Loan.Funded")]).await;
+    let letters = wait_dead_letters(&db.client, &name, 2, Duration::from_secs(60)).await;
+    let got: Vec<(String, Uuid, i32)> = letters
+        .iter()
+        .map(|(handler, id, _, attempts, _)| (handler.clone(), *id, *attempts))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (handler_name.clone(), first[0], max_attempts),
+            (handler_name, second[0], max_attempts)
+        ]
+    );
+    assert!(letters[0].4.contains(error), "{letters:?}");
+    listener
+        .collector
+        .wait_for(2, Duration::from_secs(30))
+        .await;
+    listener.stop().await.unwrap();
+}

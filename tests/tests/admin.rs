@@ -359,12 +359,7 @@ async fn admin_binary_token_and_slot_wal_warning() {
         child.stderr()
     );
 
-    child.terminate();
-    let status = child
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("exits");
-    assert!(status.success(), "{}", child.stderr());
+    child.stop_ok().await;
 }
 
 /// A slot invalidated by `max_slot_wal_keep_size` while its listener was stopped: the listener

@@ -270,12 +270,7 @@ async fn four_writers_and_repeated_sigkills_lose_no_committed_event() {
     let per_run = wait_all_delivered(&runs, &committed, Duration::from_secs(300)).await;
     let elapsed = started.elapsed();
     let last = runs.last_mut().expect("run");
-    last.terminate();
-    let status = last
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("exits after SIGTERM");
-    assert!(status.success(), "exit {status}; logs:\n{}", last.stderr());
+    last.stop_ok().await;
 
     let mut delivered: HashMap<Uuid, usize> = HashMap::new();
     for (run, lines) in per_run.iter().enumerate() {
@@ -357,12 +352,7 @@ async fn postgres_fast_and_immediate_restarts_under_a_running_listener_lose_noth
         logs.matches("reconnecting").count() >= 2,
         "expected a reconnect per restart; logs:\n{logs}"
     );
-    listener.terminate();
-    let status = listener
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("exits after SIGTERM");
-    assert!(status.success(), "exit {status}; logs:\n{logs}");
+    listener.stop_ok().await;
     eprintln!(
         "restarts {restarts:?}: {} committed, {} delivered ({} redelivered after the crash), 0 lost",
         committed.len(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use e2e::kafka_support::*;
 use e2e::listener_support::*;
-use e2e::sink_support::raise;
+use e2e::sink_support::{assert_unreachable_server_dead_letters, raise};
 use e2e::TestDb;
 use listener::config::{Config, HandlerConfig};
 use listener::service::registry_from_config;
@@ -259,83 +259,34 @@ async fn topics_keys_headers_and_order() {
     assert!(dead_letters(&db.client, &name).await.is_empty());
 }
 
-/// A broker that stops answering mid-stream (SIGSTOP) makes the flush time out and be retried
-/// with backoff; nothing after the last acknowledged transaction is confirmed, nothing is
-/// dead-lettered. Once it answers again every event is there, and only events that were not
-/// yet confirmed may appear twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_broker_is_retried_without_confirming() {
-    let broker = Broker::start().await;
-    let prefix = unique_prefix();
-    let db = TestDb::new().await;
-    let name = unique_name("kafkafrz");
-    let _slot = SlotGuard(name.clone());
-    let mut config = config_for(&db, &name);
-    config.handlers = vec![HandlerConfig {
-        timeout_ms: Some(1000),
-        max_backoff_ms: 500,
-        ..kafka_handler("bus", &broker, &prefix, 1000)
-    }];
-    let listener = start(config);
-    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
-    let reader = client(&broker.address()).await;
-    let names = topic_names(&prefix);
-
-    let before = raise_mixed(&db.client, 10, 5).await;
-    let records = wait_ids(&reader, &names, &before).await;
-    wait_confirmed_past(&db.client, &name, last_commit(&records), DELIVERY_WAIT).await;
-
-    broker.freeze();
-    let unconfirmed_from = current_lsn(&db.client).await;
-    let during = raise_mixed(&db.client, 10, 5).await;
-    // Several timeouts and retries.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    assert!(
-        confirmed(&db.client, &name).await <= unconfirmed_from,
-        "confirmed past events the broker never acknowledged"
-    );
-    assert!(dead_letters(&db.client, &name).await.is_empty());
-    broker.thaw();
-
-    let all: Vec<Uuid> = before.iter().chain(&during).copied().collect();
-    let records = wait_ids(&reader, &names, &all).await;
-    wait_confirmed_past(&db.client, &name, last_commit(&records), DELIVERY_WAIT).await;
-    // Everything is confirmed: nothing more may be produced.
-    let records = read_topics(&reader, &names).await;
-    listener.stop().await.unwrap();
-    assert_eq!(
-        ids_of(&records),
-        as_strings(&all),
-        "every event, nothing else"
-    );
-    let repeats = assert_keyed_order(&records);
-    let mut copies: HashMap<&str, usize> = HashMap::new();
-    for r in &records {
-        *copies.entry(r.event_id()).or_default() += 1;
-    }
-    for id in &before {
-        assert_eq!(
-            copies[id.to_string().as_str()],
-            1,
-            "confirmed event {id} sent again"
-        );
-    }
-    assert!(dead_letters(&db.client, &name).await.is_empty());
-    eprintln!(
-        "{} events, {repeats} repeated from the unconfirmed tail",
-        all.len()
-    );
+/// How the broker goes away in [`ride_out`].
+enum Outage {
+    /// SIGSTOP, then SIGCONT: connections stay open, nothing is answered, nothing is lost.
+    Freeze,
+    /// SIGKILL, then a new, empty broker on the same port.
+    Restart,
 }
 
-/// A broker killed mid-stream (losing its in-memory topics) and started again empty: while it
-/// is down nothing is confirmed or dead-lettered; once back, the listener reconnects, creates
-/// the topics again and produces every event that was not confirmed — and none that was.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restarted_broker_gets_every_unconfirmed_event() {
+/// What [`ride_out`] saw.
+struct AfterOutage {
+    /// Events confirmed before the outage.
+    before: Vec<Uuid>,
+    /// Events raised during it.
+    during: Vec<Uuid>,
+    /// Every record once everything was confirmed after the outage.
+    records: Vec<Fetched>,
+}
+
+/// Streams 50 events to the broker and waits until they are confirmed; takes the broker away
+/// (`outage`) and raises 50 more; checks for 5 s (several timeouts and retries) that nothing
+/// after the last acknowledged transaction is confirmed and nothing is dead-lettered; brings
+/// the broker back and waits until the broker holds every event it should and the slot
+/// confirmed them.
+async fn ride_out(outage: Outage) -> AfterOutage {
     let mut broker = Broker::start().await;
     let prefix = unique_prefix();
     let db = TestDb::new().await;
-    let name = unique_name("kafkarst");
+    let name = unique_name("kafkaout");
     let _slot = SlotGuard(name.clone());
     let mut config = config_for(&db, &name);
     config.handlers = vec![HandlerConfig {
@@ -353,31 +304,88 @@ async fn a_restarted_broker_gets_every_unconfirmed_event() {
         let records = wait_ids(&reader, &names, &before).await;
         wait_confirmed_past(&db.client, &name, last_commit(&records), DELIVERY_WAIT).await;
     }
-
-    broker.kill();
+    match outage {
+        Outage::Freeze => broker.freeze(),
+        Outage::Restart => broker.kill(),
+    }
     let unconfirmed_from = current_lsn(&db.client).await;
     let during = raise_mixed(&db.client, 10, 5).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(
         confirmed(&db.client, &name).await <= unconfirmed_from,
-        "confirmed past events no broker acknowledged"
+        "confirmed past events the broker never acknowledged"
     );
     assert!(dead_letters(&db.client, &name).await.is_empty());
 
-    broker.restart().await;
+    let expected: Vec<Uuid> = match outage {
+        Outage::Freeze => {
+            broker.thaw();
+            before.iter().chain(&during).copied().collect()
+        }
+        // The old broker's records are gone with it.
+        Outage::Restart => {
+            broker.restart().await;
+            during.clone()
+        }
+    };
     let reader = client(&broker.address()).await;
-    let records = wait_ids(&reader, &names, &during).await;
+    let records = wait_ids(&reader, &names, &expected).await;
     wait_confirmed_past(&db.client, &name, last_commit(&records), DELIVERY_WAIT).await;
+    // Everything is confirmed: nothing more may be produced.
     let records = read_topics(&reader, &names).await;
     listener.stop().await.unwrap();
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+    AfterOutage {
+        before,
+        during,
+        records,
+    }
+}
+
+/// A broker that stops answering mid-stream (SIGSTOP) makes the flush time out and be retried
+/// with backoff; nothing after the last acknowledged transaction is confirmed, nothing is
+/// dead-lettered. Once it answers again every event is there, and only events that were not
+/// yet confirmed may appear twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_broker_is_retried_without_confirming() {
+    let seen = ride_out(Outage::Freeze).await;
+    let all: Vec<Uuid> = seen.before.iter().chain(&seen.during).copied().collect();
     assert_eq!(
-        ids_of(&records),
-        as_strings(&during),
+        ids_of(&seen.records),
+        as_strings(&all),
+        "every event, nothing else"
+    );
+    let repeats = assert_keyed_order(&seen.records);
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    for r in &seen.records {
+        *copies.entry(r.event_id()).or_default() += 1;
+    }
+    for id in &seen.before {
+        assert_eq!(
+            copies[id.to_string().as_str()],
+            1,
+            "confirmed event {id} sent again"
+        );
+    }
+    eprintln!(
+        "{} events, {repeats} repeated from the unconfirmed tail",
+        all.len()
+    );
+}
+
+/// A broker killed mid-stream (losing its in-memory topics) and started again empty: while it
+/// is down nothing is confirmed or dead-lettered; once back, the listener reconnects, creates
+/// the topics again and produces every event that was not confirmed — and none that was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_broker_gets_every_unconfirmed_event() {
+    let seen = ride_out(Outage::Restart).await;
+    assert_eq!(
+        ids_of(&seen.records),
+        as_strings(&seen.during),
         "the new broker holds exactly the events not confirmed before the old one died"
     );
-    assert!(ids_of(&records).is_disjoint(&as_strings(&before)));
-    assert_keyed_order_from_restart(&records, &during);
-    assert!(dead_letters(&db.client, &name).await.is_empty());
+    assert!(ids_of(&seen.records).is_disjoint(&as_strings(&seen.before)));
+    assert_keyed_order_from_restart(&seen.records, &seen.during);
 }
 
 /// After a broker restart the aggregates' first versions are gone with the old broker, so
@@ -442,12 +450,7 @@ async fn killed_listener_loses_nothing() {
     let records = wait_ids(&reader, &names, &ids).await;
     wait_confirmed_past(&db.client, &name, last_commit(&records), DELIVERY_WAIT).await;
     let last = runs.last_mut().unwrap();
-    last.terminate();
-    let status = last
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("exits");
-    assert!(status.success(), "{}", last.stderr());
+    last.stop_ok().await;
 
     let records = read_topics(&reader, &names).await;
     let table: HashSet<String> = db
@@ -501,38 +504,14 @@ async fn killed_listener_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_is_retried_then_dead_lettered() {
     let db = TestDb::new().await;
-    let name = unique_name("kafkadown");
-    let _slot = SlotGuard(name.clone());
-    let mut config = config_for(&db, &name);
-    config.handlers = vec![HandlerConfig {
+    let handler = HandlerConfig {
         // Nothing listens on port 9: connection refused.
         brokers: Some(vec!["127.0.0.1:9".into()]),
         timeout_ms: Some(500),
         topic: Some("nowhere.{aggregate_type}".into()),
         ..e2e::sink_support::handler(listener::config::HandlerKind::Kafka, "bus", 3)
-    }];
-    let listener = start(config);
-    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
-    let first = raise(&db.client, &[("Loan", "1", "Loan.Funded")]).await;
-    let second = raise(&db.client, &[("Loan", "2", "Loan.Funded")]).await;
-    let letters = wait_dead_letters(&db.client, &name, 2, Duration::from_secs(60)).await;
-    let got: Vec<(String, Uuid, i32)> = letters
-        .iter()
-        .map(|(handler, id, _, attempts, _)| (handler.clone(), *id, *attempts))
-        .collect();
-    assert_eq!(
-        got,
-        [("bus".into(), first[0], 3), ("bus".into(), second[0], 3)]
-    );
-    assert!(
-        letters[0].4.contains("cannot connect to Kafka"),
-        "{letters:?}"
-    );
-    listener
-        .collector
-        .wait_for(2, Duration::from_secs(30))
-        .await;
-    listener.stop().await.unwrap();
+    };
+    assert_unreachable_server_dead_letters(&db, handler, "cannot connect to Kafka").await;
 }
 
 /// An event whose record exceeds `max_message_bytes` is a definite failure: dead-lettered after

@@ -674,12 +674,7 @@ async fn scram_credentials_work_and_wrong_ones_fail_with_one_clear_line() {
     let ids = raise_txn(&mut client, 1, 2, true).await;
     let lines = right.wait_lines(2, Duration::from_secs(30)).await;
     assert_eq!(lines.iter().map(line_id).collect::<Vec<_>>(), ids);
-    right.terminate();
-    let status = right
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("exits");
-    assert!(status.success(), "{status}: {}", right.stderr());
+    right.stop_ok().await;
     assert!(
         subscription_lsn(&db.client, &name).await.is_some(),
         "the role saved its position"
@@ -1149,12 +1144,7 @@ async fn the_binary_dead_letters_an_undecodable_row_and_the_slot_moves_on() {
     let fourth = raise_types(&client, &[("4", "Loan.Funded")]).await;
     let lines = process.wait_lines(1, Duration::from_secs(30)).await;
     assert_eq!(line_id(&lines[0]), fourth[0]);
-    process.terminate();
-    let status = process
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("exits");
-    assert!(status.success(), "{}", process.stderr());
+    process.stop_ok().await;
 }
 
 /// Fails (definitely) on `Loan.Rejected` while `broken`; records what it handled.
@@ -1646,10 +1636,5 @@ async fn a_failing_sql_handler_dead_letters_and_its_redrive_applies_once() {
         per_loan,
         [("a".into(), 12), ("bad".into(), 12), ("c".into(), 12)]
     );
-    process.terminate();
-    let status = process
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("exits");
-    assert!(status.success(), "{}", process.stderr());
+    process.stop_ok().await;
 }

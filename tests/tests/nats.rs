@@ -111,39 +111,13 @@ async fn subjects_follow_the_template_and_the_stream_is_created() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_is_retried_then_dead_lettered() {
     let db = TestDb::new().await;
-    let name = unique_name("natsdown");
-    let _slot = SlotGuard(name.clone());
-    let mut config = config_for(&db, &name);
-    config.handlers = vec![listener::config::HandlerConfig {
+    let handler = listener::config::HandlerConfig {
         // Nothing listens on port 9: connection refused.
         servers: Some(vec!["nats://127.0.0.1:9".into()]),
         timeout_ms: Some(500),
         ..nats_handler("bus", "NOWHERE", "nowhere", 3)
-    }];
-    let listener = start(config);
-    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
-
-    let first = raise(&db.client, &[("Loan", "1", "Loan.Funded")]).await;
-    let second = raise(&db.client, &[("Loan", "2", "Loan.Funded")]).await;
-    let letters = wait_dead_letters(&db.client, &name, 2, Duration::from_secs(60)).await;
-    let got: Vec<(String, Uuid, i32)> = letters
-        .iter()
-        .map(|(handler, id, _, attempts, _)| (handler.clone(), *id, *attempts))
-        .collect();
-    assert_eq!(
-        got,
-        [("bus".into(), first[0], 3), ("bus".into(), second[0], 3)]
-    );
-    assert!(
-        letters[0].4.contains("cannot connect to NATS"),
-        "{letters:?}"
-    );
-    // The stream went on: the collector saw both.
-    listener
-        .collector
-        .wait_for(2, Duration::from_secs(30))
-        .await;
-    listener.stop().await.unwrap();
+    };
+    assert_unreachable_server_dead_letters(&db, handler, "cannot connect to NATS").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,12 +220,7 @@ async fn killed_listener_publishes_each_event_exactly_once() {
     // Let the last run go on for a moment: nothing more may arrive.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let last = runs.last_mut().unwrap();
-    last.terminate();
-    let status = last
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("exits");
-    assert!(status.success(), "{}", last.stderr());
+    last.stop_ok().await;
 
     let stored = stream_messages(&js, &stream).await;
     assert_eq!(stored.len(), ids.len(), "each event exactly once");

@@ -745,15 +745,12 @@ mod tests {
     use super::*;
 
     fn event(aggregate_type: &str, event_type: &str, metadata: &str) -> Event {
-        serde_json::from_value(serde_json::json!({
-            "position": 1, "id": "018f0000-0000-7000-8000-000000000001",
-            "aggregate_type": aggregate_type, "aggregate_id": "42",
-            "aggregate_version": 3, "event_type": event_type, "event_version": 2,
-            "payload": {}, "metadata": serde_json::from_str::<serde_json::Value>(metadata).unwrap(),
-            "occurred_at": "2026-11-23T16:37:00Z", "recorded_at": "2026-11-23T16:37:01.123987Z",
-            "txid": 1, "commit_lsn": "0/1"
+        crate::event::sample(serde_json::json!({
+            "aggregate_type": aggregate_type, "event_type": event_type,
+            "aggregate_version": 3, "event_version": 2,
+            "metadata": serde_json::from_str::<serde_json::Value>(metadata).unwrap(),
+            "recorded_at": "2026-11-23T16:37:01.123987Z",
         }))
-        .unwrap()
     }
 
     #[test]

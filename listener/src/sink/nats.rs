@@ -428,15 +428,10 @@ mod tests {
     use super::*;
 
     fn event(aggregate_type: &str, aggregate_id: &str, event_type: &str) -> Event {
-        serde_json::from_value(serde_json::json!({
-            "position": 1, "id": "018f0000-0000-7000-8000-000000000001",
+        crate::event::sample(serde_json::json!({
             "aggregate_type": aggregate_type, "aggregate_id": aggregate_id,
-            "aggregate_version": 1, "event_type": event_type, "event_version": 1,
-            "payload": {}, "metadata": {},
-            "occurred_at": "2026-11-23T16:37:00Z", "recorded_at": "2026-11-23T16:37:00Z",
-            "txid": 1, "commit_lsn": "0/1"
+            "event_type": event_type,
         }))
-        .unwrap()
     }
 
     #[test]
