@@ -9,7 +9,7 @@ use anyhow::Context;
 use listener::sink::kafka::partition_for;
 use listener::sink::{KafkaCompression, KafkaOptions, KafkaSink, TopicTemplate};
 use listener::{Event, Handler};
-use rskafka::client::partition::{Compression, OffsetAt, UnknownTopicHandling};
+use rskafka::client::partition::{Compression, OffsetAt, PartitionClient, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
 
@@ -74,30 +74,112 @@ impl Drop for Broker {
     }
 }
 
-/// Records stored in `topic` (the sum of its partitions' high watermarks); 0 when it does not
-/// exist yet.
-pub(crate) async fn record_count(client: &Client, topic: &str) -> anyhow::Result<u64> {
-    let Some(found) = client
-        .list_topics()
-        .await?
-        .into_iter()
-        .find(|t| t.name == topic)
-    else {
-        return Ok(0);
-    };
-    let mut total = 0;
-    for partition in found.partitions {
-        let reader = client
-            .partition_client(topic.to_string(), partition, UnknownTopicHandling::Retry)
-            .await?;
-        total += reader.get_offset(OffsetAt::Latest).await? as u64;
+/// Counts the records of a topic by reading them, from where the last count stopped: tansu
+/// 0.6's high watermark can be too low after concurrent produces to several partitions, so it
+/// cannot be the count.
+pub(crate) struct RecordCounter {
+    topic: String,
+    /// Each partition's reader and the next offset to read.
+    partitions: Vec<(PartitionClient, i64)>,
+    counted: u64,
+}
+
+impl RecordCounter {
+    pub(crate) fn new(topic: &str) -> RecordCounter {
+        RecordCounter {
+            topic: topic.to_string(),
+            partitions: Vec::new(),
+            counted: 0,
+        }
     }
-    Ok(total)
+
+    /// Records stored so far; 0 while the topic does not exist.
+    pub(crate) async fn count(&mut self, client: &Client) -> anyhow::Result<u64> {
+        if self.partitions.is_empty() {
+            let Some(found) = client
+                .list_topics()
+                .await?
+                .into_iter()
+                .find(|t| t.name == self.topic)
+            else {
+                return Ok(0);
+            };
+            for partition in found.partitions {
+                let reader = client
+                    .partition_client(self.topic.clone(), partition, UnknownTopicHandling::Retry)
+                    .await?;
+                let start = reader.get_offset(OffsetAt::Earliest).await?;
+                self.partitions.push((reader, start));
+            }
+        }
+        for (reader, next) in &mut self.partitions {
+            loop {
+                let (records, _) = reader.fetch_records(*next, 1..8_000_000, 1).await?;
+                let Some(last) = records.last() else {
+                    break;
+                };
+                *next = last.offset + 1;
+                self.counted += records.len() as u64;
+            }
+        }
+        Ok(self.counted)
+    }
+}
+
+/// Produces `records` (partition, record) with the raw client to a new topic, a batch of
+/// `per_flush` records at a time, each partition's share after the other's; with
+/// `max_request_bytes`, a share is split into requests of at most that many (estimated) bytes.
+/// Returns records/s; the records are built outside the clock.
+async fn raw_client_rate(
+    client: &Client,
+    topic: &str,
+    partitions: i32,
+    records: &[(i32, Record)],
+    per_flush: usize,
+    max_request_bytes: Option<usize>,
+) -> anyhow::Result<f64> {
+    client
+        .controller_client()?
+        .create_topic(topic, partitions, 1, 5_000)
+        .await
+        .context("create topic")?;
+    let mut writers = Vec::new();
+    for p in 0..partitions {
+        writers.push(
+            client
+                .partition_client(topic.to_string(), p, UnknownTopicHandling::Retry)
+                .await?,
+        );
+    }
+    let started = Instant::now();
+    for chunk in records.chunks(per_flush) {
+        for (p, writer) in writers.iter().enumerate() {
+            let mut request: Vec<Record> = Vec::new();
+            let mut size = 0;
+            for (_, record) in chunk.iter().filter(|(partition, _)| *partition == p as i32) {
+                let record_size = record.approximate_size() + 64;
+                if max_request_bytes
+                    .is_some_and(|max| !request.is_empty() && size + record_size > max)
+                {
+                    writer
+                        .produce(std::mem::take(&mut request), Compression::NoCompression)
+                        .await?;
+                    size = 0;
+                }
+                size += record_size;
+                request.push(record.clone());
+            }
+            writer.produce(request, Compression::NoCompression).await?;
+        }
+    }
+    Ok(records.len() as f64 / started.elapsed().as_secs_f64())
 }
 
 /// The handler alone, a flush every 1, 10 and 100 events, against the raw client producing
-/// the same records (the handler's own, in the same partitions) in batches of the same size,
-/// partition after partition.
+/// the same records (the handler's own, in the same partitions), partition after partition:
+/// once in one request per partition and flush, once in requests under 7.5 KiB like the
+/// handler's (see `SMALL_REQUEST_BYTES` in the handler: larger requests wait ~40 ms for a
+/// delayed ACK).
 pub(crate) async fn handler_against_raw_client(
     broker: &Broker,
     events: &[Event],
@@ -105,49 +187,40 @@ pub(crate) async fn handler_against_raw_client(
 ) -> anyhow::Result<()> {
     const PARTITIONS: i32 = 3;
     let client = broker.client().await?;
-    let controller = client.controller_client()?;
     println!(
         "kafka handler alone, {} synthetic events, topics of {PARTITIONS} partitions:",
         events.len()
     );
     println!(
-        "| events per flush (batch) | raw client events/s | handler events/s | handler / raw |"
+        "| events per flush | raw client, one request per partition | raw client, requests < 7.5 KiB | handler | handler / raw < 7.5 KiB |"
     );
-    println!("|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|");
+    let records: Vec<(i32, Record)> = events
+        .iter()
+        .map(|e| {
+            let partition = partition_for(e.aggregate_id.as_bytes(), PARTITIONS);
+            Ok((partition, listener::sink::kafka::record(e)?))
+        })
+        .collect::<anyhow::Result<_>>()?;
     for per_flush in [1usize, 10, 100] {
-        // The raw client: records built outside the clock.
-        let raw_topic = format!("bench{tag}raw{per_flush}");
-        controller
-            .create_topic(&raw_topic, PARTITIONS, 1, 5_000)
-            .await
-            .context("create topic")?;
-        let mut partitions = Vec::new();
-        for p in 0..PARTITIONS {
-            partitions.push(
-                client
-                    .partition_client(raw_topic.clone(), p, UnknownTopicHandling::Retry)
-                    .await?,
-            );
-        }
-        let records: Vec<(i32, Record)> = events
-            .iter()
-            .map(|e| {
-                let partition = partition_for(e.aggregate_id.as_bytes(), PARTITIONS);
-                Ok((partition, listener::sink::kafka::record(e)?))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        let started = Instant::now();
-        for chunk in records.chunks(per_flush) {
-            for (p, client) in partitions.iter().enumerate() {
-                let batch: Vec<Record> = chunk
-                    .iter()
-                    .filter(|(partition, _)| *partition == p as i32)
-                    .map(|(_, r)| r.clone())
-                    .collect();
-                client.produce(batch, Compression::NoCompression).await?;
-            }
-        }
-        let raw = events.len() as f64 / started.elapsed().as_secs_f64();
+        let whole = raw_client_rate(
+            &client,
+            &format!("bench{tag}raw{per_flush}"),
+            PARTITIONS,
+            &records,
+            per_flush,
+            None,
+        )
+        .await?;
+        let small = raw_client_rate(
+            &client,
+            &format!("bench{tag}small{per_flush}"),
+            PARTITIONS,
+            &records,
+            per_flush,
+            Some(7 * 1024 + 512),
+        )
+        .await?;
 
         let topic = format!("bench{tag}h{per_flush}");
         let sink = KafkaSink::new(KafkaOptions {
@@ -173,14 +246,14 @@ pub(crate) async fn handler_against_raw_client(
         }
         sink.flush().await?;
         let handler = events.len() as f64 / started.elapsed().as_secs_f64();
-        let stored = record_count(&client, &topic).await?;
+        let stored = RecordCounter::new(&topic).count(&client).await?;
         anyhow::ensure!(
             stored == events.len() as u64 + 1,
             "{topic} holds {stored} records"
         );
         println!(
-            "| {per_flush} | {raw:.0} | {handler:.0} | {:.2}× |",
-            handler / raw
+            "| {per_flush} | {whole:.0} | {small:.0} | {handler:.0} | {:.2}× |",
+            handler / small
         );
     }
     Ok(())

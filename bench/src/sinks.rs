@@ -161,6 +161,8 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
     for slot in runs {
         let stream = format!("BENCH_{tag}_PIPE");
         let topic_prefix = format!("bench{tag}pipe");
+        // Every backlog event is a Loan.
+        let mut counter = crate::kafka::RecordCounter::new(&format!("{topic_prefix}.Loan"));
         let mut config = listener_config(&a.cluster.dsn, &dbname, &format!("bench_{slot}"));
         let (kind, workers) = match slot {
             "nats_w1" => (HandlerKind::Nats, 1),
@@ -200,17 +202,14 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
         loop {
             let done = match kind {
                 HandlerKind::Nats => stream_messages(&js, &stream).await,
-                // Every backlog event is a Loan.
-                HandlerKind::Kafka => {
-                    crate::kafka::record_count(&kafka, &format!("{topic_prefix}.Loan")).await?
-                }
+                HandlerKind::Kafka => counter.count(&kafka).await?,
                 _ => received.load(Ordering::Relaxed),
             };
             if done >= a.events {
                 break;
             }
             anyhow::ensure!(!task.is_finished(), "the listener stopped early");
-            // Counting Kafka records takes metadata and offset requests: poll it less often.
+            // Counting Kafka records means fetching them: poll less often.
             let poll = if kind == HandlerKind::Kafka { 20 } else { 2 };
             tokio::time::sleep(Duration::from_millis(poll)).await;
         }

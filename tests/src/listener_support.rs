@@ -457,6 +457,17 @@ impl Drop for ListenerProcess {
     }
 }
 
+/// The ids of every event in the database's event table, as text.
+pub async fn stored_event_ids(client: &Client) -> std::collections::HashSet<String> {
+    client
+        .query("SELECT id::text FROM domain_events.event", &[])
+        .await
+        .expect("read event ids")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Dead letters of `subscription` as `(handler, event_id, position, attempts, error)`, by position
 /// then handler.
 pub async fn dead_letters(

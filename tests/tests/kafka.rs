@@ -453,14 +453,7 @@ async fn killed_listener_loses_nothing() {
     last.stop_ok().await;
 
     let records = read_topics(&reader, &names).await;
-    let table: HashSet<String> = db
-        .client
-        .query("SELECT id::text FROM domain_events.event", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let table = stored_event_ids(&db.client).await;
     assert_eq!(
         ids_of(&records),
         table,

@@ -227,14 +227,7 @@ async fn killed_listener_publishes_each_event_exactly_once() {
     let msg_ids: HashSet<String> = stored.iter().filter_map(|m| m.msg_id.clone()).collect();
     let expected: HashSet<String> = ids.iter().map(Uuid::to_string).collect();
     assert_eq!(msg_ids, expected);
-    let table: HashSet<String> = db
-        .client
-        .query("SELECT id::text FROM domain_events.event", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let table = stored_event_ids(&db.client).await;
     assert_eq!(
         msg_ids, table,
         "the stream holds exactly the table's events"

@@ -34,6 +34,12 @@ const BATCH_OVERHEAD: usize = 61;
 /// Upper bound of a record's framing besides its key, value and header bytes (varint lengths,
 /// attributes, deltas), so that a batch estimate never undershoots.
 const RECORD_OVERHEAD: usize = 64;
+/// Produce requests are kept under this size (estimated, with room for the request's own
+/// headers and the topic name): the client writes a request's length prefix and its body as two
+/// writes when the body does not fit its 8 KiB write buffer, and without `TCP_NODELAY` (the client
+/// does not set it) the body then waits for the broker's delayed ACK of the prefix, about 40 ms
+/// per request. Measured here: 0.2-0.4 ms per request up to 6 KiB, 44 ms from 9 KiB.
+const SMALL_REQUEST_BYTES: usize = 8 * 1024 - 512;
 /// Buffered bytes after which `handle` sends what it has instead of waiting for `flush`: a huge
 /// transaction must not hold unbounded memory.
 const BUFFER_LIMIT: usize = 8 * 1024 * 1024;
@@ -439,8 +445,9 @@ impl KafkaSink {
         Ok(Arc::clone(client))
     }
 
-    /// Produces one partition's records in order, in batches of at most `max_message_bytes`,
-    /// stopping at the first failure (later batches must not overtake it).
+    /// Produces one partition's records in order, in requests under [`SMALL_REQUEST_BYTES`]
+    /// (a larger record alone in its request, up to `max_message_bytes`), stopping at the first
+    /// failure (later batches must not overtake it).
     async fn produce_partition(
         &self,
         route: Arc<Route>,
@@ -462,7 +469,9 @@ impl KafkaSink {
                 return produced;
             }
         };
-        let limit = self.options.max_message_bytes;
+        let limit = SMALL_REQUEST_BYTES
+            .saturating_sub(route.topic.len())
+            .min(self.options.max_message_bytes);
         let mut rest = records.into_iter().peekable();
         while rest.peek().is_some() {
             let mut batch = Vec::new();
