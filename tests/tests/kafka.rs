@@ -545,3 +545,45 @@ async fn an_oversized_event_is_dead_lettered_and_the_stream_goes_on() {
     assert!(letters[0].4.contains("max_message_bytes"), "{letters:?}");
     listener.stop().await.unwrap();
 }
+
+/// One transaction of 5,000 events of about 2 KB each (10 MB, more than the handler buffers
+/// before it starts producing from `handle`, and hundreds of requests): every event once, each
+/// aggregate's in version order, and the transaction confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_transaction_is_produced_whole_and_in_order() {
+    const EVENTS: usize = 5_000;
+    let broker = Broker::start().await;
+    let prefix = unique_prefix();
+    let db = TestDb::new().await;
+    let name = unique_name("kafkalarge");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.handlers = vec![kafka_handler("bus", &broker, &prefix, 5)];
+    let listener = start(config);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    let batch = serde_json::Value::Array(
+        (0..EVENTS)
+            .map(|i| {
+                json!({"aggregate_type": "Loan", "aggregate_id": format!("loan-{}", i % 40),
+                       "event_type": "Loan.Changed", "payload": {"n": i, "note": "x".repeat(2000)}})
+            })
+            .collect(),
+    );
+    let ids: Vec<Uuid> = db
+        .client
+        .query("SELECT id FROM domain_events.raise_events($1)", &[&batch])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let reader = client(&broker.address()).await;
+    let names = [format!("{prefix}.Loan")];
+    let records = wait_ids(&reader, &names, &ids).await;
+    wait_confirmed_past(&db.client, &name, last_commit(&records), DELIVERY_WAIT).await;
+    listener.stop().await.unwrap();
+    let records = read_topics(&reader, &names).await;
+    assert_eq!(records.len(), EVENTS, "each event once");
+    assert_eq!(assert_keyed_order(&records), 0);
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+}
