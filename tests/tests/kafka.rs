@@ -587,3 +587,59 @@ async fn a_large_transaction_is_produced_whole_and_in_order() {
     assert_eq!(assert_keyed_order(&records), 0);
     assert!(dead_letters(&db.client, &name).await.is_empty());
 }
+
+/// Three workers share the handler while the broker is frozen, with few attempts: events are
+/// dead-lettered, none is confirmed silently. Afterwards every event of the table is either in
+/// Kafka or in the dead-letter table — a worker's flush never returns success for records that
+/// another worker's failed flush gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_sharing_a_failing_broker_lose_nothing_silently() {
+    let broker = Broker::start().await;
+    let prefix = unique_prefix();
+    let db = TestDb::new().await;
+    let name = unique_name("kafkawrk");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.replication.workers = 3;
+    config.handlers = vec![HandlerConfig {
+        timeout_ms: Some(300),
+        max_backoff_ms: 50,
+        ..kafka_handler("bus", &broker, &prefix, 3)
+    }];
+    let listener = start(config);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    let reader = client(&broker.address()).await;
+    let names = topic_names(&prefix);
+    // The topics exist before the outage.
+    let first = raise_mixed(&db.client, 1, 3).await;
+    wait_ids(&reader, &names, &first).await;
+
+    broker.freeze();
+    raise_mixed(&db.client, 30, 6).await;
+    // Long enough for every transaction's flushes to fail for good.
+    wait_dead_letters(&db.client, &name, 1, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    broker.thaw();
+    let last = raise_mixed(&db.client, 1, 3).await;
+    let records = wait_ids(&reader, &names, &last).await;
+    wait_confirmed_past(&db.client, &name, last_commit(&records), DELIVERY_WAIT).await;
+    listener.stop().await.unwrap();
+
+    let records = read_topics(&reader, &names).await;
+    let mut accounted = ids_of(&records);
+    let letters = dead_letters(&db.client, &name).await;
+    accounted.extend(letters.iter().map(|l| l.1.to_string()));
+    let table = stored_event_ids(&db.client).await;
+    let lost: Vec<&String> = table.difference(&accounted).collect();
+    assert!(
+        lost.is_empty(),
+        "{} events neither in Kafka nor dead-lettered: {lost:?}",
+        lost.len()
+    );
+    eprintln!(
+        "{} events: {} in Kafka, {} dead-lettered",
+        table.len(),
+        ids_of(&records).len(),
+        letters.len()
+    );
+}

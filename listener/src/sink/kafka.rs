@@ -218,6 +218,8 @@ struct Route {
 
 /// One record waiting for its broker ack.
 struct Pending {
+    /// The task (dispatcher worker) that handled it, whose flush answers for it.
+    owner: Option<tokio::task::Id>,
     topic: Arc<str>,
     partition: i32,
     record: Record,
@@ -516,40 +518,47 @@ impl KafkaSink {
         produced
     }
 
-    /// Produces everything buffered. With `counted`, failures count toward giving a record up
-    /// and the first error is returned; otherwise (a send from `handle` to bound the buffer)
-    /// failures only stay buffered for the flush.
+    /// Produces everything buffered, whichever worker handled it.
+    ///
+    /// With `counted` (a flush), the calling task's own records that fail count an attempt,
+    /// and are given up (no longer produced: the dispatcher dead-letters them now) after
+    /// `max_attempts` or at once on a definite error; the first failure among the caller's own
+    /// records is returned. Other workers' records that fail stay buffered without counting:
+    /// their own worker's flush, whose outcome decides their fate, retries them. So a flush never
+    /// returns `Ok` after another worker dropped one of its records. Without `counted` (a send
+    /// from `handle` that bounds the buffer), failures only stay buffered.
     async fn settle(&self, counted: bool) -> Result<(), HandlerError> {
         let _settling = self.settling.lock().await;
         let batch = self.lock_pending()?.take();
         if batch.is_empty() {
             return Ok(());
         }
-        let mut first_error = None;
-        let mut failed = Vec::new();
+        // Records that were not acknowledged, with why.
+        let mut failures: Vec<(Vec<Pending>, HandlerError)> = Vec::new();
         // Per topic and partition, in handling order. A topic is looked up again after a reset
         // (and re-created if it vanished); should it have fewer partitions now, its records are
         // re-partitioned by key.
         let mut by_partition: BTreeMap<(Arc<str>, i32), PartitionBatch> = BTreeMap::new();
-        let mut routes: HashMap<Arc<str>, Option<Arc<Route>>> = HashMap::new();
+        // The topic's route, or the index in `failures` of its lookup failure.
+        let mut routes: HashMap<Arc<str>, Result<Arc<Route>, usize>> = HashMap::new();
         for mut item in batch {
             let route = match routes.get(&item.topic) {
                 Some(route) => route.clone(),
                 None => {
-                    let route = match self.route(&item.topic).await {
-                        Ok(route) => Some(route),
-                        Err(e) => {
-                            first_error.get_or_insert(e);
-                            None
-                        }
-                    };
+                    let route = self.route(&item.topic).await.map_err(|e| {
+                        failures.push((Vec::new(), e));
+                        failures.len() - 1
+                    });
                     routes.insert(Arc::clone(&item.topic), route.clone());
                     route
                 }
             };
-            let Some(route) = route else {
-                failed.push(item);
-                continue;
+            let route = match route {
+                Ok(route) => route,
+                Err(index) => {
+                    failures[index].0.push(item);
+                    continue;
+                }
             };
             if item.partition as usize >= route.partitions.len() {
                 let key = item.record.key.as_deref().unwrap_or_default();
@@ -570,7 +579,6 @@ impl KafkaSink {
         .await;
         let mut reset = false;
         let mut forget = Vec::new();
-        let mut definite = false;
         for produced in results {
             let Some(error) = produced.error else {
                 continue;
@@ -579,9 +587,7 @@ impl KafkaSink {
             if produced.forget_topic {
                 forget.extend(produced.failed.first().map(|p| Arc::clone(&p.topic)));
             }
-            definite |= !error.is_transient();
-            failed.extend(produced.failed);
-            first_error.get_or_insert(error);
+            failures.push((produced.failed, error));
         }
         if reset {
             self.reset().await;
@@ -591,25 +597,35 @@ impl KafkaSink {
                 routes.remove(&**topic);
             }
         }
+        let caller = tokio::task::try_id();
+        let mut own_error = None;
         let mut kept = Vec::new();
-        for mut item in failed {
-            if counted {
-                item.failures += 1;
-            }
-            if (counted && definite) || item.failures >= self.options.max_attempts {
-                // The dispatcher gives up on this flush now, or already has: the event is a
-                // dead letter, not to be produced later.
-                warn!(topic = %item.topic, partition = item.partition, "kafka record given up");
-            } else {
+        for (records, error) in failures {
+            let definite = !error.is_transient();
+            let mut own = false;
+            for mut item in records {
+                if counted && item.owner == caller {
+                    own = true;
+                    item.failures += 1;
+                    if definite || item.failures >= self.options.max_attempts {
+                        // The dispatcher gives up on this flush now: the event is a dead
+                        // letter, not to be produced later.
+                        warn!(topic = %item.topic, partition = item.partition, "kafka record given up");
+                        continue;
+                    }
+                }
                 kept.push(item);
+            }
+            if own && own_error.is_none() {
+                own_error = Some(error);
             }
         }
         if !kept.is_empty() {
             self.lock_pending()?.restore(kept);
         }
-        match first_error {
-            Some(e) if counted => Err(e),
-            _ => Ok(()),
+        match own_error {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 
@@ -729,6 +745,7 @@ impl Handler for KafkaSink {
         let buffered = {
             let mut pending = self.lock_pending()?;
             pending.records.push(Pending {
+                owner: tokio::task::try_id(),
                 topic: Arc::clone(&route.topic),
                 partition,
                 record,
