@@ -218,6 +218,36 @@ pub async fn raise(
         .collect()
 }
 
+/// Raises `txns` transactions of `per_txn` events over three aggregate types (`Loan`,
+/// `Ticket`, `User`, event types `<type>.Changed`) and 7 aggregates each; returns the ids in
+/// commit order.
+pub async fn raise_mixed(
+    client: &impl tokio_postgres::GenericClient,
+    txns: usize,
+    per_txn: usize,
+) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    for txn in 0..txns {
+        let events: Vec<(String, String, String)> = (0..per_txn)
+            .map(|n| {
+                let i = txn * per_txn + n;
+                let aggregate_type = ["Loan", "Ticket", "User"][i % 3];
+                (
+                    aggregate_type.to_string(),
+                    format!("{}-{}", aggregate_type.to_lowercase(), i % 7),
+                    format!("{aggregate_type}.Changed"),
+                )
+            })
+            .collect();
+        let refs: Vec<(&str, &str, &str)> = events
+            .iter()
+            .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
+            .collect();
+        ids.extend(raise(client, &refs).await);
+    }
+    ids
+}
+
 /// The local nats-server with JetStream.
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
 

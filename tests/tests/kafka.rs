@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use e2e::kafka_support::*;
 use e2e::listener_support::*;
-use e2e::sink_support::{assert_unreachable_server_dead_letters, raise};
+use e2e::sink_support::{assert_unreachable_server_dead_letters, raise_mixed};
 use e2e::TestDb;
 use listener::config::{Config, HandlerConfig};
 use listener::service::registry_from_config;
@@ -29,35 +29,6 @@ fn topic_names(prefix: &str) -> Vec<String> {
         .iter()
         .map(|t| format!("{prefix}.{t}"))
         .collect()
-}
-
-/// Raises `txns` transactions of `per_txn` events over the three aggregate types and 7
-/// aggregates each; returns the ids in commit order.
-async fn raise_mixed(
-    client: &impl tokio_postgres::GenericClient,
-    txns: usize,
-    per_txn: usize,
-) -> Vec<Uuid> {
-    let mut ids = Vec::new();
-    for txn in 0..txns {
-        let events: Vec<(String, String, String)> = (0..per_txn)
-            .map(|n| {
-                let i = txn * per_txn + n;
-                let aggregate_type = ["Loan", "Ticket", "User"][i % 3];
-                (
-                    aggregate_type.to_string(),
-                    format!("{}-{}", aggregate_type.to_lowercase(), i % 7),
-                    format!("{aggregate_type}.Changed"),
-                )
-            })
-            .collect();
-        let refs: Vec<(&str, &str, &str)> = events
-            .iter()
-            .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str()))
-            .collect();
-        ids.extend(raise(client, &refs).await);
-    }
-    ids
 }
 
 /// Checks per-key order: dropping repeated event ids (redeliveries), each aggregate's versions

@@ -312,3 +312,89 @@ async fn unacknowledged_publishes_are_sent_again_by_the_retried_flush() {
     assert!(dead_letters(&db.client, &name).await.is_empty());
     listener.stop().await.unwrap();
 }
+
+/// Three workers share the handler while its stream is gone, with few attempts: events are
+/// dead-lettered, none is confirmed silently. Afterwards every event raised during the outage
+/// is either in the (re-created) stream or in the dead-letter table — a worker's flush never
+/// returns success for publishes that another worker's failed flush gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_sharing_a_failing_stream_lose_nothing_silently() {
+    let js = jetstream().await;
+    let (stream, prefix) = unique_stream();
+    let _stream = StreamGuard(stream.clone());
+    let create = || async {
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: stream.clone(),
+            subjects: vec![format!("{prefix}.>")],
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+    };
+    create().await;
+    let db = TestDb::new().await;
+    let name = unique_name("natswrk");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.replication.workers = 3;
+    config.handlers = vec![listener::config::HandlerConfig {
+        create_stream: Some(false),
+        timeout_ms: Some(300),
+        max_backoff_ms: 50,
+        ..nats_handler("bus", &stream, &prefix, 3)
+    }];
+    let listener = start(config);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    raise_mixed(&db.client, 1, 3).await;
+    wait_stream_count(&js, &stream, 3, Duration::from_secs(60)).await;
+
+    js.delete_stream(&stream).await.expect("delete stream");
+    let during = raise_mixed(&db.client, 30, 6).await;
+    // Long enough for many transactions' flushes to fail for good.
+    wait_dead_letters(&db.client, &name, 1, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    create().await;
+    let last = raise_mixed(&db.client, 1, 3).await;
+    let expected: HashSet<String> = last.iter().map(Uuid::to_string).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let stored: HashSet<String> = stream_messages(&js, &stream)
+            .await
+            .into_iter()
+            .filter_map(|m| m.msg_id)
+            .collect();
+        if expected.is_subset(&stored) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the last events never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    listener.stop().await.unwrap();
+
+    let mut accounted: HashSet<String> = stream_messages(&js, &stream)
+        .await
+        .into_iter()
+        .filter_map(|m| m.msg_id)
+        .collect();
+    let in_stream = accounted.len();
+    let letters = dead_letters(&db.client, &name).await;
+    accounted.extend(letters.iter().map(|l| l.1.to_string()));
+    let lost: Vec<String> = during
+        .iter()
+        .map(Uuid::to_string)
+        .filter(|id| !accounted.contains(id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} events neither in the stream nor dead-lettered: {lost:?}",
+        lost.len()
+    );
+    eprintln!(
+        "{} events during the outage: {in_stream} in the stream, {} dead-lettered",
+        during.len(),
+        letters.len()
+    );
+}

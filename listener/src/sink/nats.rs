@@ -185,6 +185,8 @@ impl std::fmt::Debug for NatsCredentials {
 
 /// One publish whose ack is outstanding or must be sent again.
 struct Pending {
+    /// The task (dispatcher worker) that handled it, whose flush answers for it.
+    owner: Option<tokio::task::Id>,
     subject: String,
     payload: Bytes,
     id: String,
@@ -300,8 +302,14 @@ impl NatsSink {
             .map_err(publish_error)
     }
 
-    /// Awaits the acks of everything pending (publishing again what is not in flight, when
-    /// `resend`). Returns the first error; failed publishes stay pending.
+    /// Awaits the acks of everything pending, whichever worker published it (and, when
+    /// `resend`, publishes again what is not in flight).
+    ///
+    /// With `resend` (a flush), the calling task's own publishes that fail count an attempt and
+    /// are given up after `max_attempts` (the dispatcher dead-letters them then); the first
+    /// failure among the caller's own publishes is returned. Other workers' failed publishes stay
+    /// pending without counting: their own worker's flush decides their fate, so a flush never
+    /// returns `Ok` after another worker dropped one of its publishes.
     async fn settle(&self, resend: bool) -> Result<(), HandlerError> {
         let _settling = self.settling.lock().await;
         let mut batch = std::mem::take(&mut *self.lock_pending()?);
@@ -320,16 +328,17 @@ impl NatsSink {
         } else {
             None
         };
-        let mut first_error = None;
-        if let Some(context) = &context {
-            for item in batch.iter_mut().filter(|p| p.ack.is_none()) {
+        // Why each publish that is not in flight failed to go out.
+        let mut unsent: Vec<Option<HandlerError>> = Vec::with_capacity(batch.len());
+        for item in batch.iter_mut() {
+            let mut error = None;
+            if let (Some(context), None) = (&context, &item.ack) {
                 match Self::publish(context, item).await {
                     Ok(ack) => item.ack = Some(ack),
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                    }
+                    Err(e) => error = Some(e),
                 }
             }
+            unsent.push(error);
         }
         // Acks arrive concurrently; waiting for them together bounds a dead server's cost to
         // one timeout, not one per message.
@@ -341,30 +350,34 @@ impl NatsSink {
             }
         }))
         .await;
+        let caller = tokio::task::try_id();
+        let mut own_error = None;
         let mut failed = Vec::new();
-        for (mut item, result) in batch.into_iter().zip(results) {
+        for ((mut item, result), unsent) in batch.into_iter().zip(results).zip(unsent) {
             let error = match result {
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => publish_error(e),
-                None => HandlerError::transient("not published"),
+                None => unsent.unwrap_or_else(|| HandlerError::transient("not published")),
             };
-            if resend {
+            if resend && item.owner == caller {
                 item.failures += 1;
-            }
-            if item.failures >= self.options.max_attempts {
-                // The dispatcher has given up on its flush by now: the event is a dead letter.
-                warn!(subject = %item.subject, event_id = %item.id, error = %crate::error::report(&error), "nats publish given up");
+                if item.failures >= self.options.max_attempts {
+                    // The dispatcher gives up on this flush now: the event is a dead letter.
+                    warn!(subject = %item.subject, event_id = %item.id, error = %crate::error::report(&error), "nats publish given up");
+                } else {
+                    failed.push(item);
+                }
+                own_error.get_or_insert(error);
             } else {
                 failed.push(item);
             }
-            first_error.get_or_insert(error);
         }
         if !failed.is_empty() {
             self.lock_pending()?.splice(0..0, failed);
         }
-        match first_error {
-            Some(e) if resend => Err(e),
-            _ => Ok(()),
+        match own_error {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 
@@ -399,6 +412,7 @@ impl Handler for NatsSink {
         })?;
         let context = self.context().await?;
         let mut item = Pending {
+            owner: tokio::task::try_id(),
             subject: self.options.subject.render(event),
             payload: Bytes::from(payload),
             id: event.id.to_string(),
