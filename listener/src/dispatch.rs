@@ -42,8 +42,12 @@ use crate::metrics::{HandlerMetrics, Metrics, Outcome as Counted};
 /// - Implementations must be `Send + Sync`: with `workers > 1`, `handle` is called concurrently
 ///   for different aggregates (never concurrently for one aggregate, whose events stay in
 ///   order), and each worker calls `flush` after its part of a transaction, possibly while other
-///   workers call `handle`: `flush` must make durable at least every event whose `handle`
-///   returned before it was called.
+///   workers call `handle`. Each worker is a task of its own, and calls `handle` and `flush` on
+///   it: `flush` must make durable at least every event whose `handle` that task called, and
+///   must not return `Ok` while one of them is not. A handler that buffers for all workers
+///   together must also never drop another worker's buffered event on its own account: only
+///   that worker's failed `flush` decides it (see the `kafka` and `nats` sinks, which tell the
+///   workers apart by [`tokio::task::try_id`]).
 #[async_trait::async_trait]
 pub trait Handler: Send + Sync + 'static {
     /// Handles one event.
