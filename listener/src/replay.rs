@@ -172,7 +172,7 @@ pub fn parse_timestamp(s: &str) -> Result<DateTime<Utc>, String> {
 }
 
 /// The handlers of `config` named in `names` (all of them when `names` is empty), in the
-/// configuration's order, built for replay (`sql` handlers by [`SqlHandler::for_replay`]).
+/// configuration's order, built for replay (`sql` handlers by [`crate::sink::SqlHandler::for_replay`]).
 /// An unknown name is a configuration error.
 pub fn registry_for_replay(config: &Config, names: &[String]) -> Result<Registry, Error> {
     let known: Vec<String> = config.handlers.iter().map(|h| h.name()).collect();
