@@ -305,6 +305,17 @@ pub fn unique_stream() -> (String, String) {
     (format!("T_{id}"), format!("t{id}"))
 }
 
+/// Creates stream `name` capturing `<prefix>.>`.
+pub async fn create_stream(js: &async_nats::jetstream::Context, name: &str, prefix: &str) {
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.to_string(),
+        subjects: vec![format!("{prefix}.>")],
+        ..Default::default()
+    })
+    .await
+    .expect("create stream");
+}
+
 /// Deletes JetStream stream `0` when dropped.
 pub struct StreamGuard(pub String);
 

@@ -265,15 +265,7 @@ async fn unacknowledged_publishes_are_sent_again_by_the_retried_flush() {
     let js = jetstream().await;
     let (stream, prefix) = unique_stream();
     let _stream = StreamGuard(stream.clone());
-    let create = || async {
-        js.create_stream(async_nats::jetstream::stream::Config {
-            name: stream.clone(),
-            subjects: vec![format!("{prefix}.>")],
-            ..Default::default()
-        })
-        .await
-        .expect("create stream");
-    };
+    let create = || create_stream(&js, &stream, &prefix);
     create().await;
     let db = TestDb::new().await;
     let name = unique_name("natsflush");
@@ -322,15 +314,7 @@ async fn workers_sharing_a_failing_stream_lose_nothing_silently() {
     let js = jetstream().await;
     let (stream, prefix) = unique_stream();
     let _stream = StreamGuard(stream.clone());
-    let create = || async {
-        js.create_stream(async_nats::jetstream::stream::Config {
-            name: stream.clone(),
-            subjects: vec![format!("{prefix}.>")],
-            ..Default::default()
-        })
-        .await
-        .expect("create stream");
-    };
+    let create = || create_stream(&js, &stream, &prefix);
     create().await;
     let db = TestDb::new().await;
     let name = unique_name("natswrk");
