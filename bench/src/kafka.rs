@@ -233,7 +233,8 @@ pub(crate) async fn handler_against_raw_client(
             max_message_bytes: listener::sink::kafka::DEFAULT_MAX_MESSAGE_BYTES,
             timeout: Duration::from_secs(10),
             max_attempts: 1,
-        });
+            tls: None,
+        })?;
         // Connects and creates the topic outside the clock.
         sink.handle(&events[0]).await?;
         sink.flush().await?;

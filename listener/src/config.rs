@@ -370,6 +370,19 @@ pub struct HandlerConfig {
     /// `message.max.bytes`). A larger event is dead-lettered; larger transactions are split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_message_bytes: Option<usize>,
+    /// `kind = "kafka"`: connect to the brokers over TLS (default `false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<bool>,
+    /// `kind = "kafka"` with `tls`: CA certificates (PEM) that sign the brokers' certificates
+    /// (default: the system's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
+    /// `kind = "kafka"` with `tls`: client certificate chain (PEM), with `tls_key_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// `kind = "kafka"` with `tls`: the client certificate's private key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for HandlerConfig {
@@ -402,6 +415,10 @@ impl Default for HandlerConfig {
             replication_factor: None,
             compression: None,
             max_message_bytes: None,
+            tls: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -473,6 +490,10 @@ impl HandlerKind {
                 "compression",
                 "max_message_bytes",
                 "timeout_ms",
+                "tls",
+                "tls_ca_file",
+                "tls_cert_file",
+                "tls_key_file",
             ],
         }
     }
@@ -511,6 +532,10 @@ impl HandlerConfig {
             ("replication_factor", self.replication_factor.is_some()),
             ("compression", self.compression.is_some()),
             ("max_message_bytes", self.max_message_bytes.is_some()),
+            ("tls", self.tls.is_some()),
+            ("tls_ca_file", self.tls_ca_file.is_some()),
+            ("tls_cert_file", self.tls_cert_file.is_some()),
+            ("tls_key_file", self.tls_key_file.is_some()),
         ]
         .into_iter()
         .filter_map(|(key, set)| set.then_some(key))
@@ -584,6 +609,32 @@ impl HandlerConfig {
                 format!("broker {broker:?}: use host:port (no scheme)"),
             ));
         }
+        let tls = match self.tls.unwrap_or(false) {
+            true => {
+                if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+                    return Err(invalid(
+                        origin(),
+                        "set tls_cert_file and tls_key_file together",
+                    ));
+                }
+                Some(crate::sink::KafkaTls {
+                    ca_file: self.tls_ca_file.clone(),
+                    cert_file: self.tls_cert_file.clone(),
+                    key_file: self.tls_key_file.clone(),
+                })
+            }
+            false
+                if self.tls_ca_file.is_some()
+                    || self.tls_cert_file.is_some()
+                    || self.tls_key_file.is_some() =>
+            {
+                return Err(invalid(
+                    origin(),
+                    "tls_ca_file, tls_cert_file and tls_key_file need tls = true",
+                ))
+            }
+            false => None,
+        };
         Ok(crate::sink::KafkaOptions {
             brokers,
             topic,
@@ -594,6 +645,7 @@ impl HandlerConfig {
             max_message_bytes,
             timeout: self.timeout(),
             max_attempts: self.max_attempts,
+            tls,
         })
     }
 
@@ -1502,6 +1554,11 @@ mod tests {
             ("compression = \"zstd\"", "zstd"),
             ("max_message_bytes = 10", "at least 1024"),
             ("subject = \"x\"", "subject is for kind = \"nats\" only"),
+            ("tls_ca_file = \"/ca.pem\"", "need tls = true"),
+            (
+                "tls = true\ntls_cert_file = \"/c.pem\"",
+                "tls_cert_file and tls_key_file together",
+            ),
         ] {
             let text = format!("[[handlers]]\nkind = \"kafka\"\n{text}\n");
             let err = load(&text).unwrap_err().to_string();

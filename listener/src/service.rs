@@ -96,7 +96,10 @@ pub fn build_registry<'a>(
                 )
             }
             HandlerKind::Nats => Arc::new(NatsSink::new(handler.nats_options(env)?)),
-            HandlerKind::Kafka => Arc::new(KafkaSink::new(handler.kafka_options()?)),
+            HandlerKind::Kafka => Arc::new(
+                KafkaSink::new(handler.kafka_options()?)
+                    .map_err(|e| invalid(handler, e.to_string()))?,
+            ),
         };
         registry.register_with(
             handler.name(),

@@ -42,6 +42,8 @@ pub fn tansu_binary() -> PathBuf {
 pub struct Broker {
     /// Its port on 127.0.0.1.
     pub port: u16,
+    /// The port it advertises to clients in metadata: its own, or a [`TlsFront`]'s.
+    pub advertised_port: u16,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -49,14 +51,21 @@ pub struct Broker {
 impl Broker {
     /// Starts a broker on a free port and waits until it accepts connections.
     pub async fn start() -> Broker {
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let mut broker = Broker {
-            port: free_port(),
-            child: None,
-            log: std::env::temp_dir().join(format!("pgde-tansu-{}.log", &id[..12])),
-        };
+        let mut broker = Broker::with_advertised_port(0);
+        broker.advertised_port = broker.port;
         broker.spawn().await;
         broker
+    }
+
+    /// A broker not started yet, on a free port, advertising `advertised_port`.
+    fn with_advertised_port(advertised_port: u16) -> Broker {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        Broker {
+            port: free_port(),
+            advertised_port,
+            child: None,
+            log: std::env::temp_dir().join(format!("pgde-tansu-{}.log", &id[..12])),
+        }
     }
 
     /// `127.0.0.1:<port>`, as a listener's `brokers` entry.
@@ -66,6 +75,7 @@ impl Broker {
 
     async fn spawn(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -73,7 +83,12 @@ impl Broker {
             .expect("broker log file");
         let child = Command::new(tansu_binary())
             .args(["broker", "--silent", "--storage-engine", "memory://tansu/"])
-            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &advertised,
+            ])
             .env_remove("STORAGE_ENGINE")
             .env_remove("LISTENER_URL")
             .env_remove("ADVERTISED_LISTENER_URL")
@@ -85,7 +100,7 @@ impl Broker {
             .expect("spawn tansu");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(self.address())
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
             .await
             .is_err()
         {
@@ -193,6 +208,21 @@ pub async fn client(address: &str) -> Client {
         .build()
         .await
         .expect("connect to the broker")
+}
+
+/// A client of the broker behind `front`, over TLS with the test CA and client certificate.
+pub async fn tls_client(front: &TlsFront, certs: &TestCertificates) -> Client {
+    let tls = listener::sink::KafkaTls {
+        ca_file: Some(certs.ca.clone()),
+        cert_file: Some(certs.client_cert.clone()),
+        key_file: Some(certs.client_key.clone()),
+    };
+    ClientBuilder::new(vec![front.address()])
+        .client_id("pgde-test-reader")
+        .tls_config(tls.client_config().expect("TLS configuration"))
+        .build()
+        .await
+        .expect("connect to the broker over TLS")
 }
 
 /// Topic names and their partition counts.
@@ -347,5 +377,145 @@ pub fn kafka_handler(
         partitions: Some(3),
         timeout_ms: Some(2000),
         ..handler(HandlerKind::Kafka, name, max_attempts)
+    }
+}
+
+/// Certificates made for a test: a CA, a server certificate for `127.0.0.1` and `localhost`, and
+/// a client certificate, all signed by the CA, written as PEM files that live as long as this.
+pub struct TestCertificates {
+    /// The CA certificate.
+    pub ca: PathBuf,
+    /// The client certificate and its key.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    server_chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    server_key: Vec<u8>,
+    ca_der: rustls::pki_types::CertificateDer<'static>,
+    _files: Vec<crate::listener_support::TempFile>,
+}
+
+impl TestCertificates {
+    /// A fresh CA and certificates.
+    pub fn generate() -> TestCertificates {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let server_key = KeyPair::generate().expect("server key");
+        let server = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+            .expect("server params")
+            .signed_by(&server_key, &ca, &ca_key)
+            .expect("server certificate");
+        let client_key = KeyPair::generate().expect("client key");
+        let client = CertificateParams::new(vec!["pgde-listener".into()])
+            .expect("client params")
+            .signed_by(&client_key, &ca, &ca_key)
+            .expect("client certificate");
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let write = |name: &str, pem: String| {
+            let path = std::env::temp_dir().join(format!("pgde-tls-{}-{name}.pem", &id[..12]));
+            std::fs::write(&path, pem).expect("write PEM");
+            crate::listener_support::TempFile(path)
+        };
+        let files = vec![
+            write("ca", ca.pem()),
+            write("client", client.pem()),
+            write("client-key", client_key.serialize_pem()),
+        ];
+        TestCertificates {
+            ca: files[0].0.clone(),
+            client_cert: files[1].0.clone(),
+            client_key: files[2].0.clone(),
+            server_chain: vec![server.der().clone()],
+            server_key: server_key.serialize_der(),
+            ca_der: ca.der().clone(),
+            _files: files,
+        }
+    }
+}
+
+/// A TLS front for a broker: terminates TLS on a loopback port of its own (optionally requiring
+/// a client certificate signed by the test CA) and passes the bytes on to the broker, which
+/// advertises this front as its address. tansu 0.6 does not terminate TLS itself.
+pub struct TlsFront {
+    /// The broker behind the front, advertising the front's address.
+    pub broker: Broker,
+    /// Handshakes that failed, with why.
+    pub refused: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsFront {
+    /// Starts a broker behind a TLS front using `certs`; with `require_client_cert`, clients
+    /// must present a certificate signed by the test CA.
+    pub async fn start(certs: &TestCertificates, require_client_cert: bool) -> TlsFront {
+        use std::sync::Arc;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions");
+        let builder = if require_client_cert {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(certs.ca_der.clone()).expect("CA");
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .expect("client verifier");
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let key = rustls::pki_types::PrivateKeyDer::try_from(certs.server_key.clone())
+            .expect("server key");
+        let config = builder
+            .with_single_cert(certs.server_chain.clone(), key)
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the TLS front");
+        let front = socket.local_addr().expect("front address");
+        let mut broker = Broker::with_advertised_port(front.port());
+        broker.spawn().await;
+        let upstream = format!("127.0.0.1:{}", broker.port);
+        let refused = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = Arc::clone(&refused);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = socket.accept().await {
+                let (acceptor, upstream, seen) =
+                    (acceptor.clone(), upstream.clone(), Arc::clone(&seen));
+                tokio::spawn(async move {
+                    let mut tls = match acceptor.accept(client).await {
+                        Ok(tls) => tls,
+                        Err(e) => {
+                            seen.lock().unwrap().push(e.to_string());
+                            return;
+                        }
+                    };
+                    if let Ok(mut broker) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
+                    }
+                });
+            }
+        });
+        TlsFront {
+            broker,
+            refused,
+            task,
+        }
+    }
+
+    /// `127.0.0.1:<front port>`, as a listener's `brokers` entry.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.broker.advertised_port)
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -598,3 +598,95 @@ async fn workers_sharing_a_failing_broker_lose_nothing_silently() {
         letters.len()
     );
 }
+
+/// Over TLS, to a broker that requires a client certificate: the handler verifies the broker
+/// against the CA file and presents its certificate; the events arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_ca_file_and_a_client_certificate() {
+    let certs = TestCertificates::generate();
+    let front = TlsFront::start(&certs, true).await;
+    let prefix = unique_prefix();
+    let db = TestDb::new().await;
+    let name = unique_name("kafkatls");
+    let _slot = SlotGuard(name.clone());
+    let mut config = config_for(&db, &name);
+    config.handlers = vec![HandlerConfig {
+        brokers: Some(vec![front.address()]),
+        tls: Some(true),
+        tls_ca_file: Some(certs.ca.clone()),
+        tls_cert_file: Some(certs.client_cert.clone()),
+        tls_key_file: Some(certs.client_key.clone()),
+        ..kafka_handler("bus", &front.broker, &prefix, 3)
+    }];
+    let listener = start(config);
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    let ids = raise_mixed(&db.client, 5, 6).await;
+    let reader = tls_client(&front, &certs).await;
+    let records = wait_ids(&reader, &topic_names(&prefix), &ids).await;
+    listener.stop().await.unwrap();
+    assert_eq!(ids_of(&records), as_strings(&ids));
+    assert!(dead_letters(&db.client, &name).await.is_empty());
+    assert!(
+        front.refused.lock().unwrap().is_empty(),
+        "{:?}",
+        front.refused.lock().unwrap()
+    );
+}
+
+/// A broker whose certificate the system's CAs do not sign, and a broker that requires a client
+/// certificate the handler does not have: both handshakes fail, and the events are retried, then
+/// dead-lettered, while the stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_refuses_an_unknown_broker_and_is_refused_without_a_client_certificate() {
+    let certs = TestCertificates::generate();
+    let db = TestDb::new().await;
+
+    let front = TlsFront::start(&certs, false).await;
+    let handler = HandlerConfig {
+        brokers: Some(vec![front.address()]),
+        tls: Some(true),
+        timeout_ms: Some(1000),
+        ..kafka_handler("bus", &front.broker, &unique_prefix(), 2)
+    };
+    assert_unreachable_server_dead_letters(&db, handler, "cannot connect to Kafka").await;
+    assert!(
+        !front.refused.lock().unwrap().is_empty(),
+        "no handshake was refused"
+    );
+
+    let front = TlsFront::start(&certs, true).await;
+    let handler = HandlerConfig {
+        brokers: Some(vec![front.address()]),
+        tls: Some(true),
+        tls_ca_file: Some(certs.ca.clone()),
+        timeout_ms: Some(1000),
+        ..kafka_handler("bus", &front.broker, &unique_prefix(), 2)
+    };
+    let db = TestDb::new().await;
+    assert_unreachable_server_dead_letters(&db, handler, "cannot connect to Kafka").await;
+    let refused = front.refused.lock().unwrap().clone();
+    assert!(
+        refused
+            .iter()
+            .any(|why| why.to_lowercase().contains("certificate")),
+        "{refused:?}"
+    );
+}
+
+/// A TLS file that cannot be read stops `listener run` at once with exit status 2, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_tls_file_stops_the_binary_with_a_clear_error() {
+    let db = TestDb::new().await;
+    let mut config = config_for(&db, &unique_name("kafkatlsbad"));
+    config.handlers = vec![HandlerConfig {
+        brokers: Some(vec!["127.0.0.1:9".into()]),
+        tls: Some(true),
+        tls_ca_file: Some("/nonexistent/kafka-ca.pem".into()),
+        ..e2e::sink_support::handler(listener::config::HandlerKind::Kafka, "bus", 3)
+    }];
+    let output = run_cli(&["run"], &write_config(&config));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("/nonexistent/kafka-ca.pem"), "{stderr}");
+    assert!(stderr.contains("handler bus"), "{stderr}");
+}

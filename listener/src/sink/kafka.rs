@@ -208,6 +208,89 @@ pub struct KafkaOptions {
     /// Failed flushes after which a record is given up (its event is dead-lettered by then): the
     /// handler's `max_attempts`.
     pub max_attempts: u32,
+    /// TLS to the brokers; `None`: plaintext.
+    pub tls: Option<KafkaTls>,
+}
+
+/// TLS to the brokers: the server is verified against `ca_file` (PEM) or, without it, the
+/// system's CA certificates; a client certificate is presented when `cert_file` and `key_file`
+/// (PEM) are set. The broker's host name (or IP address) in `brokers` and in the cluster's
+/// metadata is what its certificate must name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KafkaTls {
+    /// CA certificates (PEM) that sign the brokers' certificates.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Client certificate chain (PEM), for brokers that authenticate clients by certificate.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+/// Why the TLS settings cannot be used (a file missing or not PEM, no CA certificate).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsError(String);
+
+impl KafkaTls {
+    /// The rustls configuration: reads the files named.
+    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let read_certs =
+            |path: &std::path::Path| -> Result<Vec<CertificateDer<'static>>, TlsError> {
+                let certs = CertificateDer::pem_file_iter(path)
+                    .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| TlsError(format!("{}: {e}", path.display())))?;
+                if certs.is_empty() {
+                    return Err(TlsError(format!("{}: no PEM certificate", path.display())));
+                }
+                Ok(certs)
+            };
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_file {
+            Some(path) => {
+                for cert in read_certs(path)? {
+                    roots
+                        .add(cert)
+                        .map_err(|e| TlsError(format!("{}: {e}", path.display())))?;
+                }
+            }
+            None => {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    // An unusable system certificate is skipped, as every TLS client does.
+                    let _ = roots.add(cert);
+                }
+                if roots.is_empty() {
+                    return Err(TlsError(
+                        "no system CA certificates found: set tls_ca_file".into(),
+                    ));
+                }
+            }
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(e.to_string()))?
+        .with_root_certificates(roots);
+        let config = match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => {
+                let chain = read_certs(cert)?;
+                let key_der = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| TlsError(format!("{}: {e}", key.display())))?;
+                builder
+                    .with_client_auth_cert(chain, key_der)
+                    .map_err(|e| TlsError(format!("client certificate: {e}")))?
+            }
+            (None, None) => builder.with_no_client_auth(),
+            _ => {
+                return Err(TlsError(
+                    "set tls_cert_file and tls_key_file together".into(),
+                ))
+            }
+        };
+        Ok(Arc::new(config))
+    }
 }
 
 /// A topic's partitions, each with its client made on first use.
@@ -278,6 +361,7 @@ struct Produced {
 /// transient failure of the event at hand.
 pub struct KafkaSink {
     options: KafkaOptions,
+    tls: Option<Arc<rustls::ClientConfig>>,
     client: tokio::sync::Mutex<Option<Arc<Client>>>,
     routes: tokio::sync::Mutex<HashMap<String, Arc<Route>>>,
     pending: Mutex<Buffer>,
@@ -288,15 +372,22 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
-    /// A sink for `options`; connects on first use.
-    pub fn new(options: KafkaOptions) -> KafkaSink {
-        KafkaSink {
+    /// A sink for `options`; connects on first use. Reads the TLS files now: an unusable one
+    /// is an error here, not at the first event.
+    pub fn new(options: KafkaOptions) -> Result<KafkaSink, TlsError> {
+        let tls = options
+            .tls
+            .as_ref()
+            .map(KafkaTls::client_config)
+            .transpose()?;
+        Ok(KafkaSink {
             options,
+            tls,
             client: tokio::sync::Mutex::new(None),
             routes: tokio::sync::Mutex::new(HashMap::new()),
             pending: Mutex::new(Buffer::default()),
             settling: tokio::sync::Mutex::new(()),
-        }
+        })
     }
 
     /// Runs a client call under the handler's timeout: the client's own retries stop at the
@@ -322,7 +413,7 @@ impl KafkaSink {
             return Ok(Arc::clone(client));
         }
         let o = &self.options;
-        let builder = ClientBuilder::new(o.brokers.clone())
+        let mut builder = ClientBuilder::new(o.brokers.clone())
             .client_id("pg_domain_events-listener")
             .max_message_size(o.max_message_bytes.max(DEFAULT_MAX_MESSAGE_BYTES) * 2)
             .backoff_config(BackoffConfig {
@@ -331,6 +422,9 @@ impl KafkaSink {
                 base: 3.0,
                 deadline: Some(o.timeout),
             });
+        if let Some(tls) = &self.tls {
+            builder = builder.tls_config(Arc::clone(tls));
+        }
         let client = Arc::new(
             self.timed("cannot connect to Kafka", builder.build())
                 .await?,

@@ -7,7 +7,7 @@ mod stdout;
 mod template;
 pub mod webhook;
 
-pub use kafka::{KafkaCompression, KafkaOptions, KafkaSink, TopicTemplate};
+pub use kafka::{KafkaCompression, KafkaOptions, KafkaSink, KafkaTls, TopicTemplate};
 pub use nats::{NatsCredentials, NatsOptions, NatsSink, SubjectTemplate};
 pub use sql::{quote_function, Delivery, FunctionNameError, SqlHandler};
 pub use stdout::StdoutSink;
