@@ -209,8 +209,14 @@ pub async fn raise(
             })
             .collect(),
     );
+    raise_batch(client, &batch).await
+}
+
+/// Raises the events of `batch` (a JSON array of `raise_events` items) in one transaction;
+/// returns their ids in order.
+pub async fn raise_batch(client: &impl tokio_postgres::GenericClient, batch: &Value) -> Vec<Uuid> {
     client
-        .query("SELECT id FROM domain_events.raise_events($1)", &[&batch])
+        .query("SELECT id FROM domain_events.raise_events($1)", &[batch])
         .await
         .expect("raise_events")
         .iter()
@@ -303,6 +309,16 @@ pub async fn jetstream() -> async_nats::jetstream::Context {
 pub fn unique_stream() -> (String, String) {
     let id = &Uuid::new_v4().simple().to_string()[..12];
     (format!("T_{id}"), format!("t{id}"))
+}
+
+/// A stream of the test's own, created (capturing `<prefix>.>`) and deleted on drop:
+/// `(jetstream, stream, prefix, guard)`.
+pub async fn own_stream() -> (async_nats::jetstream::Context, String, String, StreamGuard) {
+    let js = jetstream().await;
+    let (stream, prefix) = unique_stream();
+    let guard = StreamGuard(stream.clone());
+    create_stream(&js, &stream, &prefix).await;
+    (js, stream, prefix, guard)
 }
 
 /// Creates stream `name` capturing `<prefix>.>`.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use e2e::kafka_support::*;
 use e2e::listener_support::*;
-use e2e::sink_support::{assert_unreachable_server_dead_letters, raise_mixed};
+use e2e::sink_support::{assert_unreachable_server_dead_letters, raise_batch, raise_mixed};
 use e2e::TestDb;
 use listener::config::{Config, HandlerConfig};
 use listener::service::registry_from_config;
@@ -494,14 +494,7 @@ async fn an_oversized_event_is_dead_lettered_and_the_stream_goes_on() {
         {"aggregate_type": "Loan", "aggregate_id": "2", "event_type": "Loan.Funded",
          "payload": {"small": true}},
     ]);
-    let ids: Vec<Uuid> = db
-        .client
-        .query("SELECT id FROM domain_events.raise_events($1)", &[&batch])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids = raise_batch(&db.client, &batch).await;
     let reader = client(&broker.address()).await;
     let records = wait_records(&reader, &[format!("{prefix}.Loan")], 1, DELIVERY_WAIT).await;
     assert_eq!(ids_of(&records), as_strings(&ids[1..]));
@@ -529,14 +522,7 @@ async fn a_large_transaction_is_produced_whole_and_in_order() {
             })
             .collect(),
     );
-    let ids: Vec<Uuid> = db
-        .client
-        .query("SELECT id FROM domain_events.raise_events($1)", &[&batch])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids = raise_batch(&db.client, &batch).await;
     let reader = client(&broker.address()).await;
     let names = [format!("{prefix}.Loan")];
     let records = wait_ids(&reader, &names, &ids).await;

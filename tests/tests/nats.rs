@@ -262,11 +262,8 @@ async fn killed_listener_publishes_each_event_exactly_once() {
 /// dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacknowledged_publishes_are_sent_again_by_the_retried_flush() {
-    let js = jetstream().await;
-    let (stream, prefix) = unique_stream();
-    let _stream = StreamGuard(stream.clone());
+    let (js, stream, prefix, _stream) = own_stream().await;
     let create = || create_stream(&js, &stream, &prefix);
-    create().await;
     let db = TestDb::new().await;
     let name = unique_name("natsflush");
     let _slot = SlotGuard(name.clone());
@@ -311,11 +308,8 @@ async fn unacknowledged_publishes_are_sent_again_by_the_retried_flush() {
 /// returns success for publishes that another worker's failed flush gave up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_sharing_a_failing_stream_lose_nothing_silently() {
-    let js = jetstream().await;
-    let (stream, prefix) = unique_stream();
-    let _stream = StreamGuard(stream.clone());
+    let (js, stream, prefix, _stream) = own_stream().await;
     let create = || create_stream(&js, &stream, &prefix);
-    create().await;
     let db = TestDb::new().await;
     let name = unique_name("natswrk");
     let _slot = SlotGuard(name.clone());
