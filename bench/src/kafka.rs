@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use listener::sink::kafka::partition_for;
+use listener::sink::kafka::{self, partition_for};
 use listener::sink::{KafkaCompression, KafkaOptions, KafkaSink, TopicTemplate};
 use listener::{Event, Handler};
 use rskafka::client::partition::{Compression, OffsetAt, PartitionClient, UnknownTopicHandling};
@@ -157,7 +157,7 @@ async fn raw_client_rate(
             let mut request: Vec<Record> = Vec::new();
             let mut size = 0;
             for (_, record) in chunk.iter().filter(|(partition, _)| *partition == p as i32) {
-                let record_size = record.approximate_size() + 64;
+                let record_size = record.approximate_size() + kafka::RECORD_OVERHEAD;
                 if max_request_bytes
                     .is_some_and(|max| !request.is_empty() && size + record_size > max)
                 {
@@ -199,7 +199,7 @@ pub(crate) async fn handler_against_raw_client(
         .iter()
         .map(|e| {
             let partition = partition_for(e.aggregate_id.as_bytes(), PARTITIONS);
-            Ok((partition, listener::sink::kafka::record(e)?))
+            Ok((partition, kafka::record(e)?))
         })
         .collect::<anyhow::Result<_>>()?;
     for per_flush in [1usize, 10, 100] {
@@ -218,7 +218,7 @@ pub(crate) async fn handler_against_raw_client(
             PARTITIONS,
             &records,
             per_flush,
-            Some(7 * 1024 + 512),
+            Some(kafka::SMALL_REQUEST_BYTES),
         )
         .await?;
 
@@ -230,7 +230,7 @@ pub(crate) async fn handler_against_raw_client(
             partitions: PARTITIONS,
             replication_factor: 1,
             compression: KafkaCompression::None,
-            max_message_bytes: listener::sink::kafka::DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_bytes: kafka::DEFAULT_MAX_MESSAGE_BYTES,
             timeout: Duration::from_secs(10),
             max_attempts: 1,
             tls: None,

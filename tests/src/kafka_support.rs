@@ -335,29 +335,6 @@ pub async fn read_topics(client: &Client, names: &[String]) -> Vec<Fetched> {
     out
 }
 
-/// Waits until the topics in `names` hold at least `n` records together; panics after
-/// `timeout`. Returns the records.
-pub async fn wait_records(
-    client: &Client,
-    names: &[String],
-    n: usize,
-    timeout: Duration,
-) -> Vec<Fetched> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let records = read_topics(client, names).await;
-        if records.len() >= n {
-            return records;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{names:?} hold {} records, not {n}, after {timeout:?}",
-            records.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A topic prefix no other test uses: `t<hex>`.
 pub fn unique_prefix() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
