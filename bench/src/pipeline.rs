@@ -158,6 +158,21 @@ pub(crate) async fn publishing_database(
     Ok((admin, db))
 }
 
+/// Drops the database made by [`publishing_database`], once its own connection `db` is closed.
+pub(crate) async fn drop_publishing_database(
+    admin: &tokio_postgres::Client,
+    db: tokio_postgres::Client,
+    dbname: &str,
+) -> anyhow::Result<()> {
+    drop(db);
+    // Lets the server notice the closed connection before the forced drop.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    admin
+        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
+        .await
+        .context("drop database")
+}
+
 /// Runs the pipeline benchmark and prints its figures.
 pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
     let dbname = format!("pgde_bench_{}", std::process::id());
@@ -335,13 +350,7 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
         .await
         .context("drop slot")?;
     drop(writer);
-    drop(db);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    admin
-        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
-        .await
-        .context("drop database")?;
-    Ok(())
+    drop_publishing_database(&admin, db, &dbname).await
 }
 
 /// Flags of `bench workers`.
@@ -423,11 +432,5 @@ pub async fn run_workers(a: WorkersArgs) -> anyhow::Result<()> {
             .await
             .context("drop slot")?;
     }
-    drop(db);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    admin
-        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
-        .await
-        .context("drop database")?;
-    Ok(())
+    drop_publishing_database(&admin, db, &dbname).await
 }

@@ -24,7 +24,9 @@ use listener::sink::{NatsOptions, NatsSink, SubjectTemplate};
 use listener::{Event, Handler, Listener};
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::{listener_config, publishing_database, write_backlog};
+use crate::pipeline::{
+    drop_publishing_database, listener_config, publishing_database, write_backlog,
+};
 use crate::store::ClusterArgs;
 
 /// Flags of `bench sinks`.
@@ -232,11 +234,5 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
         .context("drop slot")?;
     }
     server.abort();
-    drop(db);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    admin
-        .batch_execute(&format!("DROP DATABASE {dbname} WITH (FORCE)"))
-        .await
-        .context("drop database")?;
-    Ok(())
+    drop_publishing_database(&admin, db, &dbname).await
 }
