@@ -320,6 +320,19 @@ pub fn run_cli(args: &[&str], config: &TempFile) -> std::process::Output {
         .expect("run the listener binary")
 }
 
+/// Runs `listener <args…> --config <config>` to completion, asserts that it succeeded (showing
+/// its output otherwise), and returns its standard output.
+pub fn run_cli_ok(args: &[&str], config: &TempFile) -> String {
+    let out = run_cli(args, config);
+    assert!(
+        out.status.success(),
+        "listener {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
+
 /// The `listener` binary running as a child process, stdout and stderr captured to files.
 pub struct ListenerProcess {
     child: Child,

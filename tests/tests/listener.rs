@@ -1116,8 +1116,7 @@ async fn the_binary_dead_letters_an_undecodable_row_and_the_slot_moves_on() {
     // and the listener keeps running.
     let mut process = ListenerProcess::spawn(&config, &[]);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
-    let out = run_cli(&["dead-letters", "redrive"], &config);
-    assert!(out.status.success(), "{out:?}");
+    run_cli_ok(&["dead-letters", "redrive"], &config);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let row = db
@@ -1242,9 +1241,7 @@ async fn dead_letters_are_redriven_from_sql_and_the_cli_while_streaming_and_at_s
     wait_dead_letters(&db.client, &name, 2, Duration::from_secs(30)).await;
 
     // The CLI lists them.
-    let out = run_cli(&["dead-letters", "list"], &file);
-    assert!(out.status.success(), "{out:?}");
-    let table = String::from_utf8(out.stdout).unwrap();
+    let table = run_cli_ok(&["dead-letters", "list"], &file);
     let lines: Vec<&str> = table.lines().collect();
     assert!(
         lines[0].starts_with("position\tevent_id\thandler\tattempts"),
@@ -1261,12 +1258,11 @@ async fn dead_letters_are_redriven_from_sql_and_the_cli_while_streaming_and_at_s
     );
 
     // A redrive that fails again: attempts add up, the request is cleared, the row stays.
-    let out = run_cli(
+    let stdout = run_cli_ok(
         &["dead-letters", "redrive", "--event-id", &t1[0].to_string()],
         &file,
     );
-    assert!(out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("requested redelivery of 1 dead letter"));
+    assert!(stdout.contains("requested redelivery of 1 dead letter"));
     wait_until(
         "the failed redrive is recorded",
         Duration::from_secs(30),
@@ -1313,8 +1309,7 @@ async fn dead_letters_are_redriven_from_sql_and_the_cli_while_streaming_and_at_s
     wait_dead_letters(&db.client, &name, 1, Duration::from_secs(30)).await;
     listener.stop().await.expect("clean stop");
     handler.set_broken(false);
-    let out = run_cli(&["dead-letters", "redrive"], &file);
-    assert!(out.status.success(), "{out:?}");
+    run_cli_ok(&["dead-letters", "redrive"], &file);
     config.replication.redrive_interval_ms = 600_000;
     let again = InProcess::start_with(config, handler.registry());
     wait_until(
@@ -1612,8 +1607,7 @@ async fn a_failing_sql_handler_dead_letters_and_its_redrive_applies_once() {
         )
         .await
         .expect("fix");
-    let out = run_cli(&["dead-letters", "redrive"], &file);
-    assert!(out.status.success(), "{out:?}");
+    run_cli_ok(&["dead-letters", "redrive"], &file);
     wait_until(
         "the dead letter is redriven",
         Duration::from_secs(30),

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use e2e::listener_support::{
-    config_for, run_cli, subscription_lsn, unique_name, wait_slot_active, write_config, InProcess,
-    SlotGuard,
+    config_for, run_cli_ok, subscription_lsn, unique_name, wait_slot_active, write_config,
+    InProcess, SlotGuard,
 };
 use e2e::TestDb;
 
@@ -35,13 +35,7 @@ async fn status_reports_and_slot_drop_lets_the_next_run_start_afresh() {
         .await
         .expect("raise while stopped");
 
-    let out = run_cli(&["status"], &file);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = run_cli_ok(&["status"], &file);
     let line = stdout
         .lines()
         .find(|l| l.starts_with(&format!("{name}\t")))
@@ -56,13 +50,7 @@ async fn status_reports_and_slot_drop_lets_the_next_run_start_afresh() {
     assert_eq!(fields[7], "false", "nobody streams: {line}");
     assert_eq!(fields[8], "reserved", "{line}");
 
-    let out = run_cli(&["slot", "drop"], &file);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = run_cli_ok(&["slot", "drop"], &file);
     assert!(
         stdout.contains(&format!("dropped replication slot {name:?}")),
         "{stdout}"
@@ -101,6 +89,5 @@ async fn status_reports_and_slot_drop_lets_the_next_run_start_afresh() {
     listener.stop().await.expect("stop");
 
     // The new slot can be dropped the same way.
-    let out = run_cli(&["slot", "drop"], &file);
-    assert!(out.status.success());
+    run_cli_ok(&["slot", "drop"], &file);
 }

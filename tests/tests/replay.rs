@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use e2e::listener_support::{
-    config_for, run_cli, unique_name, wait_slot_active, write_config, InProcess, SlotGuard,
-    TempFile,
+    config_for, run_cli, run_cli_ok, unique_name, wait_slot_active, write_config, InProcess,
+    SlotGuard, TempFile,
 };
 use e2e::TestDb;
 use listener::config::{Config, HandlerConfig, HandlerKind};
@@ -404,13 +404,7 @@ async fn replay_after_slot_drop_recovers_events_committed_without_a_slot() {
     live.collector.wait_for(3, Duration::from_secs(30)).await;
     live.stop().await.expect("clean stop");
 
-    let out = run_cli(&["slot", "drop"], &file);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = run_cli_ok(&["slot", "drop"], &file);
     let last: i64 = stdout
         .split("up to position ")
         .nth(1)
