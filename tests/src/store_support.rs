@@ -165,6 +165,38 @@ pub async fn must_fail(client: &Client, sql: &str) -> DbError {
     }
 }
 
+/// How a call's `outcome` deviates from failing with SQLSTATE `code` (and, when given, with
+/// exactly `message`): one line per deviation, none when it matches. Messages are quoted up to
+/// 200 characters: hostile inputs echo megabytes.
+pub fn sqlstate_deviations(
+    outcome: &Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>,
+    code: &str,
+    message: Option<&str>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    match outcome {
+        Ok(rows) => problems.push(format!("succeeded ({} rows), expected {code}", rows.len())),
+        Err(e) => match e.as_db_error() {
+            None => problems.push(format!("client error {e}, expected {code}")),
+            Some(db) => {
+                if db.code().code() != code {
+                    problems.push(format!(
+                        "got {} ({}), expected {code}",
+                        db.code().code(),
+                        db.message().chars().take(200).collect::<String>()
+                    ));
+                }
+                if let Some(message) = message {
+                    if db.message() != message {
+                        problems.push(format!("message {:?}, expected {message:?}", db.message()));
+                    }
+                }
+            }
+        },
+    }
+    problems
+}
+
 /// Asserts that `sql` fails with SQLSTATE `code`; returns the error message.
 pub async fn assert_sqlstate(client: &Client, sql: &str, code: &str) -> String {
     let err = must_fail(client, sql).await;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use e2e::listener_support::*;
-use e2e::store_support::{snapshot, StoreSnapshot};
+use e2e::store_support::{snapshot, sqlstate_deviations, StoreSnapshot};
 use e2e::TestDb;
 use serde_json::value::RawValue;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
@@ -298,24 +298,7 @@ async fn run(client: &Client, case: &Case, before: &State) -> Result<(), String>
         .map(|p| p as &(dyn ToSql + Sync))
         .collect();
     let outcome = client.query(case.sql.as_str(), &params).await;
-    let mut problems = Vec::new();
-    match outcome {
-        Ok(rows) => problems.push(format!(
-            "succeeded ({} rows), expected {}",
-            rows.len(),
-            case.code
-        )),
-        Err(e) => match e.as_db_error() {
-            Some(db) if db.code().code() == case.code => {}
-            Some(db) => problems.push(format!(
-                "got {} ({}), expected {}",
-                db.code().code(),
-                db.message().chars().take(200).collect::<String>(),
-                case.code
-            )),
-            None => problems.push(format!("client error {e}, expected {}", case.code)),
-        },
-    }
+    let mut problems = sqlstate_deviations(&outcome, case.code, None);
     match liveness(client).await {
         Ok(alive) if alive == alive_before => {}
         Ok(alive) => problems.push(format!("backend changed: {alive_before:?} -> {alive:?}")),

@@ -4,7 +4,7 @@
 //!
 //! Every case runs even when an earlier one fails, so one run lists every deviation.
 
-use e2e::store_support::{snapshot, StoreSnapshot};
+use e2e::store_support::{snapshot, sqlstate_deviations, StoreSnapshot};
 use e2e::TestDb;
 use tokio_postgres::Client;
 
@@ -389,32 +389,7 @@ async fn run(client: &Client, case: &Case, before: &StoreSnapshot) -> Result<(),
         .await
         .map_err(|e| format!("RESET ALL: {e}"))?;
     let after = snapshot(client).await;
-    let mut problems = Vec::new();
-    match outcome {
-        Ok(rows) => problems.push(format!(
-            "succeeded ({} rows), expected {}",
-            rows.len(),
-            case.code
-        )),
-        Err(e) => match e.as_db_error() {
-            None => problems.push(format!("client error {e}, expected {}", case.code)),
-            Some(db) => {
-                if db.code().code() != case.code {
-                    problems.push(format!(
-                        "got {} ({}), expected {}",
-                        db.code().code(),
-                        db.message(),
-                        case.code
-                    ));
-                }
-                if let Some(message) = case.message {
-                    if db.message() != message {
-                        problems.push(format!("message {:?}, expected {message:?}", db.message()));
-                    }
-                }
-            }
-        },
-    }
+    let mut problems = sqlstate_deviations(&outcome, case.code, case.message);
     if &after != before {
         problems.push(format!("store changed: {before:?} -> {after:?}"));
     }
