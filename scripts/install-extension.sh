@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Builds the extension and installs it into PostgreSQL 15's directories.
+# Builds the extension and installs it into PostgreSQL 15's directories: the shared library,
+# the control file, the current version's install script, every released install script and
+# every upgrade script (pg_domain_events/sql/).
 #
 #   scripts/install-extension.sh [debug|release]     (default: debug)
 #
@@ -31,6 +33,12 @@ libdir="$("$PG_CONFIG" --pkglibdir)"
 extdir="$("$PG_CONFIG" --sharedir)/extension"
 place "$OUT$libdir/pg_domain_events.so" "$libdir" 755
 for file in "$OUT$extdir"/pg_domain_events*; do
+    place "$file" "$extdir" 644
+done
+# Released install scripts (frozen: databases were created from them) beside the current one,
+# so that older versions can still be installed and upgraded from; upgrade scripts come with
+# the package already.
+for file in "$ROOT"/pg_domain_events/sql/pg_domain_events--*.sql; do
     place "$file" "$extdir" 644
 done
 echo "installed pg_domain_events ($PROFILE) into $libdir and $extdir"

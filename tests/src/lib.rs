@@ -12,6 +12,7 @@ pub mod kafka_support;
 pub mod listener_support;
 pub mod sink_support;
 pub mod store_support;
+pub mod upgrade_support;
 
 /// Connection string of the private cluster's superuser, database `postgres`.
 pub fn admin_dsn() -> String {
