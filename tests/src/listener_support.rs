@@ -151,9 +151,9 @@ impl InProcess {
             collector.clone(),
         );
         let cancel = CancellationToken::new();
-        let listener = Listener::new(config, registry);
         let token = cancel.clone();
-        let task = tokio::spawn(async move { listener.run(token).await });
+        // An invalid configuration is the listener's result, as a run's error would be.
+        let task = tokio::spawn(async move { Listener::new(config, registry)?.run(token).await });
         InProcess {
             collector,
             cancel,
