@@ -219,7 +219,7 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
         Shared(probe.clone()),
     );
     let cancel = CancellationToken::new();
-    let listener = Listener::new(listener_config(&a.cluster.dsn, &dbname, &slot), registry);
+    let listener = Listener::new(listener_config(&a.cluster.dsn, &dbname, &slot), registry)?;
     let started = Instant::now();
     let token = cancel.clone();
     let task = tokio::spawn(async move { listener.run(token).await });
@@ -285,7 +285,7 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
     );
     let mut config = listener_config(&a.cluster.dsn, &dbname, &slot);
     config.replication.ack_interval_ms = 100;
-    let listener = Listener::new(config, registry);
+    let listener = Listener::new(config, registry)?;
     let cancel = CancellationToken::new();
     let token = cancel.clone();
     let task = tokio::spawn(async move { listener.run(token).await });
@@ -407,7 +407,7 @@ pub async fn run_workers(a: WorkersArgs) -> anyhow::Result<()> {
         );
         let mut config = listener_config(&a.cluster.dsn, &dbname, slot);
         config.replication.workers = *workers;
-        let listener = Listener::new(config, registry);
+        let listener = Listener::new(config, registry)?;
         let cancel = CancellationToken::new();
         let token = cancel.clone();
         let started = Instant::now();

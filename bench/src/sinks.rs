@@ -195,7 +195,7 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
             },
         }];
         let registry = registry_from_config(&config)?;
-        let listener = Listener::new(config, registry);
+        let listener = Listener::new(config, registry)?;
         let cancel = CancellationToken::new();
         let token = cancel.clone();
         received.store(0, Ordering::Relaxed);

@@ -934,6 +934,19 @@ impl Config {
     /// ([`crate::service::registry_from_config`] reads them, and names a missing variable), so
     /// `listener dead-letters list` works without the webhook's key in the environment.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_embedded()?;
+        if self.handlers.is_empty() {
+            return Err(invalid(
+                None,
+                "no handlers configured: add a [[handlers]] table, e.g. kind = \"stdout\"",
+            ));
+        }
+        Ok(())
+    }
+
+    /// What [`crate::Listener::new`] checks: everything [`Config::validate`] checks, except that
+    /// `handlers` may be empty (an embedding application brings its handlers in the registry).
+    pub(crate) fn validate_embedded(&self) -> Result<(), ConfigError> {
         let r = &self.replication;
         if !is_simple_name(&r.slot) || r.slot.contains('$') {
             return Err(invalid(
@@ -1006,12 +1019,6 @@ impl Config {
                     format!("{name:?}: name an environment variable (letters, digits, _)"),
                 ));
             }
-        }
-        if self.handlers.is_empty() {
-            return Err(invalid(
-                None,
-                "no handlers configured: add a [[handlers]] table, e.g. kind = \"stdout\"",
-            ));
         }
         let mut names = std::collections::HashSet::new();
         for handler in &self.handlers {

@@ -198,9 +198,17 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        // Validated by `args.load()` already: this cannot fail, but must not go unchecked.
+        let listener = match Listener::new(config, registry) {
+            Ok(listener) => listener,
+            Err(err) => {
+                error!(error = %report(&err), "invalid configuration");
+                return ExitCode::from(2);
+            }
+        };
         let cancel = CancellationToken::new();
         let signals = tokio::spawn(watch_signals(cancel.clone()));
-        let result = Listener::new(config, registry).run(cancel).await;
+        let result = listener.run(cancel).await;
         signals.abort();
         match result {
             Ok(()) => {

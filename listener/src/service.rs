@@ -152,13 +152,19 @@ impl Listener {
     }
 
     /// A listener following `config` and delivering to `registry`'s handlers.
-    pub fn new(config: Config, registry: Registry) -> Listener {
-        Listener {
+    ///
+    /// `config` is validated as `listener run` validates its configuration (slot and publication
+    /// names, intervals, `workers`, the entries of `handlers` if any, such as a `sql` handler
+    /// needing `workers = 1`): a mistake is an [`Error::Config`] here, not a failure later.
+    /// `config.handlers` may be empty: the registry holds the handlers.
+    pub fn new(config: Config, registry: Registry) -> Result<Listener, Error> {
+        config.validate_embedded().map_err(Error::Config)?;
+        Ok(Listener {
             config,
             registry: Arc::new(registry),
             metrics: Arc::new(Metrics::new()),
             health: Health::default(),
-        }
+        })
     }
 
     /// This listener's metrics (what `/metrics` renders), e.g. to serve them from an
@@ -1002,5 +1008,52 @@ mod tests {
             started.elapsed()
         );
         server.await.expect("server");
+    }
+
+    fn library_config() -> Config {
+        let mut config = Config::default();
+        config.replication.slot = "app_slot".into();
+        config.replication.publication = "app_pub".into();
+        config
+    }
+
+    fn config_error(result: Result<Listener, Error>) -> (Option<String>, String) {
+        match result {
+            Err(Error::Config(ConfigError::Invalid { origin, message })) => (origin, message),
+            Err(other) => panic!("not a configuration error: {other}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn new_validates_the_config_as_the_binary_does() {
+        // Handlers come in the registry: an empty handler list is fine here.
+        assert!(Listener::new(library_config(), Registry::new()).is_ok());
+
+        let mut config = library_config();
+        config.replication.slot = "Bad-Slot".into();
+        let (origin, message) = config_error(Listener::new(config, Registry::new()));
+        assert_eq!(origin.as_deref(), Some("replication.slot"));
+        assert!(message.contains("Bad-Slot"), "{message}");
+
+        let mut config = library_config();
+        config.replication.publication = "1pub".into();
+        let (origin, _) = config_error(Listener::new(config, Registry::new()));
+        assert_eq!(origin.as_deref(), Some("replication.publication"));
+
+        let mut config = library_config();
+        config.replication.workers = 0;
+        let (origin, _) = config_error(Listener::new(config, Registry::new()));
+        assert_eq!(origin.as_deref(), Some("replication.workers"));
+
+        let mut config = library_config();
+        config.replication.workers = 4;
+        config.handlers = vec![HandlerConfig {
+            kind: HandlerKind::Sql,
+            function: Some("app.on_event".into()),
+            ..HandlerConfig::default()
+        }];
+        let (_, message) = config_error(Listener::new(config, Registry::new()));
+        assert!(message.contains("workers = 1"), "{message}");
     }
 }

@@ -23,6 +23,17 @@ use crate::tls::{SslMode, Transport};
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01 UTC).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
+/// The largest server frame accepted (its length field, which counts itself). The server
+/// builds each message in a buffer capped at 1 GB (`MaxAllocSize`), so no honest frame is
+/// longer, however large the event (its whole row, payload and metadata included, must fit that
+/// buffer); 1 MB more covers the message headers. A longer announced length is a broken or
+/// hostile peer, refused before anything is allocated for it.
+const MAX_FRAME_LEN: usize = (1 << 30) + (1 << 20);
+
+/// Bytes reserved ahead of a long frame's data at a time: the buffer grows with what arrives,
+/// not with what the header announces.
+const FRAME_RESERVE: usize = 1 << 20;
+
 /// Where and as whom to connect. `Debug` leaves the password out.
 #[derive(Clone)]
 pub struct ConnectOptions {
@@ -581,10 +592,18 @@ impl ReplicationConnection {
 
     async fn read_frame(&mut self) -> Result<Frame, Error> {
         loop {
-            if let Some(header) =
-                backend::Header::parse(&self.inbuf).map_err(Error::ConnectionLost)?
+            if let Some(header) = backend::Header::parse(&self.inbuf)
+                .map_err(|e| Error::Protocol(format!("malformed message header: {e}")))?
             {
-                let total = header.len() as usize + 1;
+                let len = header.len() as usize;
+                if len > MAX_FRAME_LEN {
+                    return Err(Error::Protocol(format!(
+                        "the server announced a {len}-byte message (tag {:?}), more than the \
+                         {MAX_FRAME_LEN} bytes any message can have",
+                        char::from(header.tag())
+                    )));
+                }
+                let total = len + 1;
                 if self.inbuf.len() >= total {
                     if header.tag() == b'W' {
                         self.inbuf.advance(total);
@@ -598,7 +617,8 @@ impl ReplicationConnection {
                         Err(e) => Err(Error::Protocol(format!("malformed backend message: {e}"))),
                     };
                 }
-                self.inbuf.reserve(total - self.inbuf.len());
+                self.inbuf
+                    .reserve((total - self.inbuf.len()).min(FRAME_RESERVE));
             }
             if self.inbuf.capacity() - self.inbuf.len() < 8 * 1024 {
                 self.inbuf.reserve(64 * 1024);
@@ -797,6 +817,79 @@ mod tests {
         assert!(parse_copy_data(Bytes::from_static(b"w")).is_err());
         assert!(parse_copy_data(Bytes::from_static(b"x")).is_err());
         assert!(parse_copy_data(Bytes::new()).is_err());
+    }
+
+    fn connection(transport: tokio::io::DuplexStream) -> ReplicationConnection {
+        ReplicationConnection {
+            transport: Box::new(transport),
+            inbuf: BytesMut::new(),
+            outbuf: BytesMut::new(),
+            streaming: false,
+        }
+    }
+
+    fn header(tag: u8, len: u32) -> [u8; 5] {
+        let [a, b, c, d] = len.to_be_bytes();
+        [tag, a, b, c, d]
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_is_a_protocol_error_before_anything_is_allocated() {
+        for len in [MAX_FRAME_LEN as u32 + 1, i32::MAX as u32] {
+            let (mut server, client) = tokio::io::duplex(1024);
+            let mut conn = connection(client);
+            server.write_all(&header(b'd', len)).await.unwrap();
+            let result = tokio::time::timeout(Duration::from_secs(5), conn.read_frame())
+                .await
+                .expect("an answer at once, not a wait for the announced bytes");
+            match result {
+                Err(err @ Error::Protocol(_)) => {
+                    assert!(!err.is_transient());
+                    assert!(err.to_string().contains(&len.to_string()), "{err}");
+                }
+                Err(other) => panic!("{other:?}"),
+                Ok(_) => panic!("a frame"),
+            }
+            assert!(
+                conn.inbuf.capacity() <= 64 * 1024,
+                "{}",
+                conn.inbuf.capacity()
+            );
+        }
+        // A length below its own four bytes is as broken.
+        let (mut server, client) = tokio::io::duplex(1024);
+        let mut conn = connection(client);
+        server.write_all(&header(b'd', 3)).await.unwrap();
+        assert!(matches!(conn.read_frame().await, Err(Error::Protocol(_))));
+    }
+
+    #[tokio::test]
+    async fn a_long_frame_grows_the_buffer_with_its_data_and_a_split_one_parses() {
+        let (mut server, client) = tokio::io::duplex(64 * 1024);
+        let mut conn = connection(client);
+        // 1 GB announced is allowed; nothing like it is reserved before the data comes.
+        server.write_all(&header(b'd', 1 << 30)).await.unwrap();
+        server.write_all(&[0; 1000]).await.unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(200), conn.read_frame()).await;
+        assert!(waiting.is_err(), "no frame before its data");
+        assert!(
+            conn.inbuf.capacity() <= 4 * FRAME_RESERVE,
+            "{}",
+            conn.inbuf.capacity()
+        );
+
+        let (mut server, client) = tokio::io::duplex(1024);
+        let mut conn = connection(client);
+        let read = tokio::spawn(async move {
+            conn.read_frame()
+                .await
+                .map(|f| matches!(f, Frame::Message(backend::Message::ReadyForQuery(_))))
+        });
+        server.write_all(&header(b'Z', 5)[..3]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        server.write_all(&header(b'Z', 5)[3..]).await.unwrap();
+        server.write_all(b"I").await.unwrap();
+        assert!(read.await.unwrap().unwrap(), "ReadyForQuery");
     }
 
     #[test]

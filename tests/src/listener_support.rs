@@ -151,9 +151,9 @@ impl InProcess {
             collector.clone(),
         );
         let cancel = CancellationToken::new();
-        let listener = Listener::new(config, registry);
         let token = cancel.clone();
-        let task = tokio::spawn(async move { listener.run(token).await });
+        // An invalid configuration is the listener's result, as a run's error would be.
+        let task = tokio::spawn(async move { Listener::new(config, registry)?.run(token).await });
         InProcess {
             collector,
             cancel,
@@ -346,9 +346,20 @@ pub struct ListenerProcess {
 impl ListenerProcess {
     /// Runs `listener run --config <config>` with extra environment variables.
     pub fn spawn(config: &TempFile, env: &[(&str, &str)]) -> ListenerProcess {
+        ListenerProcess::spawn_with_stdout(config, env, None)
+    }
+
+    /// [`ListenerProcess::spawn`] with standard output going to `stdout` (e.g. a pipe's write
+    /// end) instead of [`ListenerProcess::stdout_path`], when given.
+    pub fn spawn_with_stdout(
+        config: &TempFile,
+        env: &[(&str, &str)],
+        stdout: Option<Stdio>,
+    ) -> ListenerProcess {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let stdout_path = std::env::temp_dir().join(format!("pgde-lt-{id}.out"));
         let stderr_path = std::env::temp_dir().join(format!("pgde-lt-{id}.err"));
+        let stdout_file = std::fs::File::create(&stdout_path).expect("stdout file");
         let mut command = Command::new(listener_binary());
         command
             .arg("run")
@@ -358,7 +369,7 @@ impl ListenerProcess {
             .env_remove("PGPASSWORD")
             .env_remove("PGDE_PASSWORD")
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
+            .stdout(stdout.unwrap_or_else(|| stdout_file.into()))
             .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
         for (k, v) in env {
             command.env(k, v);
