@@ -27,6 +27,9 @@ pub enum Phase {
     Streaming,
     /// The last session failed transiently; waiting for the reconnect backoff.
     Reconnecting(String),
+    /// The slot was lost: delivering what it missed from the event table, then streaming from a
+    /// new slot ([`crate::recovery`]). Events are delivered, but the stream is not running.
+    Recovering,
 }
 
 /// The listener's phase, shared between its sessions and the admin server.
@@ -141,6 +144,11 @@ async fn health_endpoint(State(state): State<AdminState>, headers: HeaderMap) ->
         Phase::Reconnecting(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("reconnecting: {reason}\n"),
+        )
+            .into_response(),
+        Phase::Recovering => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "recovering from a lost slot\n",
         )
             .into_response(),
     }

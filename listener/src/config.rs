@@ -130,10 +130,17 @@ pub struct ReplicationConfig {
     /// `domain_events.event`; needs `domain_events_listener` only).
     pub mode: Mode,
     /// `mode = "notify"`: the longest wait between two polls when no notification arrives, in
-    /// milliseconds (the safety net for a lost or disabled `NOTIFY`).
+    /// milliseconds (the safety net for a lost or disabled `NOTIFY`). Also the poll period of a
+    /// recovery from a lost slot.
     pub poll_interval_ms: u64,
-    /// `mode = "notify"`: events read per query, handled and acknowledged as one poll batch.
+    /// `mode = "notify"` and lost-slot recovery: events read per query, handled and
+    /// acknowledged as one poll batch.
     pub poll_batch_size: i64,
+    /// What happens when the slot is invalidated (`wal_status = lost`) or dropped while the
+    /// subscription row says events were delivered through it: `recover` (catch up from the
+    /// event table by snapshot-safe polling, create a new slot, stream again; no gap) or `stop`
+    /// (exit with an error that says how to recover without a gap).
+    pub on_slot_lost: SlotLostPolicy,
     /// Logical replication slot (`pgoutput`); created when missing if `create_slot`.
     pub slot: String,
     /// Publication of `domain_events.event`; created when missing if `create_publication`.
@@ -181,6 +188,7 @@ impl Default for ReplicationConfig {
             mode: Mode::Replication,
             poll_interval_ms: 1000,
             poll_batch_size: 1000,
+            on_slot_lost: SlotLostPolicy::Recover,
             slot: "pg_domain_events".into(),
             publication: "pg_domain_events".into(),
             subscription: None,
@@ -250,6 +258,18 @@ impl Mode {
             Mode::Notify => "notify",
         }
     }
+}
+
+/// What the listener does when its slot is lost (`replication.on_slot_lost`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotLostPolicy {
+    /// Deliver what the lost slot did not by polling the event table from the subscription's
+    /// delivered snapshot, create a new slot, and stream again (see [`crate::recovery`]).
+    #[default]
+    Recover,
+    /// Stop with [`crate::Error::SlotLost`], whose message says how to recover.
+    Stop,
 }
 
 /// `[log]`.
@@ -986,7 +1006,8 @@ impl Config {
                 "must exceed status_interval_secs (replies are asked for at that interval)",
             ));
         }
-        if r.mode == Mode::Notify && (r.poll_interval_ms == 0 || r.poll_batch_size <= 0) {
+        let polls = r.mode == Mode::Notify || r.on_slot_lost == SlotLostPolicy::Recover;
+        if polls && (r.poll_interval_ms == 0 || r.poll_batch_size <= 0) {
             return Err(invalid(
                 Some("replication".into()),
                 "poll_interval_ms and poll_batch_size must be positive",

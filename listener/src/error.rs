@@ -126,6 +126,19 @@ pub enum Error {
         /// What is wrong.
         problem: String,
     },
+    /// The slot was invalidated (`wal_status = lost`) or dropped while the subscription row
+    /// says events were delivered through it: events committed since its last confirmed
+    /// position are in no slot. With `replication.on_slot_lost = "recover"` the listener catches
+    /// up from the event table by itself; otherwise this stops it.
+    #[error("replication slot {name:?} {how}; {remedy}")]
+    SlotLost {
+        /// Slot name.
+        name: String,
+        /// `has been invalidated (…)` or `was dropped`.
+        how: String,
+        /// What happens next, or what the operator runs to recover without a gap.
+        remedy: String,
+    },
     /// The subscription row cannot be used as configured (e.g. its mode differs).
     #[error("subscription {name:?}: {problem}")]
     Subscription {
@@ -216,6 +229,7 @@ impl Error {
             | Error::MissingExtension { .. }
             | Error::Publication { .. }
             | Error::Slot { .. }
+            | Error::SlotLost { .. }
             | Error::Subscription { .. }
             | Error::Protocol(_)
             | Error::Decode { .. }

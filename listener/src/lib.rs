@@ -20,6 +20,7 @@ pub mod notify;
 pub mod operations;
 pub mod pgoutput;
 pub mod publication;
+pub mod recovery;
 mod redrive;
 pub mod replay;
 pub mod retention;

@@ -79,8 +79,19 @@ enum SlotCommand {
     /// Refused while a listener streams from the slot. Events committed while no slot existed
     /// are not delivered by the new one: the command prints the last handled position P; start
     /// the listener again, then run `listener replay --from-position P+1` (events the new slot
-    /// also delivers come twice: at least once, never lost).
+    /// also delivers come twice). Positions are taken at insert, not at commit, so a
+    /// transaction that was open while the slot was lost may hold a lower position: to recover
+    /// without a gap, use `slot recover` instead.
     Drop(ConfigArgs),
+    /// Recover from a lost (invalidated or dropped) slot without a gap, then exit.
+    ///
+    /// Delivers the events the slot did not to the configured handlers, by snapshot-safe
+    /// polling of domain_events.event from the subscription's delivered snapshot (none is
+    /// skipped; a few may come twice, recognisable by id), creates a new slot meanwhile and
+    /// switches the subscription to it; `listener run` then streams from there. This is what
+    /// `run` does by itself unless replication.on_slot_lost = "stop". Refused when the slot is
+    /// not lost. A signal stops it at the next batch (exit 130); running it again resumes.
+    Recover(ConfigArgs),
 }
 
 /// Flags of `listener replay`.
@@ -157,16 +168,22 @@ enum DeadLetterCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (args, run) = match &cli.command {
-        Command::Run(args) => (args, true),
-        Command::PrintConfig(args) => (args, false),
-        Command::DeadLetters { command } => return dead_letters(command),
-        Command::Status(args) => return status(args),
-        Command::Replay(args) => return replay(args),
+    match &cli.command {
+        Command::Run(args) => serve(args, Serve::Run),
+        Command::PrintConfig(args) => print_config(args),
+        Command::DeadLetters { command } => dead_letters(command),
+        Command::Status(args) => status(args),
+        Command::Replay(args) => replay(args),
         Command::Slot {
             command: SlotCommand::Drop(args),
-        } => return drop_slot(args),
-    };
+        } => drop_slot(args),
+        Command::Slot {
+            command: SlotCommand::Recover(args),
+        } => serve(args, Serve::RecoverSlot),
+    }
+}
+
+fn print_config(args: &ConfigArgs) -> ExitCode {
     let config = match args.load() {
         Ok(config) => config,
         Err(err) => {
@@ -174,18 +191,37 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if !run {
-        return match toml::to_string_pretty(&config) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(err) => {
-                eprintln!("error: {err}");
-                ExitCode::FAILURE
-            }
-        };
+    match toml::to_string_pretty(&config) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// What [`serve`] runs with the configured handlers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Serve {
+    /// `listener run`.
+    Run,
+    /// `listener slot recover`.
+    RecoverSlot,
+}
+
+/// Loads the configuration, builds the handlers and runs `what` until it ends or a signal
+/// stops it.
+fn serve(args: &ConfigArgs, what: Serve) -> ExitCode {
+    let config = match args.load() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {}", report(&err));
+            return ExitCode::from(2);
+        }
+    };
     init_logging(&config.log);
     let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
         return ExitCode::FAILURE;
@@ -208,9 +244,20 @@ fn main() -> ExitCode {
         };
         let cancel = CancellationToken::new();
         let signals = tokio::spawn(watch_signals(cancel.clone()));
-        let result = listener.run(cancel).await;
+        let result = match what {
+            Serve::Run => listener.run(cancel.clone()).await,
+            Serve::RecoverSlot => listener.recover_slot(&cancel).await,
+        };
         signals.abort();
         match result {
+            Ok(()) if what == Serve::RecoverSlot && cancel.is_cancelled() => {
+                info!("recovery interrupted; run `listener slot recover` or `listener run` to resume it");
+                ExitCode::from(130)
+            }
+            Ok(()) if what == Serve::RecoverSlot => {
+                info!("recovered: `listener run` streams from the new slot");
+                ExitCode::SUCCESS
+            }
             Ok(()) => {
                 info!("stopped");
                 ExitCode::SUCCESS
@@ -312,7 +359,9 @@ fn drop_slot(args: &ConfigArgs) -> ExitCode {
             println!(
                 "subscription {subscription:?} had handled events up to position {position}; \
                  the next run starts a new slot at the current WAL position: start it, then \
-                 run `listener replay --from-position {}` for the events committed in between",
+                 run `listener replay --from-position {}` for the events committed in between \
+                 (a transaction open across the loss may hold a lower position: `listener slot \
+                 recover`, instead of dropping, recovers without a gap)",
                 position + 1
             );
         }

@@ -35,6 +35,8 @@ pub const REPLICATION_LAG: &str = "replication_lag_bytes";
 pub const SLOT_RETAINED_WAL: &str = "slot_retained_wal_bytes";
 /// `reconnects_total`.
 pub const RECONNECTS: &str = "reconnects_total";
+/// `slot_recoveries_total`.
+pub const SLOT_RECOVERIES: &str = "slot_recoveries_total";
 /// `transactions_confirmed_total`.
 pub const TRANSACTIONS_CONFIRMED: &str = "transactions_confirmed_total";
 
@@ -82,6 +84,8 @@ pub struct Metrics {
     pub slot_retained_wal: Gauge,
     /// `reconnects_total`.
     pub reconnects: Counter,
+    /// `slot_recoveries_total`.
+    pub slot_recoveries: Counter,
     /// `transactions_confirmed_total`.
     pub transactions_confirmed: Counter,
 }
@@ -125,6 +129,10 @@ impl Metrics {
             "Sessions ended by a transient failure and retried.",
         );
         describe_counter(
+            SLOT_RECOVERIES,
+            "Recoveries from a lost replication slot started (or resumed) by this listener.",
+        );
+        describe_counter(
             TRANSACTIONS_CONFIRMED,
             "Transactions (poll batches in notify mode) fully handled and acknowledged.",
         );
@@ -155,6 +163,7 @@ impl Metrics {
             replication_lag: gauge(REPLICATION_LAG),
             slot_retained_wal: gauge(SLOT_RETAINED_WAL),
             reconnects: counter(RECONNECTS),
+            slot_recoveries: counter(SLOT_RECOVERIES),
             transactions_confirmed: counter(TRANSACTIONS_CONFIRMED),
             handle: recorder.handle(),
             received: Mutex::new(HashMap::new()),

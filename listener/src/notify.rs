@@ -62,9 +62,15 @@ pub struct State {
 }
 
 /// Reads and writes a notify-mode subscription row and the events of its transitions.
+///
+/// A recovery from a lost slot ([`crate::recovery`]) delivers by the same transitions, in the
+/// row of a replication-mode subscription: [`NotifyStore::for_recovery`].
 pub struct NotifyStore {
     client: Arc<Client>,
     name: String,
+    /// Replication mode, recovering: the row's mode, and (once the new slot exists) the first
+    /// transaction id the new slot is sure to deliver, which transitions need not read.
+    recovery: Option<Option<String>>,
 }
 
 impl NotifyStore {
@@ -73,7 +79,27 @@ impl NotifyStore {
         NotifyStore {
             client,
             name: name.into(),
+            recovery: None,
         }
+    }
+
+    /// A store for the recovery of replication-mode subscription `name`.
+    pub fn for_recovery(client: Arc<Client>, name: impl Into<String>) -> NotifyStore {
+        NotifyStore {
+            client,
+            name: name.into(),
+            recovery: Some(None),
+        }
+    }
+
+    /// Recovery: transactions from `xid` on (an `xid8`) are left to the new slot.
+    pub fn stream_from_xid(&mut self, xid: u64) {
+        self.recovery = Some(Some(xid.to_string()));
+    }
+
+    /// The client, for other statements on the same connection.
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     /// Loads the row, creating it at the current snapshot when it does not exist (a new
@@ -129,13 +155,18 @@ impl NotifyStore {
                     snapshot_prev = $2::text::pg_snapshot, \
                     snapshot_cur = $3::text::pg_snapshot, \
                     position = $4, transition = $5, updated_at = now() \
-                 WHERE name = $1 AND mode = 'notify'",
+                 WHERE name = $1 AND mode = $6",
                 &[
                     &self.name,
                     &state.prev,
                     &state.cur,
                     &state.position,
                     &state.transition,
+                    &if self.recovery.is_some() {
+                        "replication"
+                    } else {
+                        "notify"
+                    },
                 ],
             )
             .await
@@ -163,16 +194,22 @@ impl NotifyStore {
                AND pg_visible_in_snapshot(txid, $2::text::pg_snapshot) \
                AND NOT pg_visible_in_snapshot(txid, $1::text::pg_snapshot) \
                AND position > $3 \
+               AND ($5::text IS NULL OR txid < $5::text::xid8) \
              ORDER BY position LIMIT $4"
         );
+        let stream_from = self.recovery.clone().flatten();
         self.client
-            .query(&sql, &[&state.prev, &cur, &state.position, &limit])
+            .query(
+                &sql,
+                &[&state.prev, &cur, &state.position, &limit, &stream_from],
+            )
             .await
             .map_err(Error::sql("reading events"))
     }
 }
 
-/// Turns a row into what the dispatcher takes; events carry `commit_lsn = 0/transition`.
+/// Turns a row into what the dispatcher takes; events carry `commit_lsn = transition` (`0/n`
+/// in notify mode).
 fn item(row: &Row, transition: Lsn) -> Item {
     match event_from_row(row) {
         Ok(mut event) => {
@@ -199,8 +236,8 @@ fn item(row: &Row, transition: Lsn) -> Item {
 pub struct Poller {
     /// The subscription row and the event reads.
     pub store: NotifyStore,
-    /// Wake-ups (`LISTEN domain_events` on the store's connection).
-    pub notifications: mpsc::UnboundedReceiver<Notification>,
+    /// Wake-ups (`LISTEN domain_events` on the store's connection); `None`: poll only.
+    pub notifications: Option<mpsc::UnboundedReceiver<Notification>>,
     /// Where events go.
     pub items: mpsc::Sender<Item>,
     /// What the dispatcher finished.
@@ -209,6 +246,10 @@ pub struct Poller {
     pub poll_interval: Duration,
     /// Events per batch.
     pub batch_size: i64,
+    /// Added to the transition number to make the events' `commit_lsn`: 0 in notify mode; in
+    /// a recovery, the lost slot's last confirmed LSN, so that the events order after what the
+    /// stream delivered (a `sql` handler skips what orders before its position).
+    pub lsn_base: u64,
 }
 
 impl Poller {
@@ -227,27 +268,41 @@ impl Poller {
                 // Shutdown, or the dispatcher went away.
                 None => return Ok(()),
             }
+            self.wait(&cancel).await?;
+        }
+    }
+
+    /// Waits for a notification or the poll interval, whichever comes first (returns at once
+    /// when cancelled).
+    pub async fn wait(&mut self, cancel: &CancellationToken) -> Result<(), Error> {
+        let Some(notifications) = self.notifications.as_mut() else {
             tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
+                _ = cancel.cancelled() => {}
                 _ = tokio::time::sleep(self.poll_interval) => {}
-                notification = self.notifications.recv() => {
-                    if notification.is_none() {
-                        return Err(Error::ConnectionLost(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "the SQL connection closed",
-                        )));
-                    }
-                    // One poll answers every wake-up received so far.
-                    while self.notifications.try_recv().is_ok() {}
+            }
+            return Ok(());
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = tokio::time::sleep(self.poll_interval) => {}
+            notification = notifications.recv() => {
+                if notification.is_none() {
+                    return Err(Error::ConnectionLost(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the SQL connection closed",
+                    )));
                 }
+                // One poll answers every wake-up received so far.
+                while notifications.try_recv().is_ok() {}
             }
         }
+        Ok(())
     }
 
     /// Delivers one transition (taking a new snapshot unless one is in progress); returns how
     /// many events it held, or `None` when it stopped early (shutdown, or the dispatcher is
     /// gone).
-    async fn transition(
+    pub async fn transition(
         &mut self,
         state: &mut State,
         seq: &mut u64,
@@ -270,7 +325,7 @@ impl Poller {
                 self.store.save(state).await?;
                 cur_saved = true;
             }
-            let transition = Lsn(u64::try_from(state.transition).unwrap_or(1));
+            let transition = Lsn(self.lsn_base + u64::try_from(state.transition).unwrap_or(1));
             let full = rows.len() as i64 >= self.batch_size;
             let count = rows.len() as u64;
             for row in &rows {
@@ -319,5 +374,23 @@ impl Poller {
         }
         self.store.save(state).await?;
         Ok(Some(delivered))
+    }
+}
+
+/// The `xmin` of a `pg_snapshot` in its text form (`xmin:xmax:xip,…`): every transaction
+/// before it has ended.
+pub fn snapshot_xmin(snapshot: &str) -> Option<u64> {
+    snapshot.split(':').next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snapshot_xmin;
+
+    #[test]
+    fn snapshot_xmin_reads_the_first_field() {
+        assert_eq!(snapshot_xmin("745:750:745,748"), Some(745));
+        assert_eq!(snapshot_xmin("12:12:"), Some(12));
+        assert_eq!(snapshot_xmin("garbage"), None);
     }
 }

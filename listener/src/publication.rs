@@ -1,28 +1,50 @@
 //! The publication of the event table, and the check that the extension is installed.
 
 use tokio_postgres::Client;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::Error;
 
+/// What the connected database's extension schema offers the listener. Binaries are upgraded
+/// before databases (`docs/upgrading.md`), so the listener also serves a database still at an
+/// older schema version, without what that version lacks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Schema {
+    /// The subscription row keeps the delivered snapshot and recovery state (schema 0.2.0):
+    /// a lost slot can be recovered from without a gap.
+    pub lost_slot_recovery: bool,
+}
+
 /// Fails with [`Error::MissingExtension`] unless `domain_events.event` and
-/// `domain_events.subscription` exist in the connected database.
-pub async fn check_extension(client: &Client, dbname: &str) -> Result<(), Error> {
+/// `domain_events.subscription` exist in the connected database; says what its schema offers.
+pub async fn check_extension(client: &Client, dbname: &str) -> Result<Schema, Error> {
     let row = client
         .query_one(
             "SELECT to_regclass('domain_events.event') IS NOT NULL \
-                AND to_regclass('domain_events.subscription') IS NOT NULL",
+                AND to_regclass('domain_events.subscription') IS NOT NULL, \
+                EXISTS (SELECT 1 FROM pg_catalog.pg_attribute \
+                         WHERE attrelid = to_regclass('domain_events.subscription') \
+                           AND attname = 'recovery_started_at' AND NOT attisdropped)",
             &[],
         )
         .await
         .map_err(Error::sql("checking for the pg_domain_events extension"))?;
-    if row.get::<_, bool>(0) {
-        Ok(())
-    } else {
-        Err(Error::MissingExtension {
+    if !row.get::<_, bool>(0) {
+        return Err(Error::MissingExtension {
             dbname: dbname.to_string(),
-        })
+        });
     }
+    let schema = Schema {
+        lost_slot_recovery: row.get(1),
+    };
+    if !schema.lost_slot_recovery {
+        warn!(
+            dbname,
+            "the extension's schema predates 0.2.0: a lost slot cannot be recovered from \
+             automatically; run ALTER EXTENSION pg_domain_events UPDATE"
+        );
+    }
+    Ok(schema)
 }
 
 /// Makes sure publication `name` publishes inserts into `domain_events.event` through the

@@ -4,7 +4,7 @@
 //! whose listener is gone) fills the server's disk unless `max_slot_wal_keep_size` is set, and
 //! when it is set and exceeded the slot is invalidated (`wal_status = 'lost'`): events past it
 //! are no longer in any WAL. This task exports the retained amount, warns above
-//! `replication.slot_wal_warning_bytes`, and turns a lost slot into a definite error.
+//! `replication.slot_wal_warning_bytes`, and turns a lost slot into [`Error::SlotLost`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,14 +25,25 @@ const SLOT_WAL: &str =
 /// Warnings about retained WAL repeat at most this often while it stays above the threshold.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
-/// What the operator must do once a slot is lost; shared with the startup check.
-pub fn lost_slot_problem() -> String {
-    "has been invalidated (wal_status = lost: it retained more WAL than max_slot_wal_keep_size \
-     allows), so events committed since its last confirmed position are no longer in the WAL. \
-     Run `listener slot drop` (it prints the last handled position P), start the listener again \
-     to create a new slot, then `listener replay --from-position P+1` for the events committed \
-     in between"
-        .to_string()
+/// How a slot invalidated by `max_slot_wal_keep_size` is described.
+pub const INVALIDATED: &str = "has been invalidated (wal_status = lost: it retained more WAL \
+     than max_slot_wal_keep_size allows)";
+
+/// What the operator runs to recover from a lost slot without a gap, when the listener is not
+/// to do it by itself (`replication.on_slot_lost = "stop"`).
+pub const RECOVER_REMEDY: &str = "events committed since its last confirmed position are in no \
+     slot. Run `listener slot recover`: it delivers them from domain_events.event by \
+     snapshot-safe polling (none is skipped, a few may come twice) and creates a new slot; then \
+     start the listener again. Or set replication.on_slot_lost = \"recover\" to do this \
+     automatically";
+
+/// The error for slot `slot`, lost as `how` says ([`INVALIDATED`], `was dropped`, …).
+pub fn slot_lost(slot: &str, how: impl Into<String>) -> Error {
+    Error::SlotLost {
+        name: slot.to_string(),
+        how: how.into(),
+        remedy: RECOVER_REMEDY.to_string(),
+    }
 }
 
 /// Watches one slot's retained WAL over the session's SQL connection.
@@ -50,7 +61,7 @@ pub struct SlotWatch {
 }
 
 impl SlotWatch {
-    /// Checks every `every` until `cancel` fires; returns a definite [`Error::Slot`] when the
+    /// Checks every `every` until `cancel` fires; returns a definite [`Error::SlotLost`] when the
     /// slot is lost. A failed query is logged and retried at the next tick: the stream notices
     /// a dead connection on its own.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
@@ -84,10 +95,7 @@ impl SlotWatch {
             let wal_status: Option<String> = row.get(1);
             let safe_wal_size: Option<i64> = row.get(2);
             if wal_status.as_deref() == Some("lost") {
-                return Err(Error::Slot {
-                    name: self.slot.clone(),
-                    problem: lost_slot_problem(),
-                });
+                return Err(slot_lost(&self.slot, INVALIDATED));
             }
             let retained = retained.unwrap_or(0).max(0) as u64;
             self.gauge.set(retained as f64);

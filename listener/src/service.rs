@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::admin::{Health, Phase};
-use crate::config::{Config, ConfigError, HandlerConfig, HandlerKind, Mode};
+use crate::config::{Config, ConfigError, HandlerConfig, HandlerKind, Mode, SlotLostPolicy};
 use crate::dead_letter::DeadLetterStore;
 use crate::dispatch::{jitter, Ack, Dispatcher, Handler, Item, Registry, Undecodable};
 use crate::error::{report, Error};
@@ -264,7 +264,25 @@ impl Listener {
             }
             let mut streamed = false;
             let session = match self.config.replication.mode {
-                Mode::Replication => self.session(cancel, &mut streamed).await,
+                Mode::Replication => match self.session(cancel, &mut streamed).await {
+                    Err(lost @ Error::SlotLost { .. })
+                        if r.on_slot_lost == SlotLostPolicy::Recover =>
+                    {
+                        warn!(
+                            error = %lost,
+                            "the replication slot is lost; delivering the events it missed from \
+                             the event table, then streaming from a new slot"
+                        );
+                        match self.recover_lost_slot(cancel).await {
+                            Ok(()) => {
+                                backoff = min;
+                                continue;
+                            }
+                            Err(err) => Err(err),
+                        }
+                    }
+                    other => other,
+                },
                 Mode::Notify => self.notify_session(cancel, &mut streamed).await,
             };
             match session {
@@ -297,20 +315,9 @@ impl Listener {
         let r = &self.config.replication;
 
         // The replication connection comes first: its authentication errors are the clearest.
-        let mut conn = ReplicationConnection::connect(&ConnectOptions {
-            host: db.host.clone(),
-            port: db.port,
-            user: db.user.clone(),
-            password: db.password.clone(),
-            dbname: db.dbname.clone(),
-            application_name: db.application_name.clone(),
-            connect_timeout: Duration::from_secs(db.connect_timeout_secs),
-            sslmode: db.sslmode,
-            tls: crate::tls::connector(db.sslmode, db.sslrootcert.as_deref())?,
-        })
-        .await?;
+        let mut conn = self.replication_connection().await?;
         let (client, sql_task) = subscription::connect(db).await?;
-        crate::publication::check_extension(&client, &db.dbname).await?;
+        let schema = crate::publication::check_extension(&client, &db.dbname).await?;
         crate::publication::ensure_publication(&client, &r.publication, r.create_publication)
             .await?;
         let client = Arc::new(client);
@@ -325,8 +332,15 @@ impl Listener {
             every: Duration::from_secs(r.status_interval_secs),
             gauge: self.metrics.slot_retained_wal.clone(),
         };
-        let store = SubscriptionStore::new(client, r.subscription_name());
+        let store = SubscriptionStore::new(client, r.subscription_name(), schema);
         let durable = store.load().await?;
+        if durable.recovering {
+            return Err(crate::retention::slot_lost(
+                &r.slot,
+                "is being replaced: a recovery from its loss has not finished",
+            ));
+        }
+        let durable = durable.lsn;
         let system = conn.identify_system().await?;
         debug!(system_id = %system.system_id, timeline = system.timeline, xlogpos = %system.xlogpos, "identified the server");
         let slot_error = |problem: String| Error::Slot {
@@ -339,32 +353,37 @@ impl Listener {
                 .max(confirmed.unwrap_or_default()),
             // Recreating it silently would skip every event committed since it disappeared.
             None if durable.is_some() => {
-                return Err(slot_error(format!(
-                    "does not exist, but subscription {:?} has delivered up to {}: the slot was \
-                     dropped, and events committed since are in no slot. Replay them from \
-                     domain_events.event, then delete the subscription row to start a new slot",
-                    r.subscription_name(),
-                    durable.unwrap_or_default()
-                )))
+                return Err(crate::retention::slot_lost(
+                    &r.slot,
+                    format!(
+                        "was dropped, but subscription {:?} has delivered up to {} through it",
+                        r.subscription_name(),
+                        durable.unwrap_or_default()
+                    ),
+                ))
             }
             None if !r.create_slot => {
                 return Err(slot_error(
                     "does not exist and replication.create_slot is false".into(),
                 ))
             }
-            None => match conn.create_slot(&r.slot).await? {
-                SlotState::Created(consistent_point) => consistent_point,
-                SlotState::CreatedConcurrently => {
-                    match conn.find_slot(&r.slot, &db.dbname).await? {
-                        Some(confirmed) => confirmed.unwrap_or_default(),
-                        None => {
-                            return Err(slot_error(
-                                "was created concurrently and dropped again".into(),
-                            ))
+            None => {
+                // The row first: its snapshot is the boundary should this slot be lost early.
+                store.start_new().await?;
+                match conn.create_slot(&r.slot).await? {
+                    SlotState::Created(consistent_point) => consistent_point,
+                    SlotState::CreatedConcurrently => {
+                        match conn.find_slot(&r.slot, &db.dbname).await? {
+                            Some(confirmed) => confirmed.unwrap_or_default(),
+                            None => {
+                                return Err(slot_error(
+                                    "was created concurrently and dropped again".into(),
+                                ))
+                            }
                         }
                     }
                 }
-            },
+            }
         };
         conn.start_replication(&r.slot, &r.publication, start)
             .await?;
@@ -463,6 +482,246 @@ impl Listener {
 }
 
 impl Listener {
+    /// Opens a replication connection to the configured database.
+    async fn replication_connection(&self) -> Result<ReplicationConnection, Error> {
+        let db = &self.config.database;
+        ReplicationConnection::connect(&ConnectOptions {
+            host: db.host.clone(),
+            port: db.port,
+            user: db.user.clone(),
+            password: db.password.clone(),
+            dbname: db.dbname.clone(),
+            application_name: db.application_name.clone(),
+            connect_timeout: Duration::from_secs(db.connect_timeout_secs),
+            sslmode: db.sslmode,
+            tls: crate::tls::connector(db.sslmode, db.sslrootcert.as_deref())?,
+        })
+        .await
+    }
+
+    /// `listener slot recover`: recovers from the loss of the configured slot (see
+    /// [`crate::recovery`]) and returns once the subscription can stream from a new slot.
+    /// Refuses (with [`Error::Slot`]) when the slot is not lost and no recovery is pending.
+    pub async fn recover_slot(&self, cancel: &CancellationToken) -> Result<(), Error> {
+        let r = &self.config.replication;
+        let db = &self.config.database;
+        let (client, sql_task) = subscription::connect(db).await?;
+        let schema = crate::publication::check_extension(&client, &db.dbname).await?;
+        let row = client
+            .query_one(
+                "SELECT (SELECT wal_status FROM pg_catalog.pg_replication_slots \
+                          WHERE slot_name = $1 AND database = pg_catalog.current_database()), \
+                        EXISTS (SELECT 1 FROM domain_events.subscription \
+                                 WHERE name = $2 AND mode = 'replication' AND lsn IS NOT NULL)",
+                &[&r.slot, &r.subscription_name()],
+            )
+            .await
+            .map_err(Error::sql("looking up the slot"))?;
+        let wal_status: Option<String> = row.get(0);
+        let delivered: bool = row.get(1);
+        let durable = SubscriptionStore::new(Arc::new(client), r.subscription_name(), schema)
+            .load()
+            .await;
+        let _ = sql_task.await;
+        let recovering = durable?.recovering;
+        let lost = match wal_status.as_deref() {
+            Some("lost") => true,
+            Some(_) => false,
+            None => delivered,
+        };
+        if !lost && !recovering {
+            return Err(Error::Slot {
+                name: r.slot.clone(),
+                problem: "is not lost and no recovery is pending: nothing to recover".into(),
+            });
+        }
+        self.recover_lost_slot(cancel).await
+    }
+
+    /// Delivers what a lost slot missed by snapshot transitions from the subscription's
+    /// delivered snapshot, creates a new slot meanwhile, and switches the row to it (see
+    /// [`crate::recovery`]). Returns `Ok` when done or cancelled (the row then says where to
+    /// resume).
+    async fn recover_lost_slot(&self, cancel: &CancellationToken) -> Result<(), Error> {
+        use crate::notify::{snapshot_xmin, NotifyStore, Poller};
+        use crate::recovery::{Begun, RecoveryStore};
+
+        let db = &self.config.database;
+        let r = &self.config.replication;
+        let (client, sql_task) = subscription::connect(db).await?;
+        let schema = crate::publication::check_extension(&client, &db.dbname).await?;
+        if !schema.lost_slot_recovery {
+            return Err(Error::SlotLost {
+                name: r.slot.clone(),
+                how: "is lost".into(),
+                remedy: "this database's pg_domain_events schema predates 0.2.0 and keeps no \
+                         delivered snapshot to recover from: run ALTER EXTENSION \
+                         pg_domain_events UPDATE, `listener slot drop`, and `listener replay` \
+                         for the events committed since the slot's last confirmed position"
+                    .into(),
+            });
+        }
+        let client = Arc::new(client);
+        let recovery = RecoveryStore::new(Arc::clone(&client), r.subscription_name());
+        let (base, mut state, new_slot) = match recovery.begin().await? {
+            Begun::NothingDelivered => {
+                recovery.drop_slot(&r.slot).await?;
+                recovery.abandon().await?;
+                info!(slot = %r.slot, "the lost slot had delivered nothing: starting with a new slot");
+                return Ok(());
+            }
+            Begun::NoBoundary { lsn } => {
+                recovery.abandon().await?;
+                return Err(Error::SlotLost {
+                    name: r.slot.clone(),
+                    how: "is lost".into(),
+                    remedy: format!(
+                        "subscription {:?} was last saved by a listener older than 0.2.0 and \
+                         has no delivered snapshot, so the events the slot missed cannot be \
+                         told apart: run `listener slot drop`, start the listener, and \
+                         `listener replay` the events committed around and after LSN {lsn}",
+                        r.subscription_name()
+                    ),
+                });
+            }
+            Begun::CatchingUp {
+                base,
+                state,
+                new_slot,
+            } => (base, state, new_slot),
+        };
+        self.health.set(Phase::Recovering);
+        self.metrics.slot_recoveries.increment(1);
+        info!(
+            slot = %r.slot,
+            subscription = %r.subscription_name(),
+            from = %state.prev,
+            "recovering from the lost slot: delivering from the event table by snapshot transitions"
+        );
+        let mut store = NotifyStore::for_recovery(Arc::clone(&client), r.subscription_name());
+        let mut stream_from = None;
+        let mut creation = None;
+        match new_slot {
+            Some((at, xid)) => {
+                store.stream_from_xid(xid);
+                stream_from = Some((at, xid));
+            }
+            None => {
+                // Lost, or half made by an interrupted recovery: the new one starts from now.
+                recovery.drop_slot(&r.slot).await?;
+                let mut conn = self.replication_connection().await?;
+                let slot = r.slot.clone();
+                creation = Some(tokio::spawn(async move {
+                    let created = conn.create_slot(&slot).await;
+                    (conn, created)
+                }));
+            }
+        }
+
+        let dead_letters = Arc::new(DeadLetterStore::new(
+            Arc::clone(&client),
+            r.subscription_name(),
+        ));
+        let session_cancel = cancel.child_token();
+        let (items_tx, items_rx) = mpsc::channel(r.queue_capacity);
+        let (acks_tx, acks_rx) = watch::channel(Ack::default());
+        let (dispatcher, redriver) =
+            self.spawn_dispatch(dead_letters, items_rx, acks_tx, &session_cancel);
+        let mut poller = Poller {
+            store,
+            notifications: None,
+            items: items_tx,
+            acks: acks_rx,
+            poll_interval: Duration::from_millis(r.poll_interval_ms),
+            batch_size: r.poll_batch_size,
+            lsn_base: base.0,
+        };
+        let caught_up: Result<bool, Error> = async {
+            let mut seq = 0u64;
+            let mut delivered = 0u64;
+            loop {
+                if session_cancel.is_cancelled() {
+                    return Ok(false);
+                }
+                if creation.as_ref().is_some_and(|task: &JoinHandle<_>| task.is_finished()) {
+                    let (conn, created) = creation.take().expect("checked").await.map_err(|e| {
+                        Error::Task {
+                            task: "slot creation",
+                            reason: e.to_string(),
+                        }
+                    })?;
+                    drop(conn);
+                    let at = match created? {
+                        SlotState::Created(at) => at,
+                        SlotState::CreatedConcurrently => {
+                            return Err(Error::Slot {
+                                name: r.slot.clone(),
+                                problem: "was created by another listener while this one \
+                                          recovered from its loss; run one listener per \
+                                          subscription"
+                                    .into(),
+                            })
+                        }
+                    };
+                    let xid = recovery.new_slot(at).await?;
+                    poller.store.stream_from_xid(xid);
+                    stream_from = Some((at, xid));
+                    info!(slot = %r.slot, lsn = %at, first_xid = xid, "created the new slot; catching up to it");
+                }
+                let Some(n) = poller.transition(&mut state, &mut seq, &session_cancel).await? else {
+                    return Ok(false);
+                };
+                delivered += n;
+                if let Some((at, xid)) = stream_from {
+                    if snapshot_xmin(&state.prev).is_some_and(|xmin| xmin >= xid) {
+                        info!(
+                            slot = %r.slot,
+                            events = delivered,
+                            lsn = %at,
+                            "caught up from the event table; streaming from the new slot"
+                        );
+                        return Ok(true);
+                    }
+                }
+                if n == 0 {
+                    poller.wait(&session_cancel).await?;
+                }
+            }
+        }
+        .await;
+        session_cancel.cancel();
+        // Its item sender closes the dispatcher's queue: the dispatcher ends once it is gone.
+        drop(poller);
+        if let Some(task) = creation {
+            // Dropping the connection abandons the creation: the server removes the slot.
+            task.abort();
+        }
+        let dispatched = dispatcher.await.unwrap_or_else(|e| {
+            Err(Error::Task {
+                task: "dispatcher",
+                reason: e.to_string(),
+            })
+        });
+        if let Some(redriver) = redriver {
+            if let Err(e) = redriver.await {
+                warn!(error = %e, "the redrive task failed");
+            }
+        }
+        // A handler failure explains a catch-up that stopped because the dispatcher went away.
+        dispatched?;
+        let finished = if caught_up? {
+            recovery.finish().await
+        } else {
+            Ok(())
+        };
+        drop(recovery);
+        drop(client);
+        let _ = sql_task.await;
+        finished
+    }
+}
+
+impl Listener {
     /// A notify-mode session: one SQL connection that listens for wake-ups, polls the event table
     /// by snapshot transitions (see [`crate::notify`]) and saves the position after each batch.
     async fn notify_session(
@@ -502,11 +761,12 @@ impl Listener {
             self.spawn_dispatch(dead_letters, items_rx, acks_tx, &session_cancel);
         let poller = crate::notify::Poller {
             store,
-            notifications,
+            notifications: Some(notifications),
             items: items_tx,
             acks: acks_rx,
             poll_interval: Duration::from_millis(r.poll_interval_ms),
             batch_size: r.poll_batch_size,
+            lsn_base: 0,
         };
         let polled = poller.run(state, session_cancel.clone()).await;
         session_cancel.cancel();

@@ -385,7 +385,10 @@ impl ReplicationConnection {
             )));
         }
         if get(3).as_deref() == Some("lost") {
-            return Err(slot_error(crate::retention::lost_slot_problem()));
+            return Err(crate::retention::slot_lost(
+                slot,
+                crate::retention::INVALIDATED,
+            ));
         }
         Ok(Some(get(4).and_then(|s| s.parse().ok())))
     }
@@ -449,10 +452,10 @@ impl ReplicationConnection {
                 Frame::Message(backend::Message::ErrorResponse(body)) => {
                     let error = server_error(body.fields())?;
                     return Err(match error.code.as_str() {
-                        "42704" => Error::Slot {
-                            name: slot.to_string(),
-                            problem: format!("disappeared (was it dropped?): {error}"),
-                        },
+                        "42704" => crate::retention::slot_lost(
+                            slot,
+                            format!("disappeared (was it dropped?): {error}"),
+                        ),
                         // Invalidated between our lookup and now (PG 15 says "This slot has been
                         // invalidated because it exceeded the maximum reserved size").
                         "55000"
@@ -461,13 +464,10 @@ impl ReplicationConnection {
                                 .as_deref()
                                 .is_some_and(|d| d.contains("invalidated")) =>
                         {
-                            Error::Slot {
-                                name: slot.to_string(),
-                                problem: format!(
-                                    "{} ({error})",
-                                    crate::retention::lost_slot_problem()
-                                ),
-                            }
+                            crate::retention::slot_lost(
+                                slot,
+                                format!("{} ({error})", crate::retention::INVALIDATED),
+                            )
                         }
                         "55000" => Error::Slot {
                             name: slot.to_string(),

@@ -17,6 +17,7 @@ use crate::config::DatabaseConfig;
 use crate::dispatch::Ack;
 use crate::error::Error;
 use crate::lsn::Lsn;
+use crate::publication::Schema;
 
 /// Prefix of the heartbeat messages (`pg_logical_emit_message`).
 pub const HEARTBEAT_PREFIX: &str = "pg_domain_events.heartbeat";
@@ -121,18 +122,29 @@ async fn drive<S, T>(
     }
 }
 
+/// What a replication-mode subscription row says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Durable {
+    /// The end LSN of the last handled transaction, if any was.
+    pub lsn: Option<Lsn>,
+    /// A recovery from a lost slot started and has not finished ([`crate::recovery`]).
+    pub recovering: bool,
+}
+
 /// Reads and writes one subscription row.
 pub struct SubscriptionStore {
     client: Arc<Client>,
     name: String,
+    schema: Schema,
 }
 
 impl SubscriptionStore {
-    /// A store for row `name` over `client`.
-    pub fn new(client: Arc<Client>, name: impl Into<String>) -> SubscriptionStore {
+    /// A store for row `name` over `client`, in a database whose extension has `schema`.
+    pub fn new(client: Arc<Client>, name: impl Into<String>, schema: Schema) -> SubscriptionStore {
         SubscriptionStore {
             client,
             name: name.into(),
+            schema,
         }
     }
 
@@ -141,48 +153,102 @@ impl SubscriptionStore {
         &self.client
     }
 
-    /// The durable position, if the row exists and has one.
-    pub async fn load(&self) -> Result<Option<Lsn>, Error> {
+    /// What the row says: the durable position, and whether a recovery from a lost slot is in
+    /// progress. A row of another mode is an error.
+    pub async fn load(&self) -> Result<Durable, Error> {
+        let sql = if self.schema.lost_slot_recovery {
+            "SELECT lsn::text, mode, recovery_started_at IS NOT NULL \
+             FROM domain_events.subscription WHERE name = $1"
+        } else {
+            "SELECT lsn::text, mode, false FROM domain_events.subscription WHERE name = $1"
+        };
         let row = self
             .client
-            .query_opt(
-                "SELECT lsn::text, mode FROM domain_events.subscription WHERE name = $1",
+            .query_opt(sql, &[&self.name])
+            .await
+            .map_err(Error::sql("reading the subscription row"))?;
+        let Some(row) = row else {
+            return Ok(Durable::default());
+        };
+        let mode: String = row.get(1);
+        if mode != "replication" {
+            return Err(Error::Subscription {
+                name: self.name.clone(),
+                problem: format!(
+                    "the row belongs to a {mode}-mode subscription; choose another \
+                     replication.subscription name for replication mode"
+                ),
+            });
+        }
+        let lsn = match row.get::<_, Option<String>>(0) {
+            None => None,
+            Some(text) => Some(text.parse().map_err(|_| {
+                Error::Protocol(format!("subscription row holds an invalid lsn {text:?}"))
+            })?),
+        };
+        Ok(Durable {
+            lsn,
+            recovering: row.get(2),
+        })
+    }
+
+    /// Creates the row of a new subscription, before its slot: the snapshot it records marks
+    /// every transaction that committed before the slot as not this subscription's, so that a
+    /// slot lost before the first checkpoint still has a boundary to recover from.
+    pub async fn start_new(&self) -> Result<(), Error> {
+        if !self.schema.lost_slot_recovery {
+            return Ok(());
+        }
+        self.client
+            .execute(
+                "INSERT INTO domain_events.subscription AS s (name, mode, delivered_snapshot) \
+                 VALUES ($1, 'replication', pg_current_snapshot()) \
+                 ON CONFLICT (name) DO UPDATE SET delivered_snapshot = EXCLUDED.delivered_snapshot \
+                 WHERE s.mode = 'replication' AND s.lsn IS NULL AND s.delivered_snapshot IS NULL",
                 &[&self.name],
             )
             .await
-            .map_err(Error::sql("reading the subscription row"))?;
-        if let Some(mode) = row.as_ref().map(|r| r.get::<_, String>(1)) {
-            if mode != "replication" {
-                return Err(Error::Subscription {
-                    name: self.name.clone(),
-                    problem: format!(
-                        "the row belongs to a {mode}-mode subscription; choose another \
-                         replication.subscription name for replication mode"
-                    ),
-                });
-            }
-        }
-        let Some(text) = row.and_then(|r| r.get::<_, Option<String>>(0)) else {
-            return Ok(None);
-        };
-        text.parse()
-            .map(Some)
-            .map_err(|_| Error::Protocol(format!("subscription row holds an invalid lsn {text:?}")))
+            .map_err(Error::sql("creating the subscription row"))?;
+        Ok(())
     }
 
-    /// Records `ack` (never moving the row backwards).
+    /// Records `ack` (never moving the row backwards), and moves the delivered snapshot on.
+    ///
+    /// The delivered snapshot is the boundary a recovery from a lost slot starts from: every
+    /// transaction visible in it has been handled. Each save proposes a *pending* snapshot
+    /// together with the WAL insert position read after it (a transaction is visible only once
+    /// its commit record is in the WAL, so every transaction visible in the snapshot commits
+    /// before that position); a later save whose confirmed LSN has reached that position
+    /// promotes it. The boundary thus trails the confirmed position by about two checkpoints.
     pub async fn save(&self, ack: Ack) -> Result<(), Error> {
+        let sql = if self.schema.lost_slot_recovery {
+            "INSERT INTO domain_events.subscription AS s \
+                (name, mode, position, lsn, updated_at, pending_snapshot, pending_lsn) \
+             VALUES ($1, 'replication', $2, $3::text::pg_lsn, now(), \
+                     pg_current_snapshot(), pg_current_wal_insert_lsn()) \
+             ON CONFLICT (name) DO UPDATE SET \
+                mode = 'replication', \
+                position = GREATEST(s.position, EXCLUDED.position), \
+                lsn = GREATEST(s.lsn, EXCLUDED.lsn), \
+                updated_at = now(), \
+                delivered_snapshot = CASE WHEN s.pending_lsn <= EXCLUDED.lsn \
+                    THEN s.pending_snapshot ELSE s.delivered_snapshot END, \
+                pending_snapshot = CASE WHEN s.pending_lsn IS NULL OR s.pending_lsn <= EXCLUDED.lsn \
+                    THEN EXCLUDED.pending_snapshot ELSE s.pending_snapshot END, \
+                pending_lsn = CASE WHEN s.pending_lsn IS NULL OR s.pending_lsn <= EXCLUDED.lsn \
+                    THEN EXCLUDED.pending_lsn ELSE s.pending_lsn END \
+             WHERE s.recovery_started_at IS NULL"
+        } else {
+            "INSERT INTO domain_events.subscription AS s (name, mode, position, lsn, updated_at) \
+             VALUES ($1, 'replication', $2, $3::text::pg_lsn, now()) \
+             ON CONFLICT (name) DO UPDATE SET \
+                mode = 'replication', \
+                position = GREATEST(s.position, EXCLUDED.position), \
+                lsn = GREATEST(s.lsn, EXCLUDED.lsn), \
+                updated_at = now()"
+        };
         self.client
-            .execute(
-                "INSERT INTO domain_events.subscription AS s (name, mode, position, lsn, updated_at) \
-                 VALUES ($1, 'replication', $2, $3::text::pg_lsn, now()) \
-                 ON CONFLICT (name) DO UPDATE SET \
-                    mode = 'replication', \
-                    position = GREATEST(s.position, EXCLUDED.position), \
-                    lsn = GREATEST(s.lsn, EXCLUDED.lsn), \
-                    updated_at = now()",
-                &[&self.name, &ack.position, &ack.lsn.to_string()],
-            )
+            .execute(sql, &[&self.name, &ack.position, &ack.lsn.to_string()])
             .await
             .map_err(Error::sql("saving the subscription position"))?;
         Ok(())

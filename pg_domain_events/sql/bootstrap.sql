@@ -71,7 +71,19 @@ CREATE TABLE domain_events.subscription (
     -- (transition number `transition`, up to `position`); snapshot_cur is NULL between transitions.
     snapshot_prev pg_snapshot,
     snapshot_cur  pg_snapshot,
-    transition    bigint      NOT NULL DEFAULT 0
+    transition    bigint      NOT NULL DEFAULT 0,
+    -- Replication mode (0.2.0): every transaction visible in delivered_snapshot has been handled,
+    -- so a lost slot is recovered from without a gap by delivering what it does not see. The
+    -- listener proposes pending_snapshot with the WAL insert position read after it and promotes
+    -- it once its confirmed lsn reaches pending_lsn. While a recovery runs (recovery_started_at
+    -- set), snapshot_prev/snapshot_cur/position track its snapshot transitions, recovery_lsn is
+    -- the new slot's consistent point and recovery_until the first transaction id it delivers.
+    delivered_snapshot  pg_snapshot,
+    pending_snapshot    pg_snapshot,
+    pending_lsn         pg_lsn,
+    recovery_started_at timestamptz,
+    recovery_lsn        pg_lsn,
+    recovery_until      xid8
 );
 COMMENT ON TABLE domain_events.subscription IS
     'One row per listener subscription: its durable high-water mark (position and commit LSN).';

@@ -166,6 +166,7 @@ SELECT e.event_type,
 -- current position and the subscription's confirmed commit LSN, the WAL its slot retains, and
 -- (as an estimate: positions are not commit-ordered) events past its last handled position.
 -- Notify mode: exactly the committed events its next snapshot transition will deliver.
+-- recovering: a replication-mode subscription is catching up after losing its slot.
 CREATE VIEW domain_events.subscription_lag AS
 SELECT s.name,
        s.mode,
@@ -185,7 +186,8 @@ SELECT s.name,
        pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), r.restart_lsn)::bigint
            AS slot_wal_retained,
        r.active AS slot_active,
-       r.wal_status AS slot_wal_status
+       r.wal_status AS slot_wal_status,
+       s.recovery_started_at IS NOT NULL AS recovering
   FROM domain_events.subscription s
   LEFT JOIN pg_catalog.pg_replication_slots r
          ON r.slot_name = s.name AND r.database = pg_catalog.current_database();

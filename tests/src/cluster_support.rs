@@ -103,6 +103,61 @@ impl PrivateCluster {
     }
 }
 
+/// Makes a checkpoint invalidate slot `name` (`wal_status = lost`): sets a 1 MB
+/// `max_slot_wal_keep_size`, writes and switches WAL segments until it is, and resets the
+/// setting. Only for a private cluster: every slot of the cluster that lags behind is
+/// invalidated too.
+pub async fn invalidate_slot(client: &tokio_postgres::Client, name: &str) {
+    // One statement per call: ALTER SYSTEM refuses a transaction block.
+    client
+        .batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        .await
+        .expect("set max_slot_wal_keep_size");
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .expect("reload");
+    let mut status = String::new();
+    for _ in 0..20 {
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS public.filler (pad text); \
+                 INSERT INTO public.filler SELECT repeat('x', 1000) FROM generate_series(1, 3000)",
+            )
+            .await
+            .expect("generate WAL");
+        client
+            .batch_execute("SELECT pg_switch_wal()")
+            .await
+            .expect("switch WAL");
+        client
+            .batch_execute("CHECKPOINT")
+            .await
+            .expect("checkpoint");
+        status = client
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await
+            .expect("slot")
+            .get(0);
+        if status == "lost" {
+            break;
+        }
+    }
+    assert_eq!(status, "lost", "the slot was not invalidated");
+    // Back to unlimited: a slot made afterwards must not be invalidated by the test's WAL.
+    client
+        .batch_execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
+        .await
+        .expect("reset max_slot_wal_keep_size");
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .expect("reload");
+}
+
 impl Drop for PrivateCluster {
     fn drop(&mut self) {
         let _ = Command::new("bash")

@@ -1,10 +1,10 @@
 //! End-to-end tests of the listener's admin HTTP server and slot-safety checks, scraped over
 //! real HTTP: metrics after real events, the bearer token, `/health` across a terminated
-//! walsender, the retained-WAL warning of the binary, and a slot invalidated by
-//! `max_slot_wal_keep_size`.
+//! walsender, and the retained-WAL warning of the binary (a slot invalidated by
+//! `max_slot_wal_keep_size`: `tests/tests/slot_recovery.rs`).
 //!
-//! These tests own slots, so they run one at a time (nextest group `serial-cluster`); the one that
-//! invalidates a slot does it on a private cluster of its own. The binary tests need
+//! These tests own slots, so they run one at a time (nextest group `serial-cluster`). The binary
+//! tests need
 //! `cargo build -p listener` first.
 
 use std::collections::HashSet;
@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use e2e::admin_support::*;
-use e2e::cluster_support::PrivateCluster;
 use e2e::listener_support::*;
 use e2e::TestDb;
 use listener::config::Config;
@@ -360,79 +359,4 @@ async fn admin_binary_token_and_slot_wal_warning() {
     );
 
     child.stop_ok().await;
-}
-
-/// A slot invalidated by `max_slot_wal_keep_size` while its listener was stopped: the listener
-/// refuses to start and tells the operator what to do, instead of silently skipping events.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_lost_slot_is_a_definite_error_naming_slot_drop() {
-    // A cluster of its own: a 1 MB max_slot_wal_keep_size would invalidate the slots of the
-    // suites running beside this one on the shared cluster.
-    let cluster = PrivateCluster::start("lostslot");
-    cluster.create_database("lost").await;
-    let client = e2e::connect(&cluster.dsn("lost")).await;
-    let name = unique_name("admlost");
-    let file = write_config(&cluster.listener_config("lost", &name));
-    let mut child = ListenerProcess::spawn(&file, &[]);
-    wait_slot_active(&client, &name, SLOT_WAIT).await;
-    raise(&client, &["Loan.Funded"]).await;
-    child.wait_lines(1, SCRAPE_WAIT).await;
-    child.terminate();
-    assert!(child
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("exits")
-        .success());
-
-    // One statement per call: ALTER SYSTEM refuses a transaction block.
-    client
-        .batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
-        .await
-        .expect("set max_slot_wal_keep_size");
-    client
-        .batch_execute("SELECT pg_reload_conf()")
-        .await
-        .expect("reload");
-    // Write and switch WAL segments until a checkpoint invalidates the stopped slot.
-    let mut status = String::new();
-    for _ in 0..20 {
-        client
-            .batch_execute(
-                "CREATE TABLE IF NOT EXISTS filler (pad text); \
-                 INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 3000)",
-            )
-            .await
-            .expect("generate WAL");
-        client
-            .batch_execute("SELECT pg_switch_wal()")
-            .await
-            .expect("switch WAL");
-        client
-            .batch_execute("CHECKPOINT")
-            .await
-            .expect("checkpoint");
-        status = client
-            .query_one(
-                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
-                &[&name],
-            )
-            .await
-            .expect("slot")
-            .get(0);
-        if status == "lost" {
-            break;
-        }
-    }
-    assert_eq!(status, "lost", "the slot was not invalidated");
-
-    let mut child = ListenerProcess::spawn(&file, &[]);
-    let exit = child
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("the listener must stop on a lost slot");
-    assert_eq!(exit.code(), Some(1), "{}", child.stderr());
-    let logs = child.stderr();
-    assert!(logs.contains("wal_status = lost"), "{logs}");
-    assert!(logs.contains("listener slot drop"), "{logs}");
-    assert!(logs.contains("replay"), "{logs}");
 }

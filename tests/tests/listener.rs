@@ -766,27 +766,35 @@ async fn a_lost_connection_reconnects_and_loses_nothing() {
     listener.stop().await.expect("clean stop after a reconnect");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_slot_is_a_definite_error() {
-    let db = TestDb::new().await;
-    let name = unique_name("drop");
-    let _slot = SlotGuard(name.clone());
+/// Streams one transaction through a new slot, stops, and drops the slot; returns the
+/// listener's configuration.
+async fn deliver_one_then_drop_the_slot(db: &TestDb, name: &str) -> listener::config::Config {
     let mut client = db.connect().await;
-    let first = InProcess::start(config_for(&db, &name));
-    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    let first = InProcess::start(config_for(db, name));
+    wait_slot_active(&db.client, name, SLOT_WAIT).await;
     raise_txn(&mut client, 1, 1, true).await;
     first.collector.wait_for(1, Duration::from_secs(30)).await;
     first.stop().await.expect("clean stop");
-    assert!(subscription_lsn(&db.client, &name).await.is_some());
-
+    assert!(subscription_lsn(&db.client, name).await.is_some());
     db.client
         .execute("SELECT pg_drop_replication_slot($1)", &[&name])
         .await
         .expect("drop slot");
-    let second = InProcess::start(config_for(&db, &name));
+    config_for(db, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slot_with_on_slot_lost_stop_is_a_definite_error() {
+    let db = TestDb::new().await;
+    let name = unique_name("drop");
+    let _slot = SlotGuard(name.clone());
+    let mut config = deliver_one_then_drop_the_slot(&db, &name).await;
+    config.replication.on_slot_lost = listener::config::SlotLostPolicy::Stop;
+    let second = InProcess::start(config);
     let err = second.stop_after_error(Duration::from_secs(30)).await;
     assert!(!err.is_transient());
-    assert!(err.to_string().contains("the slot was dropped"), "{err}");
+    assert!(err.to_string().contains("was dropped"), "{err}");
+    assert!(err.to_string().contains("listener slot recover"), "{err}");
     let slots: i64 = db
         .client
         .query_one(
@@ -797,6 +805,38 @@ async fn a_dropped_slot_is_a_definite_error() {
         .unwrap()
         .get(0);
     assert_eq!(slots, 0, "a dropped slot must not be recreated silently");
+}
+
+/// A dropped slot is not recreated silently either: the events committed while it was gone are
+/// delivered from the table before the new slot streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slot_is_recovered_with_the_events_committed_while_it_was_gone() {
+    let db = TestDb::new().await;
+    let name = unique_name("dropr");
+    let _slot = SlotGuard(name.clone());
+    let mut config = deliver_one_then_drop_the_slot(&db, &name).await;
+    config.replication.poll_interval_ms = 100;
+    let mut client = db.connect().await;
+    let missed = raise_txn(&mut client, 2, 3, true).await;
+    let second = InProcess::start(config);
+    second
+        .collector
+        .wait_for(missed.len(), Duration::from_secs(60))
+        .await;
+    let delivered: Vec<Uuid> = second.collector.events().iter().map(|e| e.id).collect();
+    for id in &missed {
+        assert!(
+            delivered.contains(id),
+            "{id} committed while the slot was gone"
+        );
+    }
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    let streamed = raise_txn(&mut client, 3, 1, true).await;
+    second
+        .collector
+        .wait_for(missed.len() + streamed.len(), Duration::from_secs(30))
+        .await;
+    second.stop().await.expect("clean stop after the recovery");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
