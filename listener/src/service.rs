@@ -112,6 +112,32 @@ pub fn build_registry<'a>(
     Ok(registry)
 }
 
+/// A session's dispatcher and redrive tasks (see [`Listener::spawn_dispatch`]).
+struct DispatchTasks {
+    dispatcher: JoinHandle<Result<(), Error>>,
+    redriver: Option<JoinHandle<()>>,
+}
+
+impl DispatchTasks {
+    /// Waits for both (the dispatcher ends at its next transaction boundary once the session is
+    /// cancelled and its queue closed) and returns the dispatcher's result. Handler panics are
+    /// caught in the dispatcher; a panic of its own is reported, not unwound here.
+    async fn join(self) -> Result<(), Error> {
+        let dispatched = self.dispatcher.await.unwrap_or_else(|e| {
+            Err(Error::Task {
+                task: "dispatcher",
+                reason: e.to_string(),
+            })
+        });
+        if let Some(redriver) = self.redriver {
+            if let Err(e) = redriver.await {
+                warn!(error = %e, "the redrive task failed");
+            }
+        }
+        dispatched
+    }
+}
+
 /// A configured listener, ready to [`Listener::run`].
 pub struct Listener {
     config: Config,
@@ -130,7 +156,7 @@ impl Listener {
         items: mpsc::Receiver<Item>,
         acks: watch::Sender<Ack>,
         session_cancel: &CancellationToken,
-    ) -> (JoinHandle<Result<(), Error>>, Option<JoinHandle<()>>) {
+    ) -> DispatchTasks {
         let r = &self.config.replication;
         let mut dispatcher = Dispatcher::new(Arc::clone(&self.registry), dead_letters.clone())
             .with_workers(r.workers)
@@ -148,7 +174,10 @@ impl Listener {
             None
         };
         let dispatcher = tokio::spawn(dispatcher.run(items, acks, session_cancel.clone()));
-        (dispatcher, redriver)
+        DispatchTasks {
+            dispatcher,
+            redriver,
+        }
     }
 
     /// A listener following `config` and delivering to `registry`'s handlers.
@@ -398,8 +427,7 @@ impl Listener {
             position: 0,
         });
         // The SQL connection closes once its last user is gone (awaited below).
-        let (dispatcher, redriver) =
-            self.spawn_dispatch(dead_letters, items_rx, acks_tx, &session_cancel);
+        let dispatch = self.spawn_dispatch(dead_letters, items_rx, acks_tx, &session_cancel);
         let checkpointer = tokio::spawn(checkpoint(
             store,
             acks_rx.clone(),
@@ -437,19 +465,7 @@ impl Listener {
             .await;
         // Whatever ended the stream, stop the dispatcher at its next transaction boundary.
         session_cancel.cancel();
-        // Handler panics are caught in the dispatcher; a panic of its own is reported, not
-        // unwound here.
-        let dispatched = dispatcher.await.unwrap_or_else(|e| {
-            Err(Error::Task {
-                task: "dispatcher",
-                reason: e.to_string(),
-            })
-        });
-        if let Some(redriver) = redriver {
-            if let Err(e) = redriver.await {
-                warn!(error = %e, "the redrive task failed");
-            }
-        }
+        let dispatched = dispatch.join().await;
         let watched = watcher.await.unwrap_or_else(|e| {
             Err(Error::Task {
                 task: "slot watch",
@@ -625,8 +641,7 @@ impl Listener {
         let session_cancel = cancel.child_token();
         let (items_tx, items_rx) = mpsc::channel(r.queue_capacity);
         let (acks_tx, acks_rx) = watch::channel(Ack::default());
-        let (dispatcher, redriver) =
-            self.spawn_dispatch(dead_letters, items_rx, acks_tx, &session_cancel);
+        let dispatch = self.spawn_dispatch(dead_letters, items_rx, acks_tx, &session_cancel);
         let mut poller = Poller {
             store,
             notifications: None,
@@ -696,17 +711,7 @@ impl Listener {
             // Dropping the connection abandons the creation: the server removes the slot.
             task.abort();
         }
-        let dispatched = dispatcher.await.unwrap_or_else(|e| {
-            Err(Error::Task {
-                task: "dispatcher",
-                reason: e.to_string(),
-            })
-        });
-        if let Some(redriver) = redriver {
-            if let Err(e) = redriver.await {
-                warn!(error = %e, "the redrive task failed");
-            }
-        }
+        let dispatched = dispatch.join().await;
         // A handler failure explains a catch-up that stopped because the dispatcher went away.
         dispatched?;
         let finished = if caught_up? {
@@ -757,8 +762,7 @@ impl Listener {
         let session_cancel = cancel.child_token();
         let (items_tx, items_rx) = mpsc::channel(r.queue_capacity);
         let (acks_tx, acks_rx) = watch::channel(Ack::default());
-        let (dispatcher, redriver) =
-            self.spawn_dispatch(dead_letters, items_rx, acks_tx, &session_cancel);
+        let dispatch = self.spawn_dispatch(dead_letters, items_rx, acks_tx, &session_cancel);
         let poller = crate::notify::Poller {
             store,
             notifications: Some(notifications),
@@ -770,17 +774,7 @@ impl Listener {
         };
         let polled = poller.run(state, session_cancel.clone()).await;
         session_cancel.cancel();
-        let dispatched = dispatcher.await.unwrap_or_else(|e| {
-            Err(Error::Task {
-                task: "dispatcher",
-                reason: e.to_string(),
-            })
-        });
-        if let Some(redriver) = redriver {
-            if let Err(e) = redriver.await {
-                warn!(error = %e, "the redrive task failed");
-            }
-        }
+        let dispatched = dispatch.join().await;
         let _ = sql_task.await;
         // A handler failure explains a poller that stopped because the dispatcher went away.
         dispatched?;
