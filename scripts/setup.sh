@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building, testing and the demo need, each only when missing:
 # Debian packages (PostgreSQL 15 server and headers, libclang for pgrx's bindgen, sudo for
-# `cargo pgrx test --runas`, OpenSSL headers for the listener's TLS), cargo-pgrx pinned to the
+# `cargo pgrx test --runas`, OpenSSL headers for the listener's TLS; nats-server, Node.js with
+# npm and Python's venv for the suites and examples), cargo-pgrx pinned to the
 # pgrx version of the extension crate, pgrx's PG 15 configuration, and cargo-nextest.
 # With --kafka, also the tansu Kafka-protocol broker the Kafka handler's tests run against
 # (about 13 minutes to build, once; the demo does not need it).
@@ -26,6 +27,17 @@ missing=()
 for pkg in postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo libssl-dev pkg-config; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
+# The suites' own peers, checked by command (they may come from elsewhere than Debian): the NATS
+# handler's JetStream server, Node.js and npm for the TypeORM example, Python's venv for the
+# SQLAlchemy example.
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+if ! command -v python3 >/dev/null 2>&1; then
+    missing+=(python3 python3-venv)
+elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    missing+=(python3-venv)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     as_root apt-get update -qq
