@@ -68,9 +68,11 @@ pub struct State {
 pub struct NotifyStore {
     client: Arc<Client>,
     name: String,
-    /// Replication mode, recovering: the row's mode, and (once the new slot exists) the first
-    /// transaction id the new slot is sure to deliver, which transitions need not read.
-    recovery: Option<Option<String>>,
+    /// The row's mode: `notify`, or `replication` for a recovery.
+    mode: &'static str,
+    /// Recovery, once the new slot exists: the first transaction id (an `xid8`) it is sure to
+    /// deliver, which transitions need not read.
+    below_xid: Option<String>,
 }
 
 impl NotifyStore {
@@ -79,7 +81,8 @@ impl NotifyStore {
         NotifyStore {
             client,
             name: name.into(),
-            recovery: None,
+            mode: "notify",
+            below_xid: None,
         }
     }
 
@@ -88,18 +91,14 @@ impl NotifyStore {
         NotifyStore {
             client,
             name: name.into(),
-            recovery: Some(None),
+            mode: "replication",
+            below_xid: None,
         }
     }
 
     /// Recovery: transactions from `xid` on (an `xid8`) are left to the new slot.
     pub fn stream_from_xid(&mut self, xid: u64) {
-        self.recovery = Some(Some(xid.to_string()));
-    }
-
-    /// The client, for other statements on the same connection.
-    pub fn client(&self) -> &Client {
-        &self.client
+        self.below_xid = Some(xid.to_string());
     }
 
     /// Loads the row, creating it at the current snapshot when it does not exist (a new
@@ -162,11 +161,7 @@ impl NotifyStore {
                     &state.cur,
                     &state.position,
                     &state.transition,
-                    &if self.recovery.is_some() {
-                        "replication"
-                    } else {
-                        "notify"
-                    },
+                    &self.mode,
                 ],
             )
             .await
@@ -197,11 +192,10 @@ impl NotifyStore {
                AND ($5::text IS NULL OR txid < $5::text::xid8) \
              ORDER BY position LIMIT $4"
         );
-        let stream_from = self.recovery.clone().flatten();
         self.client
             .query(
                 &sql,
-                &[&state.prev, &cur, &state.position, &limit, &stream_from],
+                &[&state.prev, &cur, &state.position, &limit, &self.below_xid],
             )
             .await
             .map_err(Error::sql("reading events"))

@@ -32,7 +32,8 @@ const STATUS: &str = "SELECT name, mode, position, lsn::text, events_behind, byt
      slot_wal_retained, slot_active, slot_wal_status \
      FROM domain_events.subscription_lag ORDER BY name";
 
-const DROP_SLOT: &str = "SELECT pg_catalog.pg_drop_replication_slot(slot_name) \
+/// Drops slot `$1` of the current database (no row when there is none).
+pub(crate) const DROP_SLOT: &str = "SELECT pg_catalog.pg_drop_replication_slot(slot_name) \
      FROM pg_catalog.pg_replication_slots \
      WHERE slot_name = $1 AND database = pg_catalog.current_database()";
 

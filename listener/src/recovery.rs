@@ -36,6 +36,7 @@ use tracing::info;
 use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::notify::State;
+use crate::subscription::parse_row_lsn;
 
 const BEGIN: &str = "UPDATE domain_events.subscription \
         SET recovery_started_at = COALESCE(recovery_started_at, now()), updated_at = now() \
@@ -68,10 +69,6 @@ const ABANDON: &str = "UPDATE domain_events.subscription \
         SET recovery_started_at = NULL, recovery_lsn = NULL, recovery_until = NULL, \
             updated_at = now() \
       WHERE name = $1 AND mode = 'replication'";
-
-const DROP_SLOT: &str = "SELECT pg_catalog.pg_drop_replication_slot(slot_name) \
-       FROM pg_catalog.pg_replication_slots \
-      WHERE slot_name = $1 AND database = pg_catalog.current_database()";
 
 /// Where a recovery stands, as [`RecoveryStore::begin`] found the row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,9 +119,9 @@ impl RecoveryStore {
         else {
             return Ok(Begun::NothingDelivered);
         };
-        let lsn = parse_lsn(row.get(0))?;
+        let lsn = parse_row_lsn(row.get(0))?;
         let delivered: Option<String> = row.get(1);
-        let recovery_lsn = parse_lsn(row.get(2))?;
+        let recovery_lsn = parse_row_lsn(row.get(2))?;
         let until: Option<String> = row.get(3);
         let prev: Option<String> = row.get(4);
         let Some(delivered) = delivered else {
@@ -177,7 +174,7 @@ impl RecoveryStore {
     pub async fn drop_slot(&self, slot: &str) -> Result<bool, Error> {
         let dropped = !self
             .client
-            .query(DROP_SLOT, &[&slot])
+            .query(crate::operations::DROP_SLOT, &[&slot])
             .await
             .map_err(Error::sql("dropping the lost replication slot"))?
             .is_empty();
@@ -219,12 +216,4 @@ impl RecoveryStore {
             .map_err(Error::sql("finishing the recovery"))?;
         Ok(())
     }
-}
-
-fn parse_lsn(text: Option<String>) -> Result<Option<Lsn>, Error> {
-    text.map(|t| {
-        t.parse()
-            .map_err(|_| Error::Protocol(format!("subscription row holds an invalid lsn {t:?}")))
-    })
-    .transpose()
 }

@@ -523,29 +523,26 @@ impl Listener {
         let db = &self.config.database;
         let (client, sql_task) = subscription::connect(db).await?;
         let schema = crate::publication::check_extension(&client, &db.dbname).await?;
-        let row = client
-            .query_one(
-                "SELECT (SELECT wal_status FROM pg_catalog.pg_replication_slots \
-                          WHERE slot_name = $1 AND database = pg_catalog.current_database()), \
-                        EXISTS (SELECT 1 FROM domain_events.subscription \
-                                 WHERE name = $2 AND mode = 'replication' AND lsn IS NOT NULL)",
-                &[&r.slot, &r.subscription_name()],
+        let wal_status: Option<String> = client
+            .query_opt(
+                "SELECT wal_status FROM pg_catalog.pg_replication_slots \
+                  WHERE slot_name = $1 AND database = pg_catalog.current_database()",
+                &[&r.slot],
             )
             .await
-            .map_err(Error::sql("looking up the slot"))?;
-        let wal_status: Option<String> = row.get(0);
-        let delivered: bool = row.get(1);
+            .map_err(Error::sql("looking up the slot"))?
+            .and_then(|row| row.get(0));
         let durable = SubscriptionStore::new(Arc::new(client), r.subscription_name(), schema)
             .load()
             .await;
         let _ = sql_task.await;
-        let recovering = durable?.recovering;
+        let durable = durable?;
+        // Lost: invalidated, or gone while the row says events were delivered through it.
         let lost = match wal_status.as_deref() {
-            Some("lost") => true,
-            Some(_) => false,
-            None => delivered,
+            Some(status) => status == "lost",
+            None => durable.lsn.is_some(),
         };
-        if !lost && !recovering {
+        if !lost && !durable.recovering {
             return Err(Error::Slot {
                 name: r.slot.clone(),
                 problem: "is not lost and no recovery is pending: nothing to recover".into(),

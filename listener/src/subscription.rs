@@ -122,6 +122,15 @@ async fn drive<S, T>(
     }
 }
 
+/// An `lsn::text` column of a subscription row.
+pub(crate) fn parse_row_lsn(text: Option<String>) -> Result<Option<Lsn>, Error> {
+    text.map(|t| {
+        t.parse()
+            .map_err(|_| Error::Protocol(format!("subscription row holds an invalid lsn {t:?}")))
+    })
+    .transpose()
+}
+
 /// What a replication-mode subscription row says.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Durable {
@@ -180,14 +189,8 @@ impl SubscriptionStore {
                 ),
             });
         }
-        let lsn = match row.get::<_, Option<String>>(0) {
-            None => None,
-            Some(text) => Some(text.parse().map_err(|_| {
-                Error::Protocol(format!("subscription row holds an invalid lsn {text:?}"))
-            })?),
-        };
         Ok(Durable {
-            lsn,
+            lsn: parse_row_lsn(row.get(0))?,
             recovering: row.get(2),
         })
     }

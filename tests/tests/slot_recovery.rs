@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use e2e::cluster_support::{invalidate_slot, PrivateCluster};
 use e2e::listener_support::{
-    run_cli, unique_name, wait_slot_active, write_config, InProcess, ListenerProcess,
+    run_cli, stored_event_ids, unique_name, wait_slot_active, write_config, InProcess,
+    ListenerProcess,
 };
 use e2e::sink_support::raise;
 use listener::config::SlotLostPolicy;
@@ -17,17 +18,6 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// Ids of every event in the table.
-async fn stored_ids(client: &Client) -> HashSet<Uuid> {
-    client
-        .query("SELECT id FROM domain_events.event", &[])
-        .await
-        .expect("read event ids")
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
 
 /// Waits until the subscription's delivered snapshot shows every event stored now: the
 /// boundary moved past them while streaming.
@@ -158,11 +148,16 @@ async fn lost_slot_while_streaming_is_recovered_without_a_gap() {
     // Every stored event is delivered: the held one, and those committed after the loss.
     let deadline = Instant::now() + WAIT;
     loop {
-        let delivered: HashSet<Uuid> = listener.collector.events().iter().map(|e| e.id).collect();
-        let missing: Vec<Uuid> = stored_ids(&client)
+        let delivered: HashSet<String> = listener
+            .collector
+            .events()
+            .iter()
+            .map(|e| e.id.to_string())
+            .collect();
+        let missing: Vec<String> = stored_event_ids(&client)
             .await
             .difference(&delivered)
-            .copied()
+            .cloned()
             .collect();
         if missing.is_empty() {
             break;
@@ -171,7 +166,7 @@ async fn lost_slot_while_streaming_is_recovered_without_a_gap() {
             Instant::now() < deadline,
             "{} events never delivered after the slot was lost (held {held}: {}): {missing:?}",
             missing.len(),
-            missing.contains(&held)
+            missing.contains(&held.to_string())
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use e2e::listener_support::{
-    config_for, dead_letters, unique_name, wait_confirmed_past, wait_slot_active, InProcess,
-    SlotGuard,
+    config_for, dead_letters, unique_name, wait_confirmed_past, wait_dead_letters,
+    wait_slot_active, InProcess, SlotGuard,
 };
 use e2e::sink_support::raise;
 use e2e::upgrade_support::{difference, footprint, released_versions, script_dir, user_objects};
@@ -260,14 +260,7 @@ async fn survive_upgrade_from(version: &str) {
     let listener = InProcess::start_with(config_for(&db, &name), registry);
     wait_slot_active(&db.client, &name, Duration::from_secs(60)).await;
     let frozen = raise(&db.client, &[("Account", "acc-9", "Account.Frozen")]).await;
-    let letters_deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while dead_letters(&db.client, &name).await.is_empty() {
-        assert!(
-            std::time::Instant::now() < letters_deadline,
-            "no dead letter before the upgrade"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_dead_letters(&db.client, &name, 1, Duration::from_secs(30)).await;
     let before_rows = stored_rows(&db.client).await;
 
     // A writer keeps committing while the upgrade runs.
