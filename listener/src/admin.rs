@@ -1,4 +1,4 @@
-//! The admin HTTP server: `GET /health` (200 only while streaming) and `GET /metrics`
+//! The admin HTTP server: `GET /health` (200 while streaming or standing by) and `GET /metrics`
 //! (Prometheus text), optionally behind a bearer token.
 //!
 //! It runs inside [`crate::Listener::run`] when `admin.listen` is set, so an application that
@@ -30,6 +30,12 @@ pub enum Phase {
     /// The slot was lost: delivering what it missed from the event table, then streaming from a
     /// new slot ([`crate::recovery`]). Events are delivered, but the stream is not running.
     Recovering,
+    /// Another listener streams from the slot (server process `holder_pid`); this one takes
+    /// over when it is free ([`crate::standby`]).
+    Standby {
+        /// `pg_replication_slots.active_pid`: the walsender serving the active listener.
+        holder_pid: i32,
+    },
 }
 
 /// The listener's phase, shared between its sessions and the admin server.
@@ -149,6 +155,12 @@ async fn health_endpoint(State(state): State<AdminState>, headers: HeaderMap) ->
         Phase::Recovering => (
             StatusCode::SERVICE_UNAVAILABLE,
             "recovering from a lost slot\n",
+        )
+            .into_response(),
+        // A healthy standby: ready to take over, so a liveness probe must not restart it.
+        Phase::Standby { holder_pid } => (
+            StatusCode::OK,
+            format!("standby: the slot is held by server process {holder_pid}\n"),
         )
             .into_response(),
     }

@@ -180,6 +180,14 @@ pub struct ReplicationConfig {
     /// bytes; checked every `status_interval_secs`. 0 turns the warning off (the
     /// `slot_retained_wal_bytes` metric is exported either way).
     pub slot_wal_warning_bytes: u64,
+    /// On shutdown (SIGTERM, SIGINT, or the library's cancellation), how long the listener may
+    /// take to finish the transaction in flight: receive it up to its commit, handle it
+    /// (retries included), confirm it. After that it stops at once, and what it did not confirm
+    /// is delivered again on the next start.
+    pub shutdown_timeout_secs: u64,
+    /// Replication mode: while another listener streams from the slot, this one stands by and
+    /// checks this often (in milliseconds) whether the slot is free, then takes over.
+    pub standby_check_interval_ms: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -205,6 +213,8 @@ impl Default for ReplicationConfig {
             redrive_interval_ms: 5_000,
             workers: 1,
             slot_wal_warning_bytes: 1 << 30,
+            shutdown_timeout_secs: 30,
+            standby_check_interval_ms: 1000,
         }
     }
 }
@@ -1022,6 +1032,12 @@ impl Config {
         if r.queue_capacity == 0 {
             return Err(invalid(
                 Some("replication.queue_capacity".into()),
+                "must be positive",
+            ));
+        }
+        if r.standby_check_interval_ms == 0 {
+            return Err(invalid(
+                Some("replication.standby_check_interval_ms".into()),
                 "must be positive",
             ));
         }

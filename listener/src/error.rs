@@ -244,6 +244,12 @@ impl Error {
         self.retry() == Retry::Transient
     }
 
+    /// `START_REPLICATION` refused because another process streams from the slot (55006): a
+    /// standby lost the race for a slot that had just become free.
+    pub fn is_slot_in_use(&self) -> bool {
+        matches!(self, Error::Server { context: "START_REPLICATION", error } if error.code == "55006")
+    }
+
     pub(crate) fn sql(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Error {
         move |source| Error::Sql { context, source }
     }

@@ -26,6 +26,7 @@ pub mod replay;
 pub mod retention;
 pub mod service;
 pub mod sink;
+pub mod standby;
 pub mod stream;
 pub mod subscription;
 pub mod tls;

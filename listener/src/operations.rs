@@ -26,11 +26,27 @@ pub struct SubscriptionStatus {
     pub slot_active: Option<bool>,
     /// `reserved`, `extended`, `unreserved` or `lost`.
     pub slot_wal_status: Option<String>,
+    /// The server process (walsender) streaming from the slot to the active listener.
+    pub active_pid: Option<i32>,
+    /// Server processes of the listeners standing by for the slot ([`crate::standby`]).
+    pub standby_pids: Vec<i32>,
 }
 
-const STATUS: &str = "SELECT name, mode, position, lsn::text, events_behind, bytes_behind, \
-     slot_wal_retained, slot_active, slot_wal_status \
-     FROM domain_events.subscription_lag ORDER BY name";
+/// `$1`: [`crate::standby::STANDBY_PREFIX`]. A standby's `application_name` is its marker,
+/// cut to 63 bytes for long names (matched by prefix then).
+const STATUS: &str = "SELECT l.name, l.mode, l.position, l.lsn::text, l.events_behind, \
+     l.bytes_behind, l.slot_wal_retained, l.slot_active, l.slot_wal_status, \
+     (SELECT r.active_pid FROM pg_catalog.pg_replication_slots r \
+       WHERE r.slot_name = l.name AND r.database = pg_catalog.current_database() \
+         AND r.active), \
+     ARRAY(SELECT a.pid FROM pg_catalog.pg_stat_activity a \
+            WHERE a.datname = pg_catalog.current_database() \
+              AND (a.application_name = $1 || l.name \
+                   OR (pg_catalog.octet_length($1 || l.name) > 63 \
+                       AND pg_catalog.octet_length(a.application_name) > 59 \
+                       AND pg_catalog.starts_with($1 || l.name, a.application_name))) \
+            ORDER BY a.pid) \
+     FROM domain_events.subscription_lag l ORDER BY l.name";
 
 /// Drops slot `$1` of the current database (no row when there is none).
 pub(crate) const DROP_SLOT: &str = "SELECT pg_catalog.pg_drop_replication_slot(slot_name) \
@@ -43,7 +59,7 @@ const FORGET_LSN: &str = "UPDATE domain_events.subscription SET lsn = NULL, upda
 /// Every subscription of the database, from the `subscription_lag` view.
 pub async fn status(client: &Client) -> Result<Vec<SubscriptionStatus>, Error> {
     let rows = client
-        .query(STATUS, &[])
+        .query(STATUS, &[&crate::standby::STANDBY_PREFIX])
         .await
         .map_err(Error::sql("reading domain_events.subscription_lag"))?;
     Ok(rows
@@ -58,6 +74,8 @@ pub async fn status(client: &Client) -> Result<Vec<SubscriptionStatus>, Error> {
             slot_wal_retained: r.get(6),
             slot_active: r.get(7),
             slot_wal_status: r.get(8),
+            active_pid: r.get(9),
+            standby_pids: r.get(10),
         })
         .collect())
 }
@@ -68,11 +86,17 @@ pub fn render_status(rows: &[SubscriptionStatus]) -> String {
         v.as_ref().map(T::to_string).unwrap_or_else(|| "-".into())
     }
     let mut out = String::from(
-        "name\tmode\tposition\tlsn\tevents_behind\tbytes_behind\tslot_wal_retained\tslot_active\tslot_wal_status\n",
+        "name\tmode\tposition\tlsn\tevents_behind\tbytes_behind\tslot_wal_retained\tslot_active\tslot_wal_status\tactive_pid\tstandby_pids\n",
     );
     for r in rows {
+        let standbys = if r.standby_pids.is_empty() {
+            "-".to_string()
+        } else {
+            let pids: Vec<String> = r.standby_pids.iter().map(i32::to_string).collect();
+            pids.join(",")
+        };
         out.push_str(&format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
             r.name,
             r.mode,
             r.position,
@@ -81,7 +105,9 @@ pub fn render_status(rows: &[SubscriptionStatus]) -> String {
             opt(&r.bytes_behind),
             opt(&r.slot_wal_retained),
             opt(&r.slot_active),
-            opt(&r.slot_wal_status)
+            opt(&r.slot_wal_status),
+            opt(&r.active_pid),
+            standbys
         ));
     }
     out
@@ -139,10 +165,12 @@ mod tests {
             slot_wal_retained: None,
             slot_active: None,
             slot_wal_status: None,
+            active_pid: None,
+            standby_pids: Vec::new(),
         }];
         assert_eq!(
             render_status(&rows).lines().nth(1),
-            Some("poller\tnotify\t0\t-\t2\t-\t-\t-\t-")
+            Some("poller\tnotify\t0\t-\t2\t-\t-\t-\t-\t-\t-")
         );
     }
 }

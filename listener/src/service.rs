@@ -119,8 +119,8 @@ struct DispatchTasks {
 }
 
 impl DispatchTasks {
-    /// Waits for both (the dispatcher ends at its next transaction boundary once the session is
-    /// cancelled and its queue closed) and returns the dispatcher's result. Handler panics are
+    /// Waits for both (the dispatcher ends once its queue is closed and drained, or at its next
+    /// transaction boundary once the session is aborted) and returns the dispatcher's result. Handler panics are
     /// caught in the dispatcher; a panic of its own is reported, not unwound here.
     async fn join(self) -> Result<(), Error> {
         let dispatched = self.dispatcher.await.unwrap_or_else(|e| {
@@ -138,6 +138,57 @@ impl DispatchTasks {
     }
 }
 
+/// A session's two cancellations. `stop` is the shutdown: the session stops reading at the next
+/// transaction boundary and its dispatcher finishes what was read, so the transaction in flight
+/// is handled and confirmed instead of abandoned. `abort` ends the session at once (the shutdown
+/// timeout passed, or the session failed): the transaction in flight is delivered again later.
+struct SessionTokens {
+    stop: CancellationToken,
+    abort: CancellationToken,
+}
+
+impl SessionTokens {
+    /// Tokens for one session of a listener whose shutdown is `cancel` and whose shutdown
+    /// timeout fires `abort`.
+    fn child_of(cancel: &CancellationToken, abort: &CancellationToken) -> SessionTokens {
+        SessionTokens {
+            stop: cancel.child_token(),
+            abort: abort.child_token(),
+        }
+    }
+
+    /// Ends the session without draining.
+    fn abort_now(&self) {
+        self.stop.cancel();
+        self.abort.cancel();
+    }
+}
+
+/// Fires `abort` when `cancel` fired `timeout` ago and the listener is still finishing its work
+/// in flight; returns early once `done` fires.
+async fn shutdown_deadline(
+    cancel: CancellationToken,
+    abort: CancellationToken,
+    done: CancellationToken,
+    timeout: Duration,
+) {
+    tokio::select! {
+        _ = done.cancelled() => return,
+        _ = cancel.cancelled() => {}
+    }
+    tokio::select! {
+        _ = done.cancelled() => {}
+        _ = tokio::time::sleep(timeout) => {
+            warn!(
+                shutdown_timeout_secs = timeout.as_secs(),
+                "the shutdown timeout passed: abandoning the transaction in flight (it is \
+                 delivered again on the next start)"
+            );
+            abort.cancel();
+        }
+    }
+}
+
 /// A configured listener, ready to [`Listener::run`].
 pub struct Listener {
     config: Config,
@@ -150,12 +201,17 @@ impl Listener {
     /// Starts a session's dispatcher and, when `redrive_interval_ms` is set, its redrive task
     /// (the same for both modes). Takes the dead-letter store so that its SQL connection closes
     /// once the tasks are done with it.
+    ///
+    /// The redrive task stops with `session.stop`. The dispatcher drains: it handles whatever
+    /// the session's reader hands it until the reader closes the queue (which it does at a
+    /// transaction boundary on shutdown), and stops early — at its next transaction boundary or
+    /// retry backoff — only on `session.abort`.
     fn spawn_dispatch(
         &self,
         dead_letters: Arc<DeadLetterStore>,
         items: mpsc::Receiver<Item>,
         acks: watch::Sender<Ack>,
-        session_cancel: &CancellationToken,
+        session: &SessionTokens,
     ) -> DispatchTasks {
         let r = &self.config.replication;
         let mut dispatcher = Dispatcher::new(Arc::clone(&self.registry), dead_letters.clone())
@@ -168,12 +224,12 @@ impl Listener {
                 DeadLetterStore::clone(&dead_letters),
                 jobs_tx,
                 Duration::from_millis(r.redrive_interval_ms),
-                session_cancel.clone(),
+                session.stop.clone(),
             )))
         } else {
             None
         };
-        let dispatcher = tokio::spawn(dispatcher.run(items, acks, session_cancel.clone()));
+        let dispatcher = tokio::spawn(dispatcher.run(items, acks, session.abort.clone()));
         DispatchTasks {
             dispatcher,
             redriver,
@@ -207,13 +263,25 @@ impl Listener {
         self.health.clone()
     }
 
-    /// Runs until `cancel` fires (then finishes the in-flight transaction, confirms it and returns
-    /// `Ok`) or a definite error occurs. Transient failures reconnect with exponential backoff.
+    /// Runs until `cancel` fires or a definite error occurs. Transient failures reconnect with
+    /// exponential backoff.
+    ///
+    /// On `cancel` the listener drains: it receives the rest of the transaction in flight (up to
+    /// its commit), lets the handlers finish what was received — retries included — confirms it
+    /// and returns `Ok`, within `replication.shutdown_timeout_secs`; after that it stops at once
+    /// and the unconfirmed rest is delivered again on the next start.
     ///
     /// With `admin.listen` set, the admin HTTP server runs alongside and stops when this returns.
     pub async fn run(&self, cancel: CancellationToken) -> Result<(), Error> {
         let stop = CancellationToken::new();
         let admin = self.start_admin(&cancel, &stop).await?;
+        let abort = CancellationToken::new();
+        let deadline = tokio::spawn(shutdown_deadline(
+            cancel.clone(),
+            abort.clone(),
+            stop.clone(),
+            Duration::from_secs(self.config.replication.shutdown_timeout_secs),
+        ));
         let upkeep = tokio::spawn({
             let metrics = Arc::clone(&self.metrics);
             let stop = stop.clone();
@@ -227,8 +295,9 @@ impl Listener {
                 }
             }
         });
-        let result = self.run_sessions(&cancel).await;
+        let result = self.run_sessions(&cancel, &abort).await;
         stop.cancel();
+        let _ = deadline.await;
         if let Some(admin) = admin {
             match admin.await {
                 Ok(Ok(())) => {}
@@ -282,7 +351,11 @@ impl Listener {
         ))))
     }
 
-    async fn run_sessions(&self, cancel: &CancellationToken) -> Result<(), Error> {
+    async fn run_sessions(
+        &self,
+        cancel: &CancellationToken,
+        abort: &CancellationToken,
+    ) -> Result<(), Error> {
         let r = &self.config.replication;
         let min = Duration::from_millis(r.reconnect_min_backoff_ms.max(1));
         let max = Duration::from_millis(r.reconnect_max_backoff_ms).max(min);
@@ -292,8 +365,9 @@ impl Listener {
                 return Ok(());
             }
             let mut streamed = false;
+            let tokens = SessionTokens::child_of(cancel, abort);
             let session = match self.config.replication.mode {
-                Mode::Replication => match self.session(cancel, &mut streamed).await {
+                Mode::Replication => match self.session(&tokens, &mut streamed).await {
                     Err(lost @ Error::SlotLost { .. })
                         if r.on_slot_lost == SlotLostPolicy::Recover =>
                     {
@@ -302,7 +376,8 @@ impl Listener {
                             "the replication slot is lost; delivering the events it missed from \
                              the event table, then streaming from a new slot"
                         );
-                        match self.recover_lost_slot(cancel).await {
+                        let tokens = SessionTokens::child_of(cancel, abort);
+                        match self.recover_lost_slot(&tokens).await {
                             Ok(()) => {
                                 backoff = min;
                                 continue;
@@ -312,10 +387,14 @@ impl Listener {
                     }
                     other => other,
                 },
-                Mode::Notify => self.notify_session(cancel, &mut streamed).await,
+                Mode::Notify => self.notify_session(&tokens, &mut streamed).await,
             };
             match session {
                 Ok(()) => return Ok(()),
+                // A standby lost the race for the slot it saw free: it stands by again.
+                Err(err) if err.is_slot_in_use() => {
+                    debug!(error = %err, "another listener took the slot first");
+                }
                 Err(err) if err.is_transient() => {
                     self.health.set(Phase::Reconnecting(err.to_string()));
                     self.metrics.reconnects.increment(1);
@@ -339,7 +418,7 @@ impl Listener {
         }
     }
 
-    async fn session(&self, cancel: &CancellationToken, streamed: &mut bool) -> Result<(), Error> {
+    async fn session(&self, tokens: &SessionTokens, streamed: &mut bool) -> Result<(), Error> {
         let db = &self.config.database;
         let r = &self.config.replication;
 
@@ -361,7 +440,24 @@ impl Listener {
             every: Duration::from_secs(r.status_interval_secs),
             gauge: self.metrics.slot_retained_wal.clone(),
         };
+        // Stand by while another listener streams from the slot (before reading the row, which
+        // the active listener keeps moving, and the slot's position).
+        let standby_client = Arc::clone(&client);
         let store = SubscriptionStore::new(client, r.subscription_name(), schema);
+        let free = crate::standby::wait_for_slot(
+            &standby_client,
+            &r.slot,
+            r.subscription_name(),
+            &db.application_name,
+            Duration::from_millis(r.standby_check_interval_ms),
+            &self.health,
+            &tokens.stop,
+        )
+        .await?;
+        drop(standby_client);
+        if !free {
+            return Ok(());
+        }
         let durable = store.load().await?;
         if durable.recovering {
             return Err(crate::retention::slot_lost(
@@ -420,14 +516,13 @@ impl Listener {
         self.health.set(Phase::Streaming);
         info!(slot = %r.slot, publication = %r.publication, lsn = %start, "streaming");
 
-        let session_cancel = cancel.child_token();
         let (items_tx, items_rx) = mpsc::channel(r.queue_capacity);
         let (acks_tx, acks_rx) = watch::channel(Ack {
             lsn: start,
             position: 0,
         });
         // The SQL connection closes once its last user is gone (awaited below).
-        let dispatch = self.spawn_dispatch(dead_letters, items_rx, acks_tx, &session_cancel);
+        let dispatch = self.spawn_dispatch(dead_letters, items_rx, acks_tx, tokens);
         let checkpointer = tokio::spawn(checkpoint(
             store,
             acks_rx.clone(),
@@ -439,11 +534,13 @@ impl Listener {
         // A lost slot stops the session with its own error (the walsender is usually killed at
         // the same moment, which alone would look like a transient connection loss).
         let watcher = tokio::spawn({
-            let session_cancel = session_cancel.clone();
+            let stop = tokens.stop.clone();
+            let abort = tokens.abort.clone();
             async move {
-                let result = slot_watch.run(session_cancel.clone()).await;
+                let result = slot_watch.run(stop.clone()).await;
                 if result.is_err() {
-                    session_cancel.cancel();
+                    stop.cancel();
+                    abort.cancel();
                 }
                 result
             }
@@ -459,12 +556,17 @@ impl Listener {
                 &mut conn,
                 items_tx,
                 acks_rx.clone(),
-                &session_cancel,
+                &tokens.stop,
+                &tokens.abort,
                 r.ack_interval_ms,
             )
             .await;
-        // Whatever ended the stream, stop the dispatcher at its next transaction boundary.
-        session_cancel.cancel();
+        // A failed stream stops the dispatcher at its next transaction boundary; a shutdown
+        // lets it finish what the stream read (the stream stopped at a boundary).
+        if streamed_result.is_err() {
+            tokens.abort_now();
+        }
+        tokens.stop.cancel();
         let dispatched = dispatch.join().await;
         let watched = watcher.await.unwrap_or_else(|e| {
             Err(Error::Task {
@@ -548,14 +650,16 @@ impl Listener {
                 problem: "is not lost and no recovery is pending: nothing to recover".into(),
             });
         }
-        self.recover_lost_slot(cancel).await
+        // A one-shot command: a signal stops it at the next batch, no draining.
+        self.recover_lost_slot(&SessionTokens::child_of(cancel, cancel))
+            .await
     }
 
     /// Delivers what a lost slot missed by snapshot transitions from the subscription's
     /// delivered snapshot, creates a new slot meanwhile, and switches the row to it (see
     /// [`crate::recovery`]). Returns `Ok` when done or cancelled (the row then says where to
     /// resume).
-    async fn recover_lost_slot(&self, cancel: &CancellationToken) -> Result<(), Error> {
+    async fn recover_lost_slot(&self, tokens: &SessionTokens) -> Result<(), Error> {
         use crate::notify::{snapshot_xmin, NotifyStore, Poller};
         use crate::recovery::{Begun, RecoveryStore};
 
@@ -635,10 +739,10 @@ impl Listener {
             Arc::clone(&client),
             r.subscription_name(),
         ));
-        let session_cancel = cancel.child_token();
+        let session_cancel = tokens.stop.clone();
         let (items_tx, items_rx) = mpsc::channel(r.queue_capacity);
         let (acks_tx, acks_rx) = watch::channel(Ack::default());
-        let dispatch = self.spawn_dispatch(dead_letters, items_rx, acks_tx, &session_cancel);
+        let dispatch = self.spawn_dispatch(dead_letters, items_rx, acks_tx, tokens);
         let mut poller = Poller {
             store,
             notifications: None,
@@ -701,6 +805,9 @@ impl Listener {
             }
         }
         .await;
+        if caught_up.is_err() {
+            tokens.abort_now();
+        }
         session_cancel.cancel();
         // Its item sender closes the dispatcher's queue: the dispatcher ends once it is gone.
         drop(poller);
@@ -728,7 +835,7 @@ impl Listener {
     /// by snapshot transitions (see [`crate::notify`]) and saves the position after each batch.
     async fn notify_session(
         &self,
-        cancel: &CancellationToken,
+        tokens: &SessionTokens,
         streamed: &mut bool,
     ) -> Result<(), Error> {
         let db = &self.config.database;
@@ -756,10 +863,9 @@ impl Listener {
             "polling (notify mode)"
         );
 
-        let session_cancel = cancel.child_token();
         let (items_tx, items_rx) = mpsc::channel(r.queue_capacity);
         let (acks_tx, acks_rx) = watch::channel(Ack::default());
-        let dispatch = self.spawn_dispatch(dead_letters, items_rx, acks_tx, &session_cancel);
+        let dispatch = self.spawn_dispatch(dead_letters, items_rx, acks_tx, tokens);
         let poller = crate::notify::Poller {
             store,
             notifications: Some(notifications),
@@ -769,8 +875,11 @@ impl Listener {
             batch_size: r.poll_batch_size,
             lsn_base: 0,
         };
-        let polled = poller.run(state, session_cancel.clone()).await;
-        session_cancel.cancel();
+        let polled = poller.run(state, tokens.stop.clone()).await;
+        if polled.is_err() {
+            tokens.abort_now();
+        }
+        tokens.stop.cancel();
         let dispatched = dispatch.join().await;
         let _ = sql_task.await;
         // A handler failure explains a poller that stopped because the dispatcher went away.
@@ -933,20 +1042,38 @@ impl StreamState {
         Ok(())
     }
 
+    /// Reads and forwards until `cancel` fires, then goes on reading up to the commit of a
+    /// transaction in progress (so that a shutdown finishes it rather than abandoning it); stops
+    /// at once when `abort` fires.
     async fn run(
         &mut self,
         conn: &mut ReplicationConnection,
         items: mpsc::Sender<Item>,
         mut acks: watch::Receiver<Ack>,
         cancel: &CancellationToken,
+        abort: &CancellationToken,
         ack_interval_ms: u64,
     ) -> Result<(), Error> {
         let mut tick = tokio::time::interval(Duration::from_millis(ack_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut draining = false;
         loop {
+            if draining && !self.in_txn && self.pending.is_none() {
+                debug!(lsn = %self.last_commit, "stopped reading at a transaction boundary");
+                return Ok(());
+            }
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => return Ok(()),
+                _ = abort.cancelled() => return Ok(()),
+                _ = cancel.cancelled(), if !draining => {
+                    draining = true;
+                    if self.in_txn || self.pending.is_some() {
+                        info!(
+                            commit_lsn = %self.commit_lsn,
+                            "shutting down: receiving the rest of the transaction in flight"
+                        );
+                    }
+                }
                 _ = items.closed() => return Ok(()), // the dispatcher stopped; its result says why
                 permit = items.reserve(), if self.pending.is_some() => {
                     let Ok(permit) = permit else { return Ok(()) };
@@ -1195,9 +1322,10 @@ mod tests {
         let (items, _items_rx) = mpsc::channel(8);
         let (_acks_tx, acks_rx) = watch::channel(Ack::default());
         let mut state = StreamState::new(Lsn::ZERO, Duration::from_millis(100), server_timeout);
+        let never = CancellationToken::new();
         let result = tokio::time::timeout(
             Duration::from_secs(10),
-            state.run(&mut conn, items, acks_rx, &CancellationToken::new(), 20),
+            state.run(&mut conn, items, acks_rx, &never, &never, 20),
         )
         .await
         .expect("the stream loop must not hang");

@@ -45,6 +45,9 @@ pub fn config_for(db: &TestDb, name: &str) -> Config {
     config.replication.checkpoint_interval_ms = 200;
     config.replication.reconnect_min_backoff_ms = 100;
     config.replication.reconnect_max_backoff_ms = 1000;
+    // Suites stop listeners whose handlers fail on purpose: a drain that gives up well within
+    // the 30 s the helpers below wait for a stop.
+    config.replication.shutdown_timeout_secs = 10;
     config.handlers = vec![HandlerConfig {
         name: None,
         kind: HandlerKind::Stdout,
@@ -231,6 +234,31 @@ pub async fn slot_positions(client: &Client, name: &str) -> (String, String) {
         .await
         .expect("slot exists");
     (row.get(0), row.get(1))
+}
+
+/// The slot's confirmed position once its walsender let go of it (after the listener exited
+/// or was killed): its last confirmation. A slot that never confirmed anything fails the test.
+pub async fn confirmed_after_exit(client: &Client, slot: &str) -> listener::Lsn {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = client
+            .query_one(
+                "SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("the slot exists");
+        if !row.get::<_, bool>(0) {
+            return row
+                .get::<_, Option<String>>(1)
+                .expect("a slot that streamed has a confirmed position")
+                .parse()
+                .expect("lsn");
+        }
+        assert!(Instant::now() < deadline, "slot {slot} stayed active");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The subscription row's lsn as text, if any.
