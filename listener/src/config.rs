@@ -17,28 +17,9 @@ use crate::dispatch::{Filter, OnFailure, RetryPolicy};
 /// Tables of the file that environment variables may override.
 const OVERRIDABLE: [&str; 4] = ["database", "replication", "log", "admin"];
 
-/// Why the configuration cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file, an override or the merged result is not valid.
-    #[error("invalid configuration{}: {message}", origin.as_ref().map(|o| format!(" ({o})")).unwrap_or_default())]
-    Invalid {
-        /// Where the bad value came from (a file, an env var, a flag).
-        origin: Option<String>,
-        /// What is wrong.
-        message: String,
-    },
-}
+pub use crate::database::DatabaseConfig;
+pub use crate::error::ConfigError;
+pub use crate::subscription::Mode;
 
 fn invalid(origin: Option<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -61,64 +42,6 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Handlers, each `[[handlers]]` table one handler.
     pub handlers: Vec<HandlerConfig>,
-}
-
-/// `[database]`: the server to follow. The password comes from the environment only, and
-/// `Debug` leaves it out.
-#[derive(Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DatabaseConfig {
-    /// Host name or IP address.
-    pub host: String,
-    /// TCP port.
-    pub port: u16,
-    /// Role; needs `domain_events_listener`, and the `REPLICATION` attribute in replication mode.
-    pub user: String,
-    /// Database where the extension is installed.
-    pub dbname: String,
-    /// `application_name` shown in `pg_stat_replication` and `pg_stat_activity`.
-    pub application_name: String,
-    /// Seconds to wait for a TCP connection and authentication.
-    pub connect_timeout_secs: u64,
-    /// TLS: `disable`, `prefer`, `require`, `verify-ca` or `verify-full` (libpq semantics).
-    pub sslmode: crate::tls::SslMode,
-    /// CA certificates (PEM) trusted in `verify-ca`/`verify-full`; the system store otherwise.
-    pub sslrootcert: Option<PathBuf>,
-    /// From `PGDE_PASSWORD` or `PGPASSWORD`; never read from the file.
-    #[serde(skip)]
-    pub password: Option<String>,
-}
-
-impl std::fmt::Debug for DatabaseConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DatabaseConfig")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("user", &self.user)
-            .field("dbname", &self.dbname)
-            .field("application_name", &self.application_name)
-            .field("connect_timeout_secs", &self.connect_timeout_secs)
-            .field("sslmode", &self.sslmode)
-            .field("sslrootcert", &self.sslrootcert)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
-}
-
-impl Default for DatabaseConfig {
-    fn default() -> DatabaseConfig {
-        DatabaseConfig {
-            host: "127.0.0.1".into(),
-            port: 5432,
-            user: "postgres".into(),
-            dbname: "postgres".into(),
-            application_name: "pg_domain_events_listener".into(),
-            connect_timeout_secs: 10,
-            sslmode: crate::tls::SslMode::default(),
-            sslrootcert: None,
-            password: None,
-        }
-    }
 }
 
 /// `[replication]`: slot, publication, durable position and stream timing.
@@ -246,27 +169,6 @@ impl AdminConfig {
             .as_deref()
             .filter(|l| !l.trim().is_empty())
             .and_then(|l| l.trim().parse().ok())
-    }
-}
-
-/// How the listener follows committed events.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Logical replication (`pgoutput`) through a slot.
-    #[default]
-    Replication,
-    /// `LISTEN`/`NOTIFY` wake-ups and polling of the event table by snapshot transitions.
-    Notify,
-}
-
-impl Mode {
-    /// The value of `domain_events.subscription.mode`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Replication => "replication",
-            Mode::Notify => "notify",
-        }
     }
 }
 

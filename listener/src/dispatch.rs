@@ -17,7 +17,9 @@ use tracing::{debug, error, warn};
 use uuid::Uuid;
 
 use crate::dead_letter::{DeadLetter, DeadLetterSink, DECODE_HANDLER};
-use crate::error::{report, Error, Retry};
+pub use crate::error::HandlerError;
+
+use crate::error::{report, Error};
 use crate::event::Event;
 use crate::lsn::Lsn;
 use crate::metrics::{HandlerMetrics, Metrics, Outcome as Counted};
@@ -57,50 +59,6 @@ pub trait Handler: Send + Sync + 'static {
     /// of every transaction that delivered at least one event to this handler.
     async fn flush(&self) -> Result<(), HandlerError> {
         Ok(())
-    }
-}
-
-/// A handler's failure, classified for the retry policy.
-#[derive(Debug, thiserror::Error)]
-#[error("{message}")]
-pub struct HandlerError {
-    retry: Retry,
-    message: String,
-    #[source]
-    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
-}
-
-impl HandlerError {
-    /// A failure that may go away (a timeout, an unavailable downstream): retried with backoff.
-    pub fn transient(message: impl Into<String>) -> HandlerError {
-        HandlerError {
-            retry: Retry::Transient,
-            message: message.into(),
-            source: None,
-        }
-    }
-
-    /// A failure that retrying cannot cure (the event is invalid for this handler).
-    pub fn definite(message: impl Into<String>) -> HandlerError {
-        HandlerError {
-            retry: Retry::Definite,
-            message: message.into(),
-            source: None,
-        }
-    }
-
-    /// Attaches the underlying error.
-    pub fn with_source(
-        mut self,
-        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
-    ) -> HandlerError {
-        self.source = Some(source.into());
-        self
-    }
-
-    /// Whether the dispatcher may retry.
-    pub fn is_transient(&self) -> bool {
-        self.retry == Retry::Transient
     }
 }
 

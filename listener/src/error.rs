@@ -9,9 +9,8 @@
 
 use std::fmt;
 use std::io;
+use std::path::PathBuf;
 
-use crate::config::ConfigError;
-use crate::dispatch::HandlerError;
 use crate::event::EventError;
 use crate::pgoutput::DecodeError;
 
@@ -294,6 +293,73 @@ pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     out
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file, an override or the merged result is not valid.
+    #[error("invalid configuration{}: {message}", origin.as_ref().map(|o| format!(" ({o})")).unwrap_or_default())]
+    Invalid {
+        /// Where the bad value came from (a file, an env var, a flag).
+        origin: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A handler's failure, classified for the retry policy.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct HandlerError {
+    retry: Retry,
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl HandlerError {
+    /// A failure that may go away (a timeout, an unavailable downstream): retried with backoff.
+    pub fn transient(message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            retry: Retry::Transient,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A failure that retrying cannot cure (the event is invalid for this handler).
+    pub fn definite(message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            retry: Retry::Definite,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Attaches the underlying error.
+    pub fn with_source(
+        mut self,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> HandlerError {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// Whether the dispatcher may retry.
+    pub fn is_transient(&self) -> bool {
+        self.retry == Retry::Transient
+    }
 }
 
 #[cfg(test)]

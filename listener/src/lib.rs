@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod database;
 pub mod dead_letter;
 pub mod dispatch;
 pub mod error;

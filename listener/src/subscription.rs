@@ -7,17 +7,39 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 use tracing::debug;
 
-use crate::config::DatabaseConfig;
+use crate::database::DatabaseConfig;
 use crate::dispatch::Ack;
 use crate::error::Error;
 use crate::lsn::Lsn;
 use crate::publication::Schema;
+
+/// How the listener follows committed events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Logical replication (`pgoutput`) through a slot.
+    #[default]
+    Replication,
+    /// `LISTEN`/`NOTIFY` wake-ups and polling of the event table by snapshot transitions.
+    Notify,
+}
+
+impl Mode {
+    /// The value of `domain_events.subscription.mode`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Replication => "replication",
+            Mode::Notify => "notify",
+        }
+    }
+}
 
 /// Prefix of the heartbeat messages (`pg_logical_emit_message`).
 pub const HEARTBEAT_PREFIX: &str = "pg_domain_events.heartbeat";

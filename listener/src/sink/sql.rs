@@ -17,13 +17,13 @@ use crate::event::Event;
 /// event it is given, whatever its position, and neither reads nor moves the position row nor
 /// touches dead letters: a replay is an operator's explicit "apply these again", at least once.
 pub struct SqlHandler {
-    db: crate::config::DatabaseConfig,
+    db: crate::database::DatabaseConfig,
     /// `"schema"."function"`, quoted.
     function: String,
     handler: String,
     subscription: String,
     /// `mode` of the position row: the subscription's mode.
-    mode: crate::config::Mode,
+    mode: crate::subscription::Mode,
     /// Following the stream, or replaying stored events.
     delivery: Delivery,
     /// The connection and the task driving it (it ends when the client is dropped).
@@ -71,7 +71,7 @@ impl SqlHandler {
     /// A handler named `handler` of subscription `subscription` calling `function`
     /// (`schema.function`) over its own connection to `db` (opened on first use).
     pub fn new(
-        db: crate::config::DatabaseConfig,
+        db: crate::database::DatabaseConfig,
         function: &str,
         handler: impl Into<String>,
         subscription: impl Into<String>,
@@ -81,14 +81,14 @@ impl SqlHandler {
             function: quote_function(function)?,
             handler: handler.into(),
             subscription: subscription.into(),
-            mode: crate::config::Mode::Replication,
+            mode: crate::subscription::Mode::Replication,
             delivery: Delivery::Stream,
             client: tokio::sync::Mutex::new(None),
         })
     }
 
     /// Records the position row under `mode` (`replication` by default).
-    pub fn with_mode(mut self, mode: crate::config::Mode) -> SqlHandler {
+    pub fn with_mode(mut self, mode: crate::subscription::Mode) -> SqlHandler {
         self.mode = mode;
         self
     }
