@@ -118,8 +118,11 @@ async fn lost_slot_while_streaming_is_recovered_without_a_gap() {
     // Heartbeats are transactions of the stream: they move the delivered snapshot on while no
     // event is written (without them it waits for the next event).
     config.replication.heartbeat_interval_secs = 1;
+    let port = e2e::admin_support::free_port();
+    config.admin.listen = Some(format!("127.0.0.1:{port}"));
     let listener = InProcess::start(config);
     wait_slot_active(&client, &name, WAIT).await;
+    assert_eq!(slot_recoveries(port).await, 0.0);
 
     let first = raise_three(&client, "first").await;
     listener.collector.wait_for(first.len(), WAIT).await;
@@ -139,6 +142,15 @@ async fn lost_slot_while_streaming_is_recovered_without_a_gap() {
 
     // The open transaction keeps the slot's restart_lsn back, so the WAL written now exceeds
     // max_slot_wal_keep_size and a checkpoint invalidates the slot under the running listener.
+    let walsender: i32 = client
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .expect("slot")
+        .get::<_, Option<i32>>(0)
+        .expect("the listener streams the slot when it is lost");
     invalidate_slot(&client, &name).await;
     long.batch_execute("COMMIT")
         .await
@@ -186,7 +198,28 @@ async fn lost_slot_while_streaming_is_recovered_without_a_gap() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_row_streaming(&client, &name).await;
+    // The same listener noticed the loss of the slot it was streaming from, and recovered once.
+    let new_walsender: Option<i32> = client
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    assert!(
+        new_walsender.is_some_and(|pid| pid != walsender),
+        "a new walsender streams the new slot ({walsender} before, {new_walsender:?} now)"
+    );
+    assert_eq!(slot_recoveries(port).await, 1.0);
     listener.stop().await.expect("the listener stops cleanly");
+}
+
+/// `slot_recoveries_total` scraped from the listener's admin endpoint on `port`.
+async fn slot_recoveries(port: u16) -> f64 {
+    let (status, text) = e2e::admin_support::wait_get(port, "/metrics", None, WAIT).await;
+    assert_eq!(status, 200, "{text}");
+    e2e::admin_support::sample(&text, "slot_recoveries_total", &[]).expect("slot_recoveries_total")
 }
 
 /// With `on_slot_lost = "stop"` the binary stops on the lost slot and names the gap-free
