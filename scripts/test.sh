@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting, clippy, the extension's backend tests (#[pg_test]),
 # then the end-to-end suites against a fresh private cluster (scripts/cluster.sh) — the Kafka
-# handler's against tansu brokers the tests start themselves — then a short
+# and NATS handlers' against tansu brokers and nats-servers the tests start themselves on free
+# ports, the TLS and crash tests against private clusters of their own — then a short
 # fuzzing run of the stream decoders and the configuration loader (scripts/fuzz.sh).
 set -euo pipefail
 

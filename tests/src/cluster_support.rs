@@ -61,6 +61,77 @@ impl PrivateCluster {
         self.run(&["restart", mode]);
     }
 
+    /// The cluster's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        let output = Command::new("bash")
+            .arg(script())
+            .arg("state-dir")
+            .output()
+            .expect("run scripts/cluster.sh state-dir");
+        assert!(output.status.success(), "cluster.sh state-dir failed");
+        let state = String::from_utf8(output.stdout).expect("UTF-8 path");
+        PathBuf::from(state.trim()).join(&self.name).join("data")
+    }
+
+    /// Turns TLS on with the PEM certificate (chain) and key given: writes them into the data
+    /// directory owned by the cluster's OS user (`postgres`), the key with mode 0600 as the
+    /// server demands, sets `ssl = on` and reloads. Replaces earlier files when called again.
+    pub async fn enable_tls(&self, cert_pem: &str, key_pem: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.data_dir();
+        let owner = |flag: &str| -> u32 {
+            let out = Command::new("id")
+                .args([flag, "postgres"])
+                .output()
+                .expect("run id");
+            assert!(out.status.success(), "no postgres OS user");
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .expect("numeric id")
+        };
+        let (uid, gid) = (owner("-u"), owner("-g"));
+        for (file, pem, mode) in [
+            ("server.crt", cert_pem, 0o644),
+            ("server.key", key_pem, 0o600),
+        ] {
+            let path = data.join(file);
+            std::fs::write(&path, pem).expect("write TLS file");
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("chown TLS file");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .expect("chmod TLS file");
+        }
+        let admin = connect(&self.dsn("postgres")).await;
+        // One statement per call: ALTER SYSTEM refuses a transaction block.
+        for sql in [
+            "ALTER SYSTEM SET ssl_cert_file = 'server.crt'",
+            "ALTER SYSTEM SET ssl_key_file = 'server.key'",
+            "ALTER SYSTEM SET ssl = on",
+            "SELECT pg_reload_conf()",
+        ] {
+            admin.batch_execute(sql).await.expect(sql);
+        }
+        // The reload is asynchronous: wait until new sessions see it. (Whether TLS sessions
+        // really work is for the caller to check, in pg_stat_ssl.)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let ssl: String = connect(&self.dsn("postgres"))
+                .await
+                .query_one("SHOW ssl", &[])
+                .await
+                .expect("SHOW ssl")
+                .get(0);
+            if ssl == "on" {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ssl stayed off after the reload; see the server log"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// Connection string for `dbname` as the superuser.
     pub fn dsn(&self, dbname: &str) -> String {
         format!(
@@ -166,5 +237,87 @@ impl Drop for PrivateCluster {
             .env("PGDE_CLUSTER_NAME", &self.name)
             .env("PGDE_PORT", self.port.to_string())
             .output();
+    }
+}
+
+/// A TCP relay on a loopback port to a cluster's port that holds back the first client message
+/// containing `START_REPLICATION` until the test says go: the moment between a listener's
+/// slot checks and `START_REPLICATION`, made long enough to change the slot in. Bytes pass
+/// through unchanged (no TLS: the relay must read the query).
+pub struct StartReplicationHold {
+    /// The relay's port on 127.0.0.1.
+    pub port: u16,
+    held: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StartReplicationHold {
+    /// Starts relaying to `127.0.0.1:<upstream>`.
+    pub async fn start(upstream: u16) -> StartReplicationHold {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the relay");
+        let port = socket.local_addr().expect("relay address").port();
+        let (held_tx, held_rx) = tokio::sync::mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            let fired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            while let Ok((client, _)) = socket.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                else {
+                    continue;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                });
+                let (fired, held_tx) = (fired.clone(), held_tx.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match client_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let chunk = &buf[..n];
+                        if chunk.windows(17).any(|w| w == b"START_REPLICATION")
+                            && !fired.swap(true, std::sync::atomic::Ordering::SeqCst)
+                        {
+                            let (go_tx, go_rx) = tokio::sync::oneshot::channel();
+                            if held_tx.send(go_tx).await.is_ok() {
+                                let _ = go_rx.await;
+                            }
+                        }
+                        if server_write.write_all(chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        StartReplicationHold {
+            port,
+            held: tokio::sync::Mutex::new(held_rx),
+            task,
+        }
+    }
+
+    /// Waits until a client sent `START_REPLICATION` (held back, not yet forwarded); panics after
+    /// `timeout`. Sending on (or dropping) the returned sender lets it through.
+    pub async fn wait_held(
+        &self,
+        timeout: std::time::Duration,
+    ) -> tokio::sync::oneshot::Sender<()> {
+        tokio::time::timeout(timeout, self.held.lock().await.recv())
+            .await
+            .expect("no START_REPLICATION reached the relay")
+            .expect("relay running")
+    }
+}
+
+impl Drop for StartReplicationHold {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -10,6 +10,7 @@ pub mod admin_support;
 pub mod cluster_support;
 pub mod kafka_support;
 pub mod listener_support;
+pub mod nats_support;
 pub mod sink_support;
 pub mod store_support;
 pub mod upgrade_support;

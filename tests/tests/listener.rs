@@ -276,6 +276,34 @@ async fn delivers_exactly_the_committed_events_once_in_commit_order() {
     );
 }
 
+/// Slot `name`'s `confirmed_flush_lsn` once no walsender holds it (its listener was killed);
+/// panics if it stays held or has no confirmed position.
+async fn confirmed_once_released(client: &tokio_postgres::Client, name: &str) -> Lsn {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = client
+            .query_one(
+                "SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots \
+                 WHERE slot_name = $1",
+                &[&name],
+            )
+            .await
+            .expect("the slot exists");
+        if !row.get::<_, bool>(0) {
+            let confirmed: Option<String> = row.get(1);
+            return confirmed
+                .expect("the slot has a confirmed_flush_lsn")
+                .parse()
+                .expect("lsn");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot {name} still held after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn line_lsn(line: &Value) -> Lsn {
     line["commit_lsn"]
         .as_str()
@@ -315,10 +343,23 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
         "the writer finished before the kill: not mid-stream"
     );
     let before = first.lines();
-    let durable: Lsn = subscription_lsn(&db.client, &name)
+    // What the killed run confirmed: the slot's confirmed_flush_lsn once its walsender let go,
+    // and the subscription row's position (the next run starts from the later one). Both must
+    // exist; a missing one fails here rather than turning into a bound of 0/0.
+    let slot_confirmed = confirmed_once_released(&db.client, &name).await;
+    let row: Lsn = subscription_lsn(&db.client, &name)
         .await
-        .map(|s| s.parse().expect("lsn"))
-        .unwrap_or_default();
+        .expect("the killed run checkpointed its position")
+        .parse()
+        .expect("lsn");
+    let durable = slot_confirmed.max(row);
+    // The bound means something only if the killed run confirmed part of what it delivered.
+    let confirmed_lines = before.iter().filter(|l| line_lsn(l) < durable).count();
+    assert!(
+        confirmed_lines > 0 && durable > Lsn::ZERO,
+        "the killed run confirmed none of its {} events (slot {slot_confirmed}, row {row})",
+        before.len()
+    );
 
     let mut second = ListenerProcess::spawn(&config, &[]);
     writer.await.expect("writer");
@@ -685,12 +726,38 @@ async fn scram_credentials_work_and_wrong_ones_fail_with_one_clear_line() {
         .expect("cleanup");
 }
 
+/// The walsender streaming our slot: its PID, checked to be a walsender in `pg_stat_replication`.
+async fn walsender_of(client: &tokio_postgres::Client, slot: &str) -> i32 {
+    client
+        .query_one(
+            "SELECT s.active_pid FROM pg_replication_slots s \
+             JOIN pg_stat_replication r ON r.pid = s.active_pid \
+             JOIN pg_stat_activity a ON a.pid = s.active_pid \
+             WHERE s.slot_name = $1 AND a.backend_type = 'walsender'",
+            &[&slot],
+        )
+        .await
+        .expect("a walsender streams the slot")
+        .get(0)
+}
+
+/// `reconnects_total` scraped from the listener's admin endpoint on `port`.
+async fn reconnects(port: u16) -> f64 {
+    let (status, text) =
+        e2e::admin_support::wait_get(port, "/metrics", None, Duration::from_secs(10)).await;
+    assert_eq!(status, 200, "{text}");
+    e2e::admin_support::sample(&text, "reconnects_total", &[]).expect("reconnects_total")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_connection_reconnects_and_loses_nothing() {
     let db = TestDb::new().await;
     let name = unique_name("reconn");
     let _slot = SlotGuard(name.clone());
-    let listener = InProcess::start(config_for(&db, &name));
+    let port = e2e::admin_support::free_port();
+    let mut config = config_for(&db, &name);
+    config.admin.listen = Some(format!("127.0.0.1:{port}"));
+    let listener = InProcess::start(config);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
     let mut client = db.connect().await;
 
@@ -702,17 +769,56 @@ async fn a_lost_connection_reconnects_and_loses_nothing() {
         .collector
         .wait_for(100, Duration::from_secs(30))
         .await;
+    assert_eq!(reconnects(port).await, 0.0, "no reconnect before the kill");
     // Kill the walsender mid-stream: a transient failure.
-    db.client
-        .execute(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
-            &[&name],
-        )
+    let walsender = walsender_of(&db.client, &name).await;
+    let terminated: bool = db
+        .client
+        .query_one("SELECT pg_terminate_backend($1)", &[&walsender])
         .await
-        .expect("terminate walsender");
+        .expect("terminate walsender")
+        .get(0);
+    assert!(terminated, "walsender {walsender} was not terminated");
     for txn in 10..20 {
         committed.extend(raise_txn(&mut client, txn, 20, true).await);
     }
+    // The connection really died, and the listener came back on a new one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let replacement = loop {
+        let active: Option<i32> = db
+            .client
+            .query_one(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await
+            .expect("slot")
+            .get(0);
+        if let Some(pid) = active.filter(|pid| *pid != walsender) {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new walsender took the slot after {walsender} was terminated"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let gone: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+            &[&walsender],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(gone, 0, "walsender {walsender} still runs");
+    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
+    assert_eq!(walsender_of(&db.client, &name).await, replacement);
+    assert!(
+        reconnects(port).await >= 1.0,
+        "the listener did not count a reconnect"
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let ids: HashSet<Uuid> = listener.collector.events().iter().map(|e| e.id).collect();
@@ -874,54 +980,175 @@ async fn sslmode_require_needs_a_server_with_tls() {
     }
 }
 
-/// Needs a cluster with `ssl = on` whose certificate is signed by the CA in
-/// `PGDE_TEST_TLS_ROOTCERT` and names 127.0.0.1 (PGDE_TEST_DSN pointing at it).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a TLS-enabled cluster: PGDE_TEST_DSN and PGDE_TEST_TLS_ROOTCERT"]
-async fn verify_full_streams_over_tls_and_refuses_an_unknown_ca() {
-    let rootcert = std::env::var("PGDE_TEST_TLS_ROOTCERT").expect("PGDE_TEST_TLS_ROOTCERT");
-    let db = TestDb::new().await;
-    let name = unique_name("tlsfull");
-    let _slot = SlotGuard(name.clone());
+/// A CA of the test's own, named `name`: `(certificate, key)`.
+fn test_ca(name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let key = KeyPair::generate().expect("CA key");
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    (params.self_signed(&key).expect("CA certificate"), key)
+}
 
-    // The system trust store does not know the test CA: refused, definitely.
-    let mut config = config_for(&db, &name);
-    config.database.sslmode = listener::tls::SslMode::VerifyFull;
-    let refused = InProcess::start(config.clone());
-    let err = refused.stop_after_error(Duration::from_secs(30)).await;
-    assert!(!err.is_transient());
-    assert!(
-        err.to_string().contains("certificate verify failed"),
-        "{err}"
-    );
+/// A server certificate for `names` signed by `ca`: `(certificate PEM, key PEM)`.
+fn server_certificate(
+    ca: &(rcgen::Certificate, rcgen::KeyPair),
+    names: &[&str],
+) -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("server key");
+    let mut params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .expect("server params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, names[0]);
+    let cert = params
+        .signed_by(&key, &ca.0, &ca.1)
+        .expect("server certificate");
+    (cert.pem(), key.serialize_pem())
+}
 
-    config.database.sslrootcert = Some(rootcert.into());
+/// Writes `pem` to a temporary file removed on drop.
+fn pem_file(pem: &str) -> TempFile {
+    let path = std::env::temp_dir().join(format!("pgde-ca-{}.pem", Uuid::new_v4().simple()));
+    std::fs::write(&path, pem).expect("write PEM");
+    TempFile(path)
+}
+
+/// How many of the listener's sessions on the current database use TLS, and how many do not.
+async fn listener_sessions_by_tls(client: &tokio_postgres::Client) -> (i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
+             FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.datname = current_database() \
+               AND a.application_name = 'pg_domain_events_listener'",
+            &[],
+        )
+        .await
+        .expect("pg_stat_ssl");
+    (row.get(0), row.get(1))
+}
+
+/// Streams three events through a listener with `config` and checks that both of its
+/// connections (replication and SQL) use TLS; stops it.
+async fn streams_over_tls(
+    client: &tokio_postgres::Client,
+    config: listener::config::Config,
+    txn: usize,
+) {
+    let name = config.replication.slot.clone();
     let listener = InProcess::start(config);
-    wait_slot_active(&db.client, &name, SLOT_WAIT).await;
-    let mut client = db.connect().await;
-    let ids = raise_txn(&mut client, 1, 3, true).await;
+    wait_slot_active(client, &name, SLOT_WAIT).await;
+    let ids = raise_txn_on(client, txn, 3).await;
     listener
         .collector
         .wait_for(3, Duration::from_secs(30))
         .await;
     let delivered: Vec<Uuid> = listener.collector.events().iter().map(|e| e.id).collect();
     assert_eq!(delivered, ids);
-    let encrypted: i64 = db
-        .client
+    // (A stopped listener's sessions may linger a moment: at least this one's two.)
+    let (encrypted, plain) = listener_sessions_by_tls(client).await;
+    assert!(
+        encrypted >= 2 && plain == 0,
+        "the replication and SQL connections both use TLS: {encrypted} with, {plain} without"
+    );
+    listener.stop().await.expect("clean stop");
+}
+
+/// Raises `n` events in one transaction on `client`; returns their ids.
+async fn raise_txn_on(client: &tokio_postgres::Client, txn: usize, n: usize) -> Vec<Uuid> {
+    client
+        .query(
+            "SELECT id FROM domain_events.raise_events($1)",
+            &[&batch(txn, n)],
+        )
+        .await
+        .expect("raise_events")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// A private cluster with `ssl = on` and a certificate for `localhost` and `127.0.0.1` signed
+/// by a CA the test made: `verify-full` with that CA as `sslrootcert` and `require` both stream
+/// end to end over TLS; `verify-full` refuses, definitely and with a clear error, the system
+/// trust store (which does not know the CA), another CA, and a certificate for another host
+/// name signed by the right CA (which `verify-ca` accepts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_and_require_stream_over_tls_and_wrong_certificates_are_refused() {
+    use listener::tls::SslMode;
+    let cluster = e2e::cluster_support::PrivateCluster::start("tls");
+    let ca = test_ca("pgde test CA");
+    let (cert, key) = server_certificate(&ca, &["localhost", "127.0.0.1"]);
+    cluster.enable_tls(&cert, &key).await;
+    cluster.create_database("tls").await;
+    let client = e2e::connect(&cluster.dsn("tls")).await;
+    let rootcert = pem_file(&ca.0.pem());
+    let other_ca = pem_file(&test_ca("another CA").0.pem());
+
+    let config = |name: &str, mode: SslMode, root: Option<&TempFile>| {
+        let mut config = cluster.listener_config("tls", name);
+        config.database.sslmode = mode;
+        config.database.sslrootcert = root.map(|f| f.0.clone());
+        config
+    };
+    let refused = |config: listener::config::Config, why: &'static str| async move {
+        let err = InProcess::start(config)
+            .stop_after_error(Duration::from_secs(30))
+            .await;
+        let text = listener::error::report(&err);
+        assert!(
+            !err.is_transient(),
+            "{why}: a retry would fail again: {text}"
+        );
+        assert!(text.contains("certificate verify failed"), "{why}: {text}");
+        text
+    };
+
+    streams_over_tls(
+        &client,
+        config("tls_full", SslMode::VerifyFull, Some(&rootcert)),
+        1,
+    )
+    .await;
+    streams_over_tls(&client, config("tls_req", SslMode::Require, None), 2).await;
+    refused(
+        config("tls_sys", SslMode::VerifyFull, None),
+        "system trust store",
+    )
+    .await;
+    refused(
+        config("tls_other", SslMode::VerifyFull, Some(&other_ca)),
+        "another CA",
+    )
+    .await;
+
+    // The right CA, but a certificate naming another host: verify-full checks the name.
+    let (cert, key) = server_certificate(&ca, &["db.example.invalid"]);
+    cluster.enable_tls(&cert, &key).await;
+    let text = refused(
+        config("tls_host", SslMode::VerifyFull, Some(&rootcert)),
+        "host name mismatch",
+    )
+    .await;
+    eprintln!("host name mismatch: {text}");
+    // The same certificate passes verify-ca (chain only): what verify-full refused is the name.
+    streams_over_tls(
+        &client,
+        config("tls_ca", SslMode::VerifyCa, Some(&rootcert)),
+        3,
+    )
+    .await;
+    let slots: i64 = client
         .query_one(
-            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
-             WHERE a.datname = current_database() AND a.application_name = 'pg_domain_events_listener' \
-               AND s.ssl",
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name IN ('tls_sys', 'tls_other', 'tls_host')",
             &[],
         )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(
-        encrypted, 2,
-        "the replication and SQL connections both use TLS"
-    );
-    listener.stop().await.expect("clean stop");
+    assert_eq!(slots, 0, "a refused connection created no slot");
 }
 
 /// Raises `(aggregate_id, event_type)` events of aggregate type `Loan` in one transaction;

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use e2e::cluster_support::{invalidate_slot, PrivateCluster};
+use e2e::cluster_support::{invalidate_slot, PrivateCluster, StartReplicationHold};
 use e2e::listener_support::{
     run_cli, stored_event_ids, unique_name, wait_slot_active, write_config, InProcess,
     ListenerProcess,
@@ -118,8 +118,11 @@ async fn lost_slot_while_streaming_is_recovered_without_a_gap() {
     // Heartbeats are transactions of the stream: they move the delivered snapshot on while no
     // event is written (without them it waits for the next event).
     config.replication.heartbeat_interval_secs = 1;
+    let port = e2e::admin_support::free_port();
+    config.admin.listen = Some(format!("127.0.0.1:{port}"));
     let listener = InProcess::start(config);
     wait_slot_active(&client, &name, WAIT).await;
+    assert_eq!(slot_recoveries(port).await, 0.0);
 
     let first = raise_three(&client, "first").await;
     listener.collector.wait_for(first.len(), WAIT).await;
@@ -139,6 +142,15 @@ async fn lost_slot_while_streaming_is_recovered_without_a_gap() {
 
     // The open transaction keeps the slot's restart_lsn back, so the WAL written now exceeds
     // max_slot_wal_keep_size and a checkpoint invalidates the slot under the running listener.
+    let walsender: i32 = client
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .expect("slot")
+        .get::<_, Option<i32>>(0)
+        .expect("the listener streams the slot when it is lost");
     invalidate_slot(&client, &name).await;
     long.batch_execute("COMMIT")
         .await
@@ -186,7 +198,28 @@ async fn lost_slot_while_streaming_is_recovered_without_a_gap() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_row_streaming(&client, &name).await;
+    // The same listener noticed the loss of the slot it was streaming from, and recovered once.
+    let new_walsender: Option<i32> = client
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    assert!(
+        new_walsender.is_some_and(|pid| pid != walsender),
+        "a new walsender streams the new slot ({walsender} before, {new_walsender:?} now)"
+    );
+    assert_eq!(slot_recoveries(port).await, 1.0);
     listener.stop().await.expect("the listener stops cleanly");
+}
+
+/// `slot_recoveries_total` scraped from the listener's admin endpoint on `port`.
+async fn slot_recoveries(port: u16) -> f64 {
+    let (status, text) = e2e::admin_support::wait_get(port, "/metrics", None, WAIT).await;
+    assert_eq!(status, 200, "{text}");
+    e2e::admin_support::sample(&text, "slot_recoveries_total", &[]).expect("slot_recoveries_total")
 }
 
 /// With `on_slot_lost = "stop"` the binary stops on the lost slot and names the gap-free
@@ -272,4 +305,70 @@ async fn lost_slot_with_stop_policy_names_slot_recover_which_delivers_without_a_
     assert!(streamed.iter().all(|id| ids.contains(id)), "{lines:?}");
     assert_row_streaming(&client, &name).await;
     child.stop_ok().await;
+}
+
+/// The slot passes the listener's checks and is lost before its `START_REPLICATION` reaches
+/// the server (a relay holds the command back meanwhile): invalidated, then, for a second
+/// subscription, dropped. `START_REPLICATION`'s own error is recognised as a lost slot: the
+/// error carries the server's answer to that command, which the startup check never sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_lost_between_the_checks_and_start_replication_is_a_lost_slot() {
+    let cluster = PrivateCluster::start("startrepl");
+    cluster.create_database("sr").await;
+    let client = e2e::connect(&cluster.dsn("sr")).await;
+
+    for (prefix, invalidate) in [("inval", true), ("drop", false)] {
+        let name = unique_name(prefix);
+        let mut config = cluster.listener_config("sr", &name);
+        config.replication.on_slot_lost = SlotLostPolicy::Stop;
+        // A first run creates the slot and delivers, so the subscription has a position.
+        let first = InProcess::start(config.clone());
+        wait_slot_active(&client, &name, WAIT).await;
+        raise_three(&client, prefix).await;
+        first.collector.wait_for(3, WAIT).await;
+        first.stop().await.expect("clean stop");
+
+        let relay = StartReplicationHold::start(cluster.port).await;
+        config.database.port = relay.port;
+        let second = InProcess::start(config);
+        let go = relay.wait_held(WAIT).await;
+        // The listener found the slot usable; now it goes.
+        let status: Option<String> = client
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await
+            .expect("the slot exists when START_REPLICATION is sent")
+            .get(0);
+        assert_ne!(status.as_deref(), Some("lost"));
+        if invalidate {
+            invalidate_slot(&client, &name).await;
+        } else {
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&name])
+                .await
+                .expect("drop the slot");
+        }
+        let _ = go.send(());
+        let err = second.stop_after_error(WAIT).await;
+        let text = listener::error::report(&err);
+        assert!(
+            matches!(err, listener::Error::SlotLost { .. }),
+            "not a lost slot: {text}"
+        );
+        assert!(text.contains("listener slot recover"), "{text}");
+        if invalidate {
+            // The server's answer to START_REPLICATION (SQLSTATE and detail), which the
+            // startup check's message does not carry.
+            assert!(
+                text.contains("SQLSTATE 55000") && text.contains("maximum reserved size"),
+                "{text}"
+            );
+        } else {
+            assert!(text.contains("disappeared (was it dropped?)"), "{text}");
+            assert!(text.contains("SQLSTATE 42704"), "{text}");
+        }
+        eprintln!("{prefix}: {text}");
+    }
 }

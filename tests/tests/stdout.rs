@@ -77,14 +77,16 @@ async fn current_lsn(client: &Client) -> Lsn {
 }
 
 /// The slot's confirmed position or the subscription row's, whichever is further: transactions
-/// that committed before it count as delivered.
+/// that committed before it count as delivered. Both must exist (the slot was created and
+/// checkpointed by an earlier run): a missing one is a failure, not a position of 0/0.
 async fn confirmed(client: &Client, name: &str) -> Lsn {
     let (slot, _) = slot_positions(client, name).await;
     let slot: Lsn = slot.parse().expect("lsn");
-    let row = subscription_lsn(client, name)
+    let row: Lsn = subscription_lsn(client, name)
         .await
-        .map(|l| l.parse().expect("lsn"))
-        .unwrap_or_default();
+        .expect("the subscription row has a position")
+        .parse()
+        .expect("lsn");
     slot.max(row)
 }
 

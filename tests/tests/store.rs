@@ -761,15 +761,30 @@ async fn stray_insert_lands_in_default_and_maintain_moves_it_out() {
 #[tokio::test]
 async fn maintain_premakes_partitions_ahead() {
     let db = TestDb::new().await;
+    // CREATE EXTENSION premade this month and the next two: drop them (empty), so what exists
+    // afterwards is maintain()'s doing.
+    let mut premade = Vec::new();
+    for offset in 0..=2 {
+        let name = month_partition(&db.client, offset).await;
+        db.client
+            .batch_execute(&format!("DROP TABLE domain_events.{name}"))
+            .await
+            .expect("drop a premade partition");
+        assert!(!relation_exists(&db.client, &name).await);
+        premade.push(name);
+    }
     // Run from a session far from UTC: partitions are still UTC months.
     let far = db.connect().await;
     far.batch_execute("SET TimeZone = 'Pacific/Kiritimati'")
         .await
         .unwrap();
-    maintain(&far).await;
-    for offset in 0..=2 {
-        let name = month_partition(&db.client, offset).await;
-        assert!(relation_exists(&db.client, &name).await, "{name} premade");
+    let created = with_action(&maintain(&far).await, "created");
+    assert_eq!(
+        created, premade,
+        "maintain() created this month and two ahead"
+    );
+    for name in &premade {
+        assert!(relation_exists(&db.client, name).await, "{name} premade");
     }
     let third = month_partition(&db.client, 3).await;
     assert!(
