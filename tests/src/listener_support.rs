@@ -236,6 +236,18 @@ pub async fn slot_positions(client: &Client, name: &str) -> (String, String) {
     (row.get(0), row.get(1))
 }
 
+/// The server process (walsender) streaming from slot `name`, if any.
+pub async fn slot_active_pid(client: &Client, name: &str) -> Option<i32> {
+    client
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active",
+            &[&name],
+        )
+        .await
+        .expect("query pg_replication_slots")
+        .and_then(|r| r.get(0))
+}
+
 /// The slot's confirmed position once its walsender let go of it (after the listener exited
 /// or was killed): its last confirmation. A slot that never confirmed anything fails the test.
 pub async fn confirmed_after_exit(client: &Client, slot: &str) -> listener::Lsn {

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use e2e::cluster_support::PrivateCluster;
 use e2e::listener_support::{
-    config_for, unique_name, wait_slot_active, write_config, ListenerProcess, SlotGuard,
+    config_for, confirmed_after_exit, unique_name, wait_slot_active, write_config, ListenerProcess,
+    SlotGuard,
 };
 use e2e::TestDb;
 use listener::Lsn;
@@ -141,27 +142,6 @@ async fn committed_ids(client: &Client) -> HashSet<Uuid> {
         .iter()
         .map(|r| r.get(0))
         .collect()
-}
-
-/// The slot's confirmed position once its walsender let go of it (the killed listener's last
-/// confirmation).
-async fn confirmed_after_exit(client: &Client, slot: &str) -> Lsn {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let row = client
-            .query_one(
-                "SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots \
-                 WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .expect("read slot");
-        if !row.get::<_, bool>(0) {
-            return row.get::<_, String>(1).parse().expect("lsn");
-        }
-        assert!(Instant::now() < deadline, "slot {slot} stayed active");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Waits until the runs together delivered every id of `committed`; returns each run's lines.

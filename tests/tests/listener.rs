@@ -276,34 +276,6 @@ async fn delivers_exactly_the_committed_events_once_in_commit_order() {
     );
 }
 
-/// Slot `name`'s `confirmed_flush_lsn` once no walsender holds it (its listener was killed);
-/// panics if it stays held or has no confirmed position.
-async fn confirmed_once_released(client: &tokio_postgres::Client, name: &str) -> Lsn {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let row = client
-            .query_one(
-                "SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots \
-                 WHERE slot_name = $1",
-                &[&name],
-            )
-            .await
-            .expect("the slot exists");
-        if !row.get::<_, bool>(0) {
-            let confirmed: Option<String> = row.get(1);
-            return confirmed
-                .expect("the slot has a confirmed_flush_lsn")
-                .parse()
-                .expect("lsn");
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "slot {name} still held after the kill"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn line_lsn(line: &Value) -> Lsn {
     line["commit_lsn"]
         .as_str()
@@ -346,7 +318,7 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
     // What the killed run confirmed: the slot's confirmed_flush_lsn once its walsender let go,
     // and the subscription row's position (the next run starts from the later one). Both must
     // exist; a missing one fails here rather than turning into a bound of 0/0.
-    let slot_confirmed = confirmed_once_released(&db.client, &name).await;
+    let slot_confirmed = confirmed_after_exit(&db.client, &name).await;
     let row: Lsn = subscription_lsn(&db.client, &name)
         .await
         .expect("the killed run checkpointed its position")
@@ -785,15 +757,7 @@ async fn a_lost_connection_reconnects_and_loses_nothing() {
     // The connection really died, and the listener came back on a new one.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let replacement = loop {
-        let active: Option<i32> = db
-            .client
-            .query_one(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-                &[&name],
-            )
-            .await
-            .expect("slot")
-            .get(0);
+        let active = slot_active_pid(&db.client, &name).await;
         if let Some(pid) = active.filter(|pid| *pid != walsender) {
             break pid;
         }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use e2e::cluster_support::{invalidate_slot, PrivateCluster, StartReplicationHold};
 use e2e::listener_support::{
-    run_cli, stored_event_ids, unique_name, wait_slot_active, write_config, InProcess,
-    ListenerProcess,
+    run_cli, slot_active_pid, stored_event_ids, unique_name, wait_slot_active, write_config,
+    InProcess, ListenerProcess,
 };
 use e2e::sink_support::raise;
 use listener::config::SlotLostPolicy;
@@ -142,14 +142,8 @@ async fn lost_slot_while_streaming_is_recovered_without_a_gap() {
 
     // The open transaction keeps the slot's restart_lsn back, so the WAL written now exceeds
     // max_slot_wal_keep_size and a checkpoint invalidates the slot under the running listener.
-    let walsender: i32 = client
-        .query_one(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-            &[&name],
-        )
+    let walsender = slot_active_pid(&client, &name)
         .await
-        .expect("slot")
-        .get::<_, Option<i32>>(0)
         .expect("the listener streams the slot when it is lost");
     invalidate_slot(&client, &name).await;
     long.batch_execute("COMMIT")
@@ -199,14 +193,7 @@ async fn lost_slot_while_streaming_is_recovered_without_a_gap() {
     }
     assert_row_streaming(&client, &name).await;
     // The same listener noticed the loss of the slot it was streaming from, and recovered once.
-    let new_walsender: Option<i32> = client
-        .query_one(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-            &[&name],
-        )
-        .await
-        .expect("slot")
-        .get(0);
+    let new_walsender = slot_active_pid(&client, &name).await;
     assert!(
         new_walsender.is_some_and(|pid| pid != walsender),
         "a new walsender streams the new slot ({walsender} before, {new_walsender:?} now)"

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use e2e::cluster_support::PrivateCluster;
+use e2e::cluster_support::{invalidate_slot_until, PrivateCluster};
 use e2e::listener_support::{unique_name, wait_slot_active, write_config, ListenerProcess};
 use listener::Lsn;
 use serde_json::{json, Value};
@@ -65,9 +65,8 @@ async fn write(dsn: String, seed: u64, stop: Arc<AtomicBool>) -> usize {
 }
 
 /// Makes checkpoints invalidate slot `name` (its `restart_lsn` held back by an open
-/// transaction): 1 MB `max_slot_wal_keep_size`, WAL segments written and switched until the
-/// slot is lost — or already dropped or replaced by the listener's recovery, which a killed
-/// and restarted listener may reach first.
+/// transaction) — done when the slot is lost, or already dropped or replaced by the
+/// listener's recovery, which a killed and restarted listener may reach first.
 async fn invalidate_under_a_running_listener(client: &Client, name: &str) {
     let held: String = client
         .query_one(
@@ -78,57 +77,17 @@ async fn invalidate_under_a_running_listener(client: &Client, name: &str) {
         .expect("the slot exists")
         .get(0);
     let held: Lsn = held.parse().expect("lsn");
-    client
-        .batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
-        .await
-        .expect("set max_slot_wal_keep_size");
-    client
-        .batch_execute("SELECT pg_reload_conf()")
-        .await
-        .expect("reload");
-    let mut invalidated = false;
-    for _ in 0..30 {
-        client
-            .batch_execute(
-                "CREATE TABLE IF NOT EXISTS public.filler (pad text); \
-                 INSERT INTO public.filler SELECT repeat('x', 1000) FROM generate_series(1, 3000); \
-                 SELECT pg_switch_wal(); CHECKPOINT",
-            )
-            .await
-            .expect("WAL and a checkpoint");
-        let slot = client
-            .query_opt(
-                "SELECT wal_status, restart_lsn::text FROM pg_replication_slots \
-                 WHERE slot_name = $1",
-                &[&name],
-            )
-            .await
-            .expect("read the slot");
-        invalidated = match slot {
-            None => true,
-            Some(row) => {
-                let status: Option<String> = row.get(0);
-                let restart: Option<String> = row.get(1);
-                status.as_deref() == Some("lost")
-                    || restart.and_then(|r| r.parse::<Lsn>().ok()).is_none_or(|r| {
-                        // A new slot starts at the WAL written since, far past the held one.
-                        r.0 > held.0 + (4 << 20)
-                    })
-            }
-        };
-        if invalidated {
-            break;
+    invalidate_slot_until(client, name, |slot| match slot {
+        None => true,
+        Some((status, restart)) => {
+            status.as_deref() == Some("lost")
+                // A new slot starts at the WAL written since, far past the held one.
+                || restart
+                    .and_then(|r| r.parse::<Lsn>().ok())
+                    .is_none_or(|r| r.0 > held.0 + (4 << 20))
         }
-    }
-    assert!(invalidated, "slot {name} was not invalidated");
-    client
-        .batch_execute("ALTER SYSTEM RESET max_slot_wal_keep_size")
-        .await
-        .expect("reset max_slot_wal_keep_size");
-    client
-        .batch_execute("SELECT pg_reload_conf()")
-        .await
-        .expect("reload");
+    })
+    .await;
 }
 
 /// The subscription streams again: a walsender serves the slot and the row is not recovering.

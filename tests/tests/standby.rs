@@ -11,21 +11,8 @@ use std::time::{Duration, Instant};
 use e2e::admin_support::{free_port, wait_health};
 use e2e::listener_support::*;
 use e2e::TestDb;
-use tokio_postgres::Client;
 
 const SLOT_WAIT: Duration = Duration::from_secs(120);
-
-/// The server process streaming from slot `name`, if any.
-async fn slot_holder(client: &Client, name: &str) -> Option<i32> {
-    client
-        .query_opt(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND active",
-            &[&name],
-        )
-        .await
-        .expect("query pg_replication_slots")
-        .and_then(|r| r.get(0))
-}
 
 /// Event ids the stdout handler of `process` wrote.
 fn written_ids(process: &ListenerProcess) -> Vec<String> {
@@ -53,7 +40,7 @@ async fn a_standby_takes_over_within_two_seconds_of_the_active_listeners_death_a
 
     let mut active = ListenerProcess::spawn(&active_file, &[]);
     wait_slot_active(&client, &name, SLOT_WAIT).await;
-    let active_walsender = slot_holder(&client, &name).await.expect("streaming");
+    let active_walsender = slot_active_pid(&client, &name).await.expect("streaming");
     let mut standby = ListenerProcess::spawn(&standby_file, &[]);
 
     // The standby says so once, on /health too (200: it is healthy), and in `listener status`.
@@ -112,7 +99,7 @@ async fn a_standby_takes_over_within_two_seconds_of_the_active_listeners_death_a
     let killed = Instant::now();
     let deadline = killed + Duration::from_secs(30);
     let taken_over = loop {
-        if let Some(pid) = slot_holder(&client, &name).await {
+        if let Some(pid) = slot_active_pid(&client, &name).await {
             if pid != active_walsender {
                 break killed.elapsed();
             }
