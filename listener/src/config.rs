@@ -11,15 +11,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dead_letter::DECODE_HANDLER;
-use crate::dispatch::{Filter, OnFailure, RetryPolicy};
+use crate::delivery::dead_letter::DECODE_HANDLER;
+use crate::delivery::dispatch::{Filter, OnFailure, RetryPolicy};
 
 /// Tables of the file that environment variables may override.
 const OVERRIDABLE: [&str; 4] = ["database", "replication", "log", "admin"];
 
-pub use crate::database::DatabaseConfig;
 pub use crate::error::ConfigError;
-pub use crate::subscription::Mode;
+pub use crate::postgres::database::DatabaseConfig;
+pub use crate::replication::subscription::Mode;
 
 fn invalid(origin: Option<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -177,7 +177,7 @@ impl AdminConfig {
 #[serde(rename_all = "lowercase")]
 pub enum SlotLostPolicy {
     /// Deliver what the lost slot did not by polling the event table from the subscription's
-    /// delivered snapshot, create a new slot, and stream again (see [`crate::recovery`]).
+    /// delivered snapshot, create a new slot, and stream again (see [`crate::replication::recovery`]).
     #[default]
     Recover,
     /// Stop with [`crate::Error::SlotLost`], whose message says how to recover.

@@ -12,7 +12,7 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::event::EventError;
-use crate::pgoutput::DecodeError;
+use crate::replication::pgoutput::DecodeError;
 
 /// Whether retrying can help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::lsn::Lsn;
-use crate::pgoutput::{Relation, Tuple, TupleValue};
+use crate::replication::pgoutput::{Relation, Tuple, TupleValue};
 
 /// Schema of the event table.
 pub const EVENT_SCHEMA: &str = "domain_events";
@@ -308,7 +308,7 @@ mod tests {
 #[cfg(test)]
 mod fixture_tests {
     use super::*;
-    use crate::pgoutput::{decode, PgOutputMessage};
+    use crate::replication::pgoutput::{decode, PgOutputMessage};
 
     fn load(prefix: &str) -> PgOutputMessage {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");

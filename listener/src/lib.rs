@@ -8,29 +8,27 @@
 // Every public item documents its contract; clippy -D warnings enforces it.
 #![warn(missing_docs)]
 
-pub mod admin;
+// Grouped by path: following committed events, delivering them, operating the listener,
+// and what all of them share (connections, configuration, the event model, errors).
 pub mod config;
-pub mod database;
-pub mod dead_letter;
-pub mod dispatch;
+pub mod delivery;
 pub mod error;
 pub mod event;
 pub mod lsn;
-pub mod metrics;
-pub mod notify;
-pub mod operations;
-pub mod pgoutput;
-pub mod publication;
-pub mod recovery;
-mod redrive;
+pub mod ops;
+pub mod postgres;
 pub mod replay;
-pub mod retention;
+pub mod replication;
 pub mod service;
 pub mod sink;
-pub mod standby;
-pub mod stream;
-pub mod subscription;
-pub mod tls;
+
+// The module paths of 0.1.0 (`listener::dispatch::Registry`, …), kept for applications.
+pub use delivery::{dead_letter, dispatch};
+pub use ops::{admin, metrics, operations};
+pub use postgres::{database, tls};
+pub use replication::{
+    notify, pgoutput, publication, recovery, retention, standby, stream, subscription,
+};
 
 pub use dead_letter::{DeadLetter, DeadLetterSink, DeadLetterStore};
 pub use dispatch::{Filter, Handler, HandlerError, OnFailure, Registry, RetryPolicy};

@@ -41,8 +41,8 @@ use tracing::debug;
 use uuid::Uuid;
 
 use crate::config::{Config, ConfigError, DatabaseConfig};
-use crate::dead_letter::{event_from_row, DeadLetter, DeadLetterSink, EVENT_COLUMNS};
-use crate::dispatch::{Ack, Dispatcher, Filter, Item, Registry, Undecodable};
+use crate::delivery::dead_letter::{event_from_row, DeadLetter, DeadLetterSink, EVENT_COLUMNS};
+use crate::delivery::dispatch::{Ack, Dispatcher, Filter, Item, Registry, Undecodable};
 use crate::error::{report, Error};
 use crate::lsn::Lsn;
 use crate::service::Purpose;
@@ -367,7 +367,8 @@ impl Replay {
     /// Counts the selected events per event type, handling nothing (`--dry-run`).
     pub async fn count(&self) -> Result<Vec<(String, u64)>, Error> {
         self.selection.validate()?;
-        let (client, connection) = crate::subscription::connect(&self.database).await?;
+        let (client, connection) =
+            crate::replication::subscription::connect(&self.database).await?;
         let (filters, params) = self.selection.filters();
         let sql = COUNT_BY_TYPE.replace("{filters}", &filters);
         let refs: Vec<&(dyn ToSql + Sync)> = params
@@ -399,7 +400,8 @@ impl Replay {
     ) -> Result<Summary, Error> {
         self.selection.validate()?;
         let started = Instant::now();
-        let (client, connection) = crate::subscription::connect(&self.database).await?;
+        let (client, connection) =
+            crate::replication::subscription::connect(&self.database).await?;
         let registry = Arc::new(registry);
         let failures = Arc::new(Failures::default());
         // Two batches in flight: one being handled, the next being fetched and decoded.

@@ -25,18 +25,20 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use crate::admin::{Health, Phase};
 use crate::config::{Config, ConfigError, HandlerConfig, HandlerKind, Mode, SlotLostPolicy};
-use crate::dead_letter::DeadLetterStore;
-use crate::dispatch::{jitter, Ack, Dispatcher, Handler, Item, Registry, Undecodable};
+use crate::delivery::dead_letter::DeadLetterStore;
+use crate::delivery::dispatch::{jitter, Ack, Dispatcher, Handler, Item, Registry, Undecodable};
 use crate::error::{report, Error};
 use crate::event::{Decoded, EventDecoder, EventError};
 use crate::lsn::Lsn;
-use crate::metrics::Metrics;
-use crate::pgoutput::{self, PgOutputMessage};
+use crate::ops::admin::{Health, Phase};
+use crate::ops::metrics::Metrics;
+use crate::replication::pgoutput::{self, PgOutputMessage};
+use crate::replication::stream::{
+    ConnectOptions, ReplicationConnection, ReplicationMessage, SlotState,
+};
+use crate::replication::subscription::{self, SubscriptionStore, HEARTBEAT_PREFIX};
 use crate::sink::{KafkaSink, NatsSink, SqlHandler, StdoutSink, WebhookSink};
-use crate::stream::{ConnectOptions, ReplicationConnection, ReplicationMessage, SlotState};
-use crate::subscription::{self, SubscriptionStore, HEARTBEAT_PREFIX};
 
 /// What built-in handlers are built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,7 +222,7 @@ impl Listener {
         let redriver = if r.redrive_interval_ms > 0 {
             let (jobs_tx, jobs_rx) = mpsc::channel(1);
             dispatcher = dispatcher.with_redrives(jobs_rx);
-            Some(tokio::spawn(crate::redrive::run(
+            Some(tokio::spawn(crate::delivery::redrive::run(
                 DeadLetterStore::clone(&dead_letters),
                 jobs_tx,
                 Duration::from_millis(r.redrive_interval_ms),
@@ -341,7 +343,7 @@ impl Listener {
         let socket = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| config_error("admin.listen", format!("cannot listen on {addr}: {e}")))?;
-        Ok(Some(tokio::spawn(crate::admin::serve(
+        Ok(Some(tokio::spawn(crate::ops::admin::serve(
             socket,
             self.health.clone(),
             Arc::clone(&self.metrics),
@@ -425,15 +427,19 @@ impl Listener {
         // The replication connection comes first: its authentication errors are the clearest.
         let mut conn = self.replication_connection().await?;
         let (client, sql_task) = subscription::connect(db).await?;
-        let schema = crate::publication::check_extension(&client, &db.dbname).await?;
-        crate::publication::ensure_publication(&client, &r.publication, r.create_publication)
-            .await?;
+        let schema = crate::replication::publication::check_extension(&client, &db.dbname).await?;
+        crate::replication::publication::ensure_publication(
+            &client,
+            &r.publication,
+            r.create_publication,
+        )
+        .await?;
         let client = Arc::new(client);
         let dead_letters = Arc::new(DeadLetterStore::new(
             Arc::clone(&client),
             r.subscription_name(),
         ));
-        let slot_watch = crate::retention::SlotWatch {
+        let slot_watch = crate::replication::retention::SlotWatch {
             client: Arc::clone(&client),
             slot: r.slot.clone(),
             warn_above: r.slot_wal_warning_bytes,
@@ -444,7 +450,7 @@ impl Listener {
         // the active listener keeps moving, and the slot's position).
         let standby_client = Arc::clone(&client);
         let store = SubscriptionStore::new(client, r.subscription_name(), schema);
-        let free = crate::standby::wait_for_slot(
+        let free = crate::replication::standby::wait_for_slot(
             &standby_client,
             &r.slot,
             r.subscription_name(),
@@ -460,7 +466,7 @@ impl Listener {
         }
         let durable = store.load().await?;
         if durable.recovering {
-            return Err(crate::retention::slot_lost(
+            return Err(crate::replication::retention::slot_lost(
                 &r.slot,
                 "is being replaced: a recovery from its loss has not finished",
             ));
@@ -478,7 +484,7 @@ impl Listener {
                 .max(confirmed.unwrap_or_default()),
             // Recreating it silently would skip every event committed since it disappeared.
             None if durable.is_some() => {
-                return Err(crate::retention::slot_lost(
+                return Err(crate::replication::retention::slot_lost(
                     &r.slot,
                     format!(
                         "was dropped, but subscription {:?} has delivered up to {} through it",
@@ -612,19 +618,19 @@ impl Listener {
             application_name: db.application_name.clone(),
             connect_timeout: Duration::from_secs(db.connect_timeout_secs),
             sslmode: db.sslmode,
-            tls: crate::tls::connector(db.sslmode, db.sslrootcert.as_deref())?,
+            tls: crate::postgres::tls::connector(db.sslmode, db.sslrootcert.as_deref())?,
         })
         .await
     }
 
     /// `listener slot recover`: recovers from the loss of the configured slot (see
-    /// [`crate::recovery`]) and returns once the subscription can stream from a new slot.
+    /// [`crate::replication::recovery`]) and returns once the subscription can stream from a new slot.
     /// Refuses (with [`Error::Slot`]) when the slot is not lost and no recovery is pending.
     pub async fn recover_slot(&self, cancel: &CancellationToken) -> Result<(), Error> {
         let r = &self.config.replication;
         let db = &self.config.database;
         let (client, sql_task) = subscription::connect(db).await?;
-        let schema = crate::publication::check_extension(&client, &db.dbname).await?;
+        let schema = crate::replication::publication::check_extension(&client, &db.dbname).await?;
         let wal_status: Option<String> = client
             .query_opt(
                 "SELECT wal_status FROM pg_catalog.pg_replication_slots \
@@ -657,16 +663,16 @@ impl Listener {
 
     /// Delivers what a lost slot missed by snapshot transitions from the subscription's
     /// delivered snapshot, creates a new slot meanwhile, and switches the row to it (see
-    /// [`crate::recovery`]). Returns `Ok` when done or cancelled (the row then says where to
+    /// [`crate::replication::recovery`]). Returns `Ok` when done or cancelled (the row then says where to
     /// resume).
     async fn recover_lost_slot(&self, tokens: &SessionTokens) -> Result<(), Error> {
-        use crate::notify::{snapshot_xmin, NotifyStore, Poller};
-        use crate::recovery::{Begun, RecoveryStore};
+        use crate::replication::notify::{snapshot_xmin, NotifyStore, Poller};
+        use crate::replication::recovery::{Begun, RecoveryStore};
 
         let db = &self.config.database;
         let r = &self.config.replication;
         let (client, sql_task) = subscription::connect(db).await?;
-        let schema = crate::publication::check_extension(&client, &db.dbname).await?;
+        let schema = crate::replication::publication::check_extension(&client, &db.dbname).await?;
         if !schema.lost_slot_recovery {
             return Err(Error::SlotLost {
                 name: r.slot.clone(),
@@ -832,7 +838,7 @@ impl Listener {
 
 impl Listener {
     /// A notify-mode session: one SQL connection that listens for wake-ups, polls the event table
-    /// by snapshot transitions (see [`crate::notify`]) and saves the position after each batch.
+    /// by snapshot transitions (see [`crate::replication::notify`]) and saves the position after each batch.
     async fn notify_session(
         &self,
         tokens: &SessionTokens,
@@ -841,9 +847,9 @@ impl Listener {
         let db = &self.config.database;
         let r = &self.config.replication;
         let (client, sql_task, notifications) = subscription::connect_listening(db).await?;
-        crate::publication::check_extension(&client, &db.dbname).await?;
+        crate::replication::publication::check_extension(&client, &db.dbname).await?;
         client
-            .batch_execute(&format!("LISTEN {}", crate::notify::CHANNEL))
+            .batch_execute(&format!("LISTEN {}", crate::replication::notify::CHANNEL))
             .await
             .map_err(Error::sql("listening for notifications"))?;
         let client = Arc::new(client);
@@ -851,7 +857,7 @@ impl Listener {
             Arc::clone(&client),
             r.subscription_name(),
         ));
-        let store = crate::notify::NotifyStore::new(client, r.subscription_name());
+        let store = crate::replication::notify::NotifyStore::new(client, r.subscription_name());
         let state = store.load_or_start().await?;
         *streamed = true;
         self.health.set(Phase::Streaming);
@@ -866,7 +872,7 @@ impl Listener {
         let (items_tx, items_rx) = mpsc::channel(r.queue_capacity);
         let (acks_tx, acks_rx) = watch::channel(Ack::default());
         let dispatch = self.spawn_dispatch(dead_letters, items_rx, acks_tx, tokens);
-        let poller = crate::notify::Poller {
+        let poller = crate::replication::notify::Poller {
             store,
             notifications: Some(notifications),
             items: items_tx,
@@ -1246,7 +1252,7 @@ mod tests {
     //! to show on demand (silence, an abrupt end of the copy).
 
     use super::*;
-    use crate::tls::SslMode;
+    use crate::postgres::tls::SslMode;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 

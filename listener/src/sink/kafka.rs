@@ -14,7 +14,7 @@ use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
 use super::template::{self, Part};
-use crate::dispatch::{Handler, HandlerError};
+use crate::delivery::dispatch::{Handler, HandlerError};
 use crate::event::Event;
 
 /// Topic template when none is configured.

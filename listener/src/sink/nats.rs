@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tracing::{info, warn};
 
 use super::template::{self, Part};
-use crate::dispatch::{Handler, HandlerError};
+use crate::delivery::dispatch::{Handler, HandlerError};
 use crate::event::Event;
 
 /// Subject template when none is configured.

@@ -1,6 +1,6 @@
 //! The `sql` handler: a SQL function applied exactly once per event.
 
-use crate::dispatch::{Handler, HandlerError};
+use crate::delivery::dispatch::{Handler, HandlerError};
 use crate::event::Event;
 
 /// Calls a SQL function `f(event jsonb)` for each event, **exactly once**: the call and the
@@ -17,13 +17,13 @@ use crate::event::Event;
 /// event it is given, whatever its position, and neither reads nor moves the position row nor
 /// touches dead letters: a replay is an operator's explicit "apply these again", at least once.
 pub struct SqlHandler {
-    db: crate::database::DatabaseConfig,
+    db: crate::postgres::database::DatabaseConfig,
     /// `"schema"."function"`, quoted.
     function: String,
     handler: String,
     subscription: String,
     /// `mode` of the position row: the subscription's mode.
-    mode: crate::subscription::Mode,
+    mode: crate::replication::subscription::Mode,
     /// Following the stream, or replaying stored events.
     delivery: Delivery,
     /// The connection and the task driving it (it ends when the client is dropped).
@@ -71,7 +71,7 @@ impl SqlHandler {
     /// A handler named `handler` of subscription `subscription` calling `function`
     /// (`schema.function`) over its own connection to `db` (opened on first use).
     pub fn new(
-        db: crate::database::DatabaseConfig,
+        db: crate::postgres::database::DatabaseConfig,
         function: &str,
         handler: impl Into<String>,
         subscription: impl Into<String>,
@@ -81,14 +81,14 @@ impl SqlHandler {
             function: quote_function(function)?,
             handler: handler.into(),
             subscription: subscription.into(),
-            mode: crate::subscription::Mode::Replication,
+            mode: crate::replication::subscription::Mode::Replication,
             delivery: Delivery::Stream,
             client: tokio::sync::Mutex::new(None),
         })
     }
 
     /// Records the position row under `mode` (`replication` by default).
-    pub fn with_mode(mut self, mode: crate::subscription::Mode) -> SqlHandler {
+    pub fn with_mode(mut self, mode: crate::replication::subscription::Mode) -> SqlHandler {
         self.mode = mode;
         self
     }
@@ -142,7 +142,7 @@ impl SqlHandler {
                          WHERE subscription = $1 AND handler = $2 AND event_id = $3)",
                         &[
                             &self.subscription,
-                            &crate::dead_letter::DECODE_HANDLER,
+                            &crate::delivery::dead_letter::DECODE_HANDLER,
                             &event.id,
                         ],
                     )
@@ -192,7 +192,7 @@ impl Handler for SqlHandler {
         let (client, _) = match &mut *guard {
             Some(connected) => connected,
             None => {
-                let (client, connection) = crate::subscription::connect(&self.db)
+                let (client, connection) = crate::replication::subscription::connect(&self.db)
                     .await
                     .map_err(|e| sql_failure(e.is_transient(), "cannot connect", e))?;
                 if self.delivery == Delivery::Stream {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::dispatch::{Handler, HandlerError};
+use crate::delivery::dispatch::{Handler, HandlerError};
 use crate::event::Event;
 
 /// Writes a flush's lines to the output, whole, or fails.

@@ -7,7 +7,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use reqwest::StatusCode;
 use sha2::Sha256;
 
-use crate::dispatch::{Handler, HandlerError};
+use crate::delivery::dispatch::{Handler, HandlerError};
 use crate::event::Event;
 
 /// Header carrying `sha256=<hex HMAC-SHA256 of the body>`.

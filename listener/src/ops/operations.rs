@@ -28,11 +28,11 @@ pub struct SubscriptionStatus {
     pub slot_wal_status: Option<String>,
     /// The server process (walsender) streaming from the slot to the active listener.
     pub active_pid: Option<i32>,
-    /// Server processes of the listeners standing by for the slot ([`crate::standby`]).
+    /// Server processes of the listeners standing by for the slot ([`crate::replication::standby`]).
     pub standby_pids: Vec<i32>,
 }
 
-/// `$1`: [`crate::standby::STANDBY_PREFIX`]. A standby's `application_name` is its marker,
+/// `$1`: [`crate::replication::standby::STANDBY_PREFIX`]. A standby's `application_name` is its marker,
 /// cut to 63 bytes for long names (matched by prefix then).
 const STATUS: &str = "SELECT l.name, l.mode, l.position, l.lsn::text, l.events_behind, \
      l.bytes_behind, l.slot_wal_retained, l.slot_active, l.slot_wal_status, \
@@ -59,7 +59,7 @@ const FORGET_LSN: &str = "UPDATE domain_events.subscription SET lsn = NULL, upda
 /// Every subscription of the database, from the `subscription_lag` view.
 pub async fn status(client: &Client) -> Result<Vec<SubscriptionStatus>, Error> {
     let rows = client
-        .query(STATUS, &[&crate::standby::STANDBY_PREFIX])
+        .query(STATUS, &[&crate::replication::standby::STANDBY_PREFIX])
         .await
         .map_err(Error::sql("reading domain_events.subscription_lag"))?;
     Ok(rows

@@ -4,11 +4,11 @@
 //! decoded is gone, but the events are not: they are rows of `domain_events.event`. Positions
 //! are taken at insert, not at commit, so "events after the last position" would skip a
 //! transaction that took a lower position and committed later. Recovery therefore works with
-//! snapshots, as notify mode does ([`crate::notify`]):
+//! snapshots, as notify mode does ([`crate::replication::notify`]):
 //!
 //! 1. **The boundary.** While streaming, the subscription row keeps a *delivered snapshot*:
 //!    every transaction visible in it has been handled and confirmed
-//!    ([`crate::subscription::SubscriptionStore::save`]). Everything the lost slot may not have
+//!    ([`crate::replication::subscription::SubscriptionStore::save`]). Everything the lost slot may not have
 //!    delivered is invisible in it.
 //! 2. **Catch-up.** The listener marks the row as recovering, drops what is left of the slot,
 //!    and delivers *snapshot transitions* starting at the boundary: the events visible in a new
@@ -35,8 +35,8 @@ use tracing::info;
 
 use crate::error::Error;
 use crate::lsn::Lsn;
-use crate::notify::State;
-use crate::subscription::parse_row_lsn;
+use crate::replication::notify::State;
+use crate::replication::subscription::parse_row_lsn;
 
 const BEGIN: &str = "UPDATE domain_events.subscription \
         SET recovery_started_at = COALESCE(recovery_started_at, now()), updated_at = now() \
@@ -174,7 +174,7 @@ impl RecoveryStore {
     pub async fn drop_slot(&self, slot: &str) -> Result<bool, Error> {
         let dropped = !self
             .client
-            .query(crate::operations::DROP_SLOT, &[&slot])
+            .query(crate::ops::operations::DROP_SLOT, &[&slot])
             .await
             .map_err(Error::sql("dropping the lost replication slot"))?
             .is_empty();

@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::dead_letter::{DeadLetterStore, RedriveRequest};
-use crate::dispatch::{RedriveJob, RedriveOutcome};
+use crate::delivery::dead_letter::{DeadLetterStore, RedriveRequest};
+use crate::delivery::dispatch::{RedriveJob, RedriveOutcome};
 use crate::error::{report, Error};
 
 /// Requests read per query.

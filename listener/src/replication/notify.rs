@@ -39,8 +39,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 use uuid::Uuid;
 
-use crate::dead_letter::{event_from_row, EVENT_COLUMNS};
-use crate::dispatch::{Ack, Item, Undecodable};
+use crate::delivery::dead_letter::{event_from_row, EVENT_COLUMNS};
+use crate::delivery::dispatch::{Ack, Item, Undecodable};
 use crate::error::Error;
 use crate::lsn::Lsn;
 
@@ -63,7 +63,7 @@ pub struct State {
 
 /// Reads and writes a notify-mode subscription row and the events of its transitions.
 ///
-/// A recovery from a lost slot ([`crate::recovery`]) delivers by the same transitions, in the
+/// A recovery from a lost slot ([`crate::replication::recovery`]) delivers by the same transitions, in the
 /// row of a replication-mode subscription: [`NotifyStore::for_recovery`].
 pub struct NotifyStore {
     client: Arc<Client>,

@@ -13,8 +13,8 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::admin::{Health, Phase};
 use crate::error::Error;
+use crate::ops::admin::{Health, Phase};
 
 /// The server process streaming from slot `$1` of this database, if any.
 const SLOT_HOLDER: &str = "SELECT active_pid FROM pg_catalog.pg_replication_slots \

@@ -16,13 +16,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 use uuid::Uuid;
 
-use crate::dead_letter::{DeadLetter, DeadLetterSink, DECODE_HANDLER};
+use crate::delivery::dead_letter::{DeadLetter, DeadLetterSink, DECODE_HANDLER};
 pub use crate::error::HandlerError;
 
 use crate::error::{report, Error};
 use crate::event::Event;
 use crate::lsn::Lsn;
-use crate::metrics::{HandlerMetrics, Metrics, Outcome as Counted};
+use crate::ops::metrics::{HandlerMetrics, Metrics, Outcome as Counted};
 
 /// Receives events.
 ///

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::{Error, ServerError};
 use crate::lsn::Lsn;
-use crate::tls::{SslMode, Transport};
+use crate::postgres::tls::{SslMode, Transport};
 
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01 UTC).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -385,9 +385,9 @@ impl ReplicationConnection {
             )));
         }
         if get(3).as_deref() == Some("lost") {
-            return Err(crate::retention::slot_lost(
+            return Err(crate::replication::retention::slot_lost(
                 slot,
-                crate::retention::INVALIDATED,
+                crate::replication::retention::INVALIDATED,
             ));
         }
         Ok(Some(get(4).and_then(|s| s.parse().ok())))
@@ -452,7 +452,7 @@ impl ReplicationConnection {
                 Frame::Message(backend::Message::ErrorResponse(body)) => {
                     let error = server_error(body.fields())?;
                     return Err(match error.code.as_str() {
-                        "42704" => crate::retention::slot_lost(
+                        "42704" => crate::replication::retention::slot_lost(
                             slot,
                             format!("disappeared (was it dropped?): {error}"),
                         ),
@@ -464,9 +464,9 @@ impl ReplicationConnection {
                                 .as_deref()
                                 .is_some_and(|d| d.contains("invalidated")) =>
                         {
-                            crate::retention::slot_lost(
+                            crate::replication::retention::slot_lost(
                                 slot,
-                                format!("{} ({error})", crate::retention::INVALIDATED),
+                                format!("{} ({error})", crate::replication::retention::INVALIDATED),
                             )
                         }
                         "55000" => Error::Slot {
@@ -662,7 +662,9 @@ async fn negotiate_tls(
         .await
         .map_err(Error::ConnectionLost)?;
     match answer[0] {
-        b'S' => crate::tls::handshake(connector, options.sslmode, &options.host, socket).await,
+        b'S' => {
+            crate::postgres::tls::handshake(connector, options.sslmode, &options.host, socket).await
+        }
         b'N' if options.sslmode.requires_tls() => Err(Error::Tls(format!(
             "the server at {}:{} does not accept TLS, and sslmode is {}",
             options.host, options.port, options.sslmode

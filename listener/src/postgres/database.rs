@@ -23,7 +23,7 @@ pub struct DatabaseConfig {
     /// Seconds to wait for a TCP connection and authentication.
     pub connect_timeout_secs: u64,
     /// TLS: `disable`, `prefer`, `require`, `verify-ca` or `verify-full` (libpq semantics).
-    pub sslmode: crate::tls::SslMode,
+    pub sslmode: crate::postgres::tls::SslMode,
     /// CA certificates (PEM) trusted in `verify-ca`/`verify-full`; the system store otherwise.
     pub sslrootcert: Option<PathBuf>,
     /// From `PGDE_PASSWORD` or `PGPASSWORD`; never read from the file.
@@ -56,7 +56,7 @@ impl Default for DatabaseConfig {
             dbname: "postgres".into(),
             application_name: "pg_domain_events_listener".into(),
             connect_timeout_secs: 10,
-            sslmode: crate::tls::SslMode::default(),
+            sslmode: crate::postgres::tls::SslMode::default(),
             sslrootcert: None,
             password: None,
         }

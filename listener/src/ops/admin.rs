@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::metrics::Metrics;
+use crate::ops::metrics::Metrics;
 
 /// What the listener is doing, as `/health` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,10 +28,10 @@ pub enum Phase {
     /// The last session failed transiently; waiting for the reconnect backoff.
     Reconnecting(String),
     /// The slot was lost: delivering what it missed from the event table, then streaming from a
-    /// new slot ([`crate::recovery`]). Events are delivered, but the stream is not running.
+    /// new slot ([`crate::replication::recovery`]). Events are delivered, but the stream is not running.
     Recovering,
     /// Another listener streams from the slot (server process `holder_pid`); this one takes
-    /// over when it is free ([`crate::standby`]).
+    /// over when it is free ([`crate::replication::standby`]).
     Standby {
         /// `pg_replication_slots.active_pid`: the walsender serving the active listener.
         holder_pid: i32,

@@ -14,11 +14,11 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
 use tracing::debug;
 
-use crate::database::DatabaseConfig;
-use crate::dispatch::Ack;
+use crate::delivery::dispatch::Ack;
 use crate::error::Error;
 use crate::lsn::Lsn;
-use crate::publication::Schema;
+use crate::postgres::database::DatabaseConfig;
+use crate::replication::publication::Schema;
 
 /// How the listener follows committed events.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,7 +82,7 @@ async fn connect_inner(
     if let Some(password) = &db.password {
         config.password(password);
     }
-    let connector = crate::tls::connector(db.sslmode, db.sslrootcert.as_deref())?;
+    let connector = crate::postgres::tls::connector(db.sslmode, db.sslrootcert.as_deref())?;
     let connected = match connector {
         None => {
             config.ssl_mode(SslMode::Disable);
@@ -99,7 +99,7 @@ async fn connect_inner(
                 SslMode::Prefer
             });
             let mut tls = postgres_openssl::MakeTlsConnector::new(connector);
-            let verify_hostname = db.sslmode == crate::tls::SslMode::VerifyFull;
+            let verify_hostname = db.sslmode == crate::postgres::tls::SslMode::VerifyFull;
             // libpq checks the host name in verify-full only.
             tls.set_callback(move |connect, _| {
                 connect.set_verify_hostname(verify_hostname);
@@ -158,7 +158,7 @@ pub(crate) fn parse_row_lsn(text: Option<String>) -> Result<Option<Lsn>, Error> 
 pub struct Durable {
     /// The end LSN of the last handled transaction, if any was.
     pub lsn: Option<Lsn>,
-    /// A recovery from a lost slot started and has not finished ([`crate::recovery`]).
+    /// A recovery from a lost slot started and has not finished ([`crate::replication::recovery`]).
     pub recovering: bool,
 }
 
