@@ -85,19 +85,7 @@ pub fn compile(schema: &Value) -> Result<Validator, String> {
         ));
     };
     let draft = draft_of(map)?;
-    if let Some(kind) = map.get("type") {
-        let types: Vec<&Value> = match kind {
-            Value::Array(types) => types.iter().collect(),
-            single => vec![single],
-        };
-        if !types.iter().any(|t| t.as_str() == Some("object")) {
-            return Err(
-                "describes no JSON object at its root (\"type\" does not include \"object\"); payloads are objects"
-                    .to_string(),
-            );
-        }
-    }
-    jsonschema::options()
+    let validator = jsonschema::options()
         .with_draft(draft)
         .should_validate_formats(true)
         .with_retriever(NoExternalReferences)
@@ -111,7 +99,21 @@ pub fn compile(schema: &Value) -> Result<Validator, String> {
                 }
                 _ => format!("is not a valid JSON Schema at {at}: {err}"),
             }
-        })
+        })?;
+    // After the draft's own rules, so that a misspelt type is reported as such.
+    if let Some(kind) = map.get("type") {
+        let types: Vec<&Value> = match kind {
+            Value::Array(types) => types.iter().collect(),
+            single => vec![single],
+        };
+        if !types.iter().any(|t| t.as_str() == Some("object")) {
+            return Err(
+                "describes no JSON object at its root (\"type\" does not include \"object\"); payloads are objects"
+                    .to_string(),
+            );
+        }
+    }
+    Ok(validator)
 }
 
 /// Escapes a property name as one JSON pointer segment (RFC 6901).
