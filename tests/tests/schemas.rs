@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use e2e::listener_support::{config_for, run_cli_ok, unique_name, write_config};
 use e2e::store_support::{assert_sqlstate, drop_role, login_role, must_fail};
 use e2e::{sqlstate, TestDb};
 use serde_json::{json, Value};
@@ -857,4 +858,50 @@ async fn a_schema_registered_while_four_writers_raise_is_enforced_without_a_stal
         totals.0 > 0,
         "invalid payloads were accepted before the registration"
     );
+}
+
+/// `listener schemas export DIR`: one file per event type and version, each the registered
+/// schema as it reads back from the database.
+#[tokio::test]
+async fn the_listener_exports_one_file_per_type_and_version() {
+    let db = TestDb::new().await;
+    let registered = [
+        ("Loan.Funded", 1, funded_schema()),
+        (
+            "Loan.Funded",
+            2,
+            json!({"type": "object", "required": ["amount"]}),
+        ),
+        ("Loan.Closed", 1, closed_schema_draft7()),
+    ];
+    for (event_type, version, schema) in &registered {
+        register(&db.client, event_type, *version, schema).await;
+    }
+    let config = write_config(&config_for(&db, &unique_name("schemas")));
+    let dir = std::env::temp_dir().join(format!("pgde-schemas-{}", uuid::Uuid::new_v4().simple()));
+    let out = run_cli_ok(
+        &["schemas", "export", dir.to_str().expect("a UTF-8 path")],
+        &config,
+    );
+    assert!(out.contains("wrote 3 schema file(s)"), "{out}");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .expect("the directory was created")
+        .map(|e| e.expect("entry").file_name().into_string().expect("UTF-8"))
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "Loan.Closed.v1.schema.json",
+            "Loan.Funded.v1.schema.json",
+            "Loan.Funded.v2.schema.json"
+        ]
+    );
+    for (event_type, version, schema) in &registered {
+        let text =
+            std::fs::read_to_string(dir.join(format!("{event_type}.v{version}.schema.json")))
+                .expect("read the exported file");
+        assert_eq!(&serde_json::from_str::<Value>(&text).expect("JSON"), schema);
+    }
+    std::fs::remove_dir_all(&dir).expect("clean up");
 }
