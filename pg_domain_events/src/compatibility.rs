@@ -85,8 +85,13 @@ fn required(schema: &Value) -> BTreeSet<&str> {
         .unwrap_or_default()
 }
 
+/// Escapes a property name as one JSON pointer segment (RFC 6901).
+pub fn pointer_segment(name: &str) -> String {
+    name.replace('~', "~0").replace('/', "~1")
+}
+
 fn pointer(location: &str, name: &str) -> String {
-    format!("{location}/{}", name.replace('~', "~0").replace('/', "~1"))
+    format!("{location}/{}", pointer_segment(name))
 }
 
 fn compare(

@@ -21,7 +21,7 @@ use pgrx::prelude::*;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 use serde_json::{Map, Value};
 
-use crate::compatibility::{self, Change};
+use crate::compatibility::{self, pointer_segment, Change};
 use crate::errors::{EventError, OrReport, SchemaFailure};
 use crate::gucs::{self, SchemaValidation};
 use crate::json_arg::JsonbText;
@@ -114,11 +114,6 @@ pub fn compile(schema: &Value) -> Result<Validator, String> {
         }
     }
     Ok(validator)
-}
-
-/// Escapes a property name as one JSON pointer segment (RFC 6901).
-fn pointer_segment(name: &str) -> String {
-    name.replace('~', "~0").replace('/', "~1")
 }
 
 /// Where `payload` breaks `validator`: the first [`LISTED_FAILURES`] failures and how many
@@ -347,6 +342,13 @@ impl Contracts {
     }
 }
 
+/// Refuses a schema argument that [`compile`] refuses, as `22023` naming what is wrong.
+fn compile_or_report(field: &str, schema: &Value) {
+    if let Err(reason) = compile(schema) {
+        EventError::invalid(field, reason, SCHEMA_HINT).report();
+    }
+}
+
 /// Registers the JSON Schema of an event type and version; `true` when this call registered
 /// it, `false` when the identical schema was registered already (migrations may run twice).
 /// See docs/schemas.md.
@@ -369,9 +371,7 @@ fn register_schema(
         .or_report();
     validation::check_name("event_type", event_type).or_report();
     validation::check_event_version("event_version", event_version.into()).or_report();
-    if let Err(reason) = compile(&schema) {
-        EventError::invalid("schema", reason, SCHEMA_HINT).report();
-    }
+    compile_or_report("schema", &schema);
     let args = || {
         [
             event_type.into(),
@@ -445,9 +445,7 @@ fn check_schema_compatibility(
         .ok_or_else(|| EventError::null("new_schema"))
         .and_then(|j| j.parse("new_schema"))
         .or_report();
-    if let Err(reason) = compile(&new_schema) {
-        EventError::invalid("new_schema", reason, SCHEMA_HINT).report();
-    }
+    compile_or_report("new_schema", &new_schema);
     let latest: Option<String> =
         store::query_column::<String>(store::LATEST_SCHEMA, &[event_type.into()])
             .into_iter()
