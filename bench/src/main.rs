@@ -1,13 +1,14 @@
 //! Benchmarks of pg_domain_events, measured against baselines in the same run.
 //!
 //! `cargo run -p bench --release -- store` compares the event store with a plain INSERT and
-//! a PL/pgSQL implementation of the same contract; `capture` measures table capture; `pipeline`,
-//! `workers` and `replay` measure the listener. Each benchmark is a subcommand in its own
-//! module; this file only wires them up.
+//! a PL/pgSQL implementation of the same contract; `capture` measures table capture;
+//! `contracts` payload validation; `pipeline`, `workers` and `replay` measure the listener.
+//! Each benchmark is a subcommand in its own module; this file only wires them up.
 
 use clap::{Parser, Subcommand};
 
 mod capture;
+mod contracts;
 mod kafka;
 mod pipeline;
 mod replay;
@@ -30,6 +31,9 @@ enum Command {
     /// Table capture: a single-row UPDATE on a tracked table against the same UPDATE on an
     /// untracked one.
     Capture(capture::CaptureArgs),
+    /// Event contracts: raise_events batches validated against a registered JSON Schema
+    /// against the same batches with schema_validation = off.
+    Contracts(contracts::ContractsArgs),
     /// The listener: WAL → no-op handler throughput next to pg_recvlogical, and
     /// commit→handler latency at a fixed offered rate.
     Pipeline(pipeline::PipelineArgs),
@@ -49,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Store(args) => store::run(args).await,
         Command::Capture(args) => capture::run(args).await,
+        Command::Contracts(args) => contracts::run(args).await,
         Command::Pipeline(args) => pipeline::run(args).await,
         Command::Workers(args) => pipeline::run_workers(args).await,
         Command::Sinks(args) => sinks::run(args).await,

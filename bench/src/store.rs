@@ -19,7 +19,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 const DATABASE: &str = "pgde_bench";
 
 /// Event types of the workload, taken in turn.
-const EVENT_TYPES: [&str; 4] = [
+pub(crate) const EVENT_TYPES: [&str; 4] = [
     "Loan.Opened",
     "Loan.StatusChanged",
     "Loan.Funded",
@@ -74,7 +74,7 @@ const IMPLS: [Impl; 3] = [Impl::Extension, Impl::Plain, Impl::Plpgsql];
 /// JSON text sent as a `jsonb` parameter as it is, so that client-side serialisation stays
 /// out of the timings and every implementation receives identical bytes.
 #[derive(Debug, Clone)]
-struct Jsonb(String);
+pub(crate) struct Jsonb(pub(crate) String);
 
 impl ToSql for Jsonb {
     fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
@@ -105,28 +105,45 @@ struct Event {
 }
 
 /// A batch: its events and the `raise_events` argument built from them.
-struct Batch {
+pub(crate) struct Batch {
     events: Vec<Event>,
-    json: Jsonb,
+    /// The `raise_events` argument.
+    pub(crate) json: Jsonb,
+}
+
+impl Batch {
+    /// Events in the batch.
+    pub(crate) fn len(&self) -> usize {
+        self.events.len()
+    }
 }
 
 /// Generates the workload: realistic ~200-byte payloads, small metadata, aggregates reused
 /// across batches so stream heads are both created and advanced.
-struct Workload {
+pub(crate) struct Workload {
     versions: HashMap<String, i64>,
     aggregate_pool: usize,
     next_event: u64,
     payload_bytes: usize,
+    nested: bool,
 }
 
 impl Workload {
-    fn new(aggregate_pool: usize, payload_bytes: usize) -> Workload {
+    pub(crate) fn new(aggregate_pool: usize, payload_bytes: usize) -> Workload {
         Workload {
             versions: HashMap::new(),
             aggregate_pool,
             next_event: 0,
             payload_bytes,
+            nested: false,
         }
+    }
+
+    /// The same payloads with `rate` and `term_months` moved into a nested `terms` object
+    /// (`{"rate": ..., "months": ...}`, about the same size): what `bench contracts` validates.
+    pub(crate) fn with_nested_terms(mut self) -> Workload {
+        self.nested = true;
+        self
     }
 
     fn aggregate_id(n: usize) -> String {
@@ -153,6 +170,15 @@ impl Workload {
             "status": status,
             "reason": "automatic decision by the scoring service",
         });
+        if self.nested {
+            let object = payload.as_object_mut().expect("an object");
+            let rate = object.remove("rate").expect("rate");
+            let months = object.remove("term_months").expect("term_months");
+            object.insert(
+                "terms".to_string(),
+                serde_json::json!({"rate": rate, "months": months}),
+            );
+        }
         // Sized to `--payload-bytes`: padded through `note`, or a bare counter when tiny.
         let natural = payload.to_string().len();
         if self.payload_bytes < 40 {
@@ -176,7 +202,7 @@ impl Workload {
     }
 
     /// A batch of `size` events over `aggregates` aggregates, interleaved.
-    fn batch(&mut self, index: usize, size: usize, aggregates: usize) -> Batch {
+    pub(crate) fn batch(&mut self, index: usize, size: usize, aggregates: usize) -> Batch {
         let first = (index * aggregates) % self.aggregate_pool;
         let mut seen = vec![false; aggregates];
         let events: Vec<Event> = (0..size)

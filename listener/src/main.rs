@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
+mod schemas;
+
 /// Delivers committed pg_domain_events to handlers.
 ///
 /// `run` follows new events (logical replication, or LISTEN/NOTIFY polling with
@@ -68,6 +70,11 @@ enum Command {
     Slot {
         #[command(subcommand)]
         command: SlotCommand,
+    },
+    /// The event schemas registered in the database (domain_events.event_schemas).
+    Schemas {
+        #[command(subcommand)]
+        command: schemas::SchemaCommand,
     },
 }
 
@@ -180,6 +187,7 @@ fn main() -> ExitCode {
         Command::Slot {
             command: SlotCommand::Recover(args),
         } => serve(args, Serve::RecoverSlot),
+        Command::Schemas { command } => schemas::run(command),
     }
 }
 

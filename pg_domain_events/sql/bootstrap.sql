@@ -8,7 +8,7 @@ DO $roles$
 DECLARE
     role_name text;
 BEGIN
-    FOREACH role_name IN ARRAY ARRAY['domain_events_writer', 'domain_events_reader', 'domain_events_listener'] LOOP
+    FOREACH role_name IN ARRAY ARRAY['domain_events_writer', 'domain_events_reader', 'domain_events_listener', 'domain_events_admin'] LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = role_name) THEN
             BEGIN
                 EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', role_name);
@@ -108,6 +108,19 @@ CREATE INDEX dead_letter_redrive_idx ON domain_events.dead_letter (subscription)
 COMMENT ON TABLE domain_events.dead_letter IS
     'Events a listener handler gave up on after its retries; redrive them once the cause is fixed.';
 
+-- Event contracts (0.2.0): one JSON Schema per event type and version, enforced by every raising
+-- path. A registered version is immutable (a trigger refuses UPDATE, see finalize.sql).
+CREATE TABLE domain_events.event_schema (
+    event_type    text        NOT NULL,
+    event_version integer     NOT NULL CHECK (event_version >= 1),
+    schema        jsonb       NOT NULL CHECK (pg_catalog.jsonb_typeof(schema) = 'object'),
+    registered_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    registered_by text        NOT NULL DEFAULT SESSION_USER,
+    PRIMARY KEY (event_type, event_version)
+);
+COMMENT ON TABLE domain_events.event_schema IS
+    'JSON Schema of each event type and version, checked when events are raised (domain_events.schema_validation). Register with domain_events.register_schema().';
+
 -- The safety net for direct INSERTs outside every monthly partition; maintain() moves its rows
 -- into their monthly partitions. (Immutability triggers are created in finalize.sql, once the
 -- trigger function exists.)
@@ -118,5 +131,6 @@ SELECT pg_catalog.pg_extension_config_dump('domain_events.event_default', '');
 SELECT pg_catalog.pg_extension_config_dump('domain_events.aggregate', '');
 SELECT pg_catalog.pg_extension_config_dump('domain_events.subscription', '');
 SELECT pg_catalog.pg_extension_config_dump('domain_events.dead_letter', '');
+SELECT pg_catalog.pg_extension_config_dump('domain_events.event_schema', '');
 SELECT pg_catalog.pg_extension_config_dump('domain_events.event_position_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('domain_events.dead_letter_id_seq', '');

@@ -193,3 +193,45 @@ SELECT s.name,
          ON r.slot_name = s.name AND r.database = pg_catalog.current_database();
 
 GRANT SELECT ON domain_events.stats, domain_events.subscription_lag TO domain_events_reader;
+
+-- Event contracts (0.2.0): a JSON Schema per event type and version (docs/schemas.md).
+-- ALWAYS: neither immutability nor the backends' cache invalidation may be switched off by
+-- session_replication_role = replica.
+CREATE TRIGGER event_schema_immutable BEFORE UPDATE ON domain_events.event_schema
+    FOR EACH ROW EXECUTE FUNCTION domain_events.event_schema_changed();
+CREATE TRIGGER event_schema_invalidate AFTER INSERT OR DELETE OR TRUNCATE
+    ON domain_events.event_schema
+    FOR EACH STATEMENT EXECUTE FUNCTION domain_events.event_schema_changed();
+ALTER TABLE domain_events.event_schema ENABLE ALWAYS TRIGGER event_schema_immutable;
+ALTER TABLE domain_events.event_schema ENABLE ALWAYS TRIGGER event_schema_invalidate;
+
+-- How consumers read the contracts: latest marks the newest version of each type.
+CREATE VIEW domain_events.event_schemas AS
+SELECT s.event_type,
+       s.event_version,
+       s.schema,
+       COALESCE(s.schema ->> '$schema', 'https://json-schema.org/draft/2020-12/schema') AS draft,
+       s.event_version = pg_catalog.max(s.event_version) OVER (PARTITION BY s.event_type)
+           AS latest,
+       s.registered_at,
+       s.registered_by
+  FROM domain_events.event_schema s;
+COMMENT ON VIEW domain_events.event_schemas IS
+    'Registered event schemas (JSON Schema), one row per event type and version; latest marks the newest version.';
+COMMENT ON FUNCTION domain_events.register_schema(text, integer, jsonb) IS
+    'Registers the JSON Schema of an event type and version; true if registered now, false if the identical schema already was. A registered version is immutable.';
+COMMENT ON FUNCTION domain_events.drop_schema(text, integer) IS
+    'Drops the schema of an event type and version, only while no stored event uses it.';
+COMMENT ON FUNCTION domain_events.check_schema_compatibility(text, jsonb) IS
+    'Advisory: what a new schema would break for consumers of the latest registered version of the event type.';
+
+-- domain_events_admin registers and drops schemas; readers (and consumers) read them.
+GRANT USAGE ON SCHEMA domain_events TO domain_events_admin;
+GRANT EXECUTE ON FUNCTION
+    domain_events.register_schema(text, integer, jsonb),
+    domain_events.drop_schema(text, integer),
+    domain_events.check_schema_compatibility(text, jsonb)
+    TO domain_events_admin;
+GRANT EXECUTE ON FUNCTION domain_events.check_schema_compatibility(text, jsonb)
+    TO domain_events_reader;
+GRANT SELECT ON domain_events.event_schemas TO domain_events_reader, domain_events_admin;

@@ -14,6 +14,12 @@
 --     fresh install has them. A listener older than 0.2.0 never reads or writes them.
 --   * domain_events.subscription_lag: a `recovering` column (a subscription catching up after
 --     losing its slot). Added at the end of the view, so CREATE OR REPLACE keeps its columns.
+--   * Event contracts: the role domain_events_admin; the table domain_events.event_schema (one
+--     JSON Schema per event type and version; its rows are dumped with the database) with a
+--     trigger that keeps registered versions immutable and invalidates every backend's cached
+--     validators; the view event_schemas; the functions register_schema, drop_schema and
+--     check_schema_compatibility (admin; the last one readers too). Raising checks payloads
+--     against the registry per domain_events.schema_validation, a setting of the library.
 
 \echo Use "ALTER EXTENSION pg_domain_events UPDATE TO '0.2.0'" to load this file. \quit
 
@@ -49,3 +55,104 @@ SELECT s.name,
   FROM domain_events.subscription s
   LEFT JOIN pg_catalog.pg_replication_slots r
          ON r.slot_name = s.name AND r.database = pg_catalog.current_database();
+
+-- Event contracts.
+-- Roles are cluster-wide: another database may have created it already (see bootstrap.sql).
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'domain_events_admin') THEN
+        BEGIN
+            CREATE ROLE domain_events_admin NOLOGIN;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN
+            NULL;
+        END;
+    END IF;
+END
+$roles$;
+
+CREATE TABLE domain_events.event_schema (
+    event_type    text        NOT NULL,
+    event_version integer     NOT NULL CHECK (event_version >= 1),
+    schema        jsonb       NOT NULL CHECK (pg_catalog.jsonb_typeof(schema) = 'object'),
+    registered_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    registered_by text        NOT NULL DEFAULT SESSION_USER,
+    PRIMARY KEY (event_type, event_version)
+);
+COMMENT ON TABLE domain_events.event_schema IS
+    'JSON Schema of each event type and version, checked when events are raised (domain_events.schema_validation). Register with domain_events.register_schema().';
+SELECT pg_catalog.pg_extension_config_dump('domain_events.event_schema', '');
+
+CREATE FUNCTION domain_events.register_schema(
+    "event_type" text, "event_version" integer, "schema" jsonb
+) RETURNS boolean
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'register_schema_wrapper';
+
+CREATE FUNCTION domain_events.drop_schema("event_type" text, "event_version" integer)
+RETURNS void
+VOLATILE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'drop_schema_wrapper';
+
+CREATE FUNCTION domain_events.check_schema_compatibility("event_type" text, "new_schema" jsonb)
+RETURNS TABLE ("location" text, "change" text, "detail" text)
+STABLE SECURITY DEFINER PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'check_schema_compatibility_wrapper';
+
+CREATE FUNCTION domain_events.event_schema_changed()
+RETURNS trigger
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'event_schema_changed_wrapper';
+
+REVOKE ALL ON FUNCTION
+    domain_events.register_schema(text, integer, jsonb),
+    domain_events.drop_schema(text, integer),
+    domain_events.check_schema_compatibility(text, jsonb),
+    domain_events.event_schema_changed()
+    FROM PUBLIC;
+
+-- ALWAYS: neither immutability nor the backends' cache invalidation may be switched off by
+-- session_replication_role = replica.
+CREATE TRIGGER event_schema_immutable BEFORE UPDATE ON domain_events.event_schema
+    FOR EACH ROW EXECUTE FUNCTION domain_events.event_schema_changed();
+CREATE TRIGGER event_schema_invalidate AFTER INSERT OR DELETE OR TRUNCATE
+    ON domain_events.event_schema
+    FOR EACH STATEMENT EXECUTE FUNCTION domain_events.event_schema_changed();
+ALTER TABLE domain_events.event_schema ENABLE ALWAYS TRIGGER event_schema_immutable;
+ALTER TABLE domain_events.event_schema ENABLE ALWAYS TRIGGER event_schema_invalidate;
+
+-- How consumers read the contracts: latest marks the newest version of each type.
+CREATE VIEW domain_events.event_schemas AS
+SELECT s.event_type,
+       s.event_version,
+       s.schema,
+       COALESCE(s.schema ->> '$schema', 'https://json-schema.org/draft/2020-12/schema') AS draft,
+       s.event_version = pg_catalog.max(s.event_version) OVER (PARTITION BY s.event_type)
+           AS latest,
+       s.registered_at,
+       s.registered_by
+  FROM domain_events.event_schema s;
+COMMENT ON VIEW domain_events.event_schemas IS
+    'Registered event schemas (JSON Schema), one row per event type and version; latest marks the newest version.';
+COMMENT ON FUNCTION domain_events.register_schema(text, integer, jsonb) IS
+    'Registers the JSON Schema of an event type and version; true if registered now, false if the identical schema already was. A registered version is immutable.';
+COMMENT ON FUNCTION domain_events.drop_schema(text, integer) IS
+    'Drops the schema of an event type and version, only while no stored event uses it.';
+COMMENT ON FUNCTION domain_events.check_schema_compatibility(text, jsonb) IS
+    'Advisory: what a new schema would break for consumers of the latest registered version of the event type.';
+
+-- domain_events_admin registers and drops schemas; readers (and consumers) read them.
+GRANT USAGE ON SCHEMA domain_events TO domain_events_admin;
+GRANT EXECUTE ON FUNCTION
+    domain_events.register_schema(text, integer, jsonb),
+    domain_events.drop_schema(text, integer),
+    domain_events.check_schema_compatibility(text, jsonb)
+    TO domain_events_admin;
+GRANT EXECUTE ON FUNCTION domain_events.check_schema_compatibility(text, jsonb)
+    TO domain_events_reader;
+GRANT SELECT ON domain_events.event_schemas TO domain_events_reader, domain_events_admin;

@@ -198,10 +198,13 @@ fn capture_row_change<'a>(
         .events_for(operation, old.as_ref(), new.as_ref())
         .or_report();
     if !events.is_empty() && api::short_circuit().is_none() {
-        let events = NewEvent::from_json_batch(&Value::Array(events), false).or_report();
         let rights = capture_rights();
         require_raise_privilege(rights.raise_events);
-        as_extension_owner(rights.owner, || api::append(events));
+        // Validation reads the schema registry, which only the owner may read.
+        as_extension_owner(rights.owner, || {
+            let events = NewEvent::from_json_batch(&Value::Array(events), false).or_report();
+            api::append(events)
+        });
     }
     Ok(None)
 }

@@ -7,6 +7,7 @@ use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use serde_json::{Map, Value};
 
+use crate::contract::Contracts;
 use crate::errors::EventError;
 use crate::gucs;
 use crate::store::BatchColumns;
@@ -98,21 +99,25 @@ impl NewEvent {
             validation::check_expected_version("expected_version", expected)?;
         }
         check_occurred_at("occurred_at", occurred_at)?;
+        let payload_text = validation::payload_text("payload", payload, max_payload_bytes())?;
+        let metadata = validation::metadata_text("metadata", metadata, &session_metadata())?;
+        let event_version = validation::check_event_version("event_version", event_version.into())?;
+        Contracts::current().check(|| "payload".to_string(), event_type, event_version, payload)?;
         Ok(NewEvent {
             aggregate_type: aggregate_type.to_string(),
             aggregate_id: aggregate_id.to_string(),
             event_type: event_type.to_string(),
-            payload: validation::payload_text("payload", payload, max_payload_bytes())?,
-            metadata: validation::metadata_text("metadata", metadata, &session_metadata())?,
+            payload: payload_text,
+            metadata,
             expected_version: args.expected_version,
             occurred_at: Some(occurred_at),
-            event_version: validation::check_event_version("event_version", event_version.into())?,
+            event_version,
             recorded_at: None,
         })
     }
 
     /// Validates the JSON array given to `raise_events` (or `import_events`, which also
-    /// accepts `recorded_at`).
+    /// accepts `recorded_at`; or table capture), payloads against their registered schemas.
     pub fn from_json_batch(
         events: &Value,
         allow_recorded_at: bool,
@@ -126,10 +131,13 @@ impl NewEvent {
         };
         let max_bytes = max_payload_bytes();
         let session = session_metadata();
+        let contracts = Contracts::current();
         items
             .iter()
             .enumerate()
-            .map(|(n, item)| Self::from_json_item(n, item, allow_recorded_at, max_bytes, &session))
+            .map(|(n, item)| {
+                Self::from_json_item(n, item, allow_recorded_at, max_bytes, &session, &contracts)
+            })
             .collect()
     }
 
@@ -139,6 +147,7 @@ impl NewEvent {
         allow_recorded_at: bool,
         max_bytes: usize,
         session: &[(&str, Option<String>)],
+        contracts: &Contracts,
     ) -> Result<NewEvent, EventError> {
         let field = |key: &str| format!("events[{n}].{key}");
         let Value::Object(map) = item else {
@@ -196,11 +205,8 @@ impl NewEvent {
         validation::check_aggregate_id(&field("aggregate_id"), &aggregate_id)?;
         let optional = |key: &str| map.get(key).filter(|v| !v.is_null());
         let empty = Value::Object(Map::new());
-        let payload = validation::payload_text(
-            &field("payload"),
-            optional("payload").unwrap_or(&empty),
-            max_bytes,
-        )?;
+        let payload_value = optional("payload").unwrap_or(&empty);
+        let payload = validation::payload_text(&field("payload"), payload_value, max_bytes)?;
         let metadata = validation::metadata_text(
             &field("metadata"),
             optional("metadata").unwrap_or(&empty),
@@ -231,6 +237,12 @@ impl NewEvent {
         let recorded_at = optional("recorded_at")
             .map(|v| timestamp(&field("recorded_at"), v))
             .transpose()?;
+        contracts.check(
+            || field("payload"),
+            event_type,
+            event_version,
+            payload_value,
+        )?;
         Ok(NewEvent {
             aggregate_type: aggregate_type.to_string(),
             aggregate_id,

@@ -33,10 +33,27 @@ pub enum RetentionAction {
     Drop,
 }
 
+/// `domain_events.schema_validation`: how payloads are checked against the schema registry.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum SchemaValidation {
+    /// Payloads are not checked.
+    #[name = c"off"]
+    Off,
+    /// A payload is checked when a schema is registered for its event type and version.
+    #[name = c"registered"]
+    Registered,
+    /// Every event type and version must have a registered schema.
+    #[name = c"strict"]
+    Strict,
+}
+
 /// Whether raising records events.
 pub static ENABLED: GucSetting<EventsEnabled> = GucSetting::<EventsEnabled>::new(EventsEnabled::On);
 /// Largest accepted payload, in bytes of its JSON text.
 pub static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
+/// How payloads are checked against `domain_events.event_schema`.
+pub static SCHEMA_VALIDATION: GucSetting<SchemaValidation> =
+    GucSetting::<SchemaValidation>::new(SchemaValidation::Registered);
 /// Send one `NOTIFY domain_events` per transaction that raised events.
 pub static NOTIFY: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Age after which whole partitions are retired by `maintain()`; empty keeps history forever.
@@ -86,6 +103,14 @@ pub fn init(preloading: bool) {
         &MAX_PAYLOAD_BYTES,
         2,
         i32::MAX,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"domain_events.schema_validation",
+        c"How event payloads are checked against domain_events.event_schema: off, registered or strict.",
+        c"registered checks a payload when its event type and version have a schema; strict also refuses event types without one.",
+        &SCHEMA_VALIDATION,
         GucContext::Suset,
         GucFlags::default(),
     );

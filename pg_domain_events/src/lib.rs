@@ -8,6 +8,8 @@ use pgrx::prelude::*;
 
 mod api;
 mod capture;
+mod compatibility;
+mod contract;
 mod errors;
 mod event;
 mod gucs;

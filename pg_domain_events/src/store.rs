@@ -57,6 +57,42 @@ SELECT $3, $1, $2, head.version, $4, $5, $6::jsonb, $7::jsonb,
 RETURNING id, position, aggregate_version, recorded_at
 "#;
 
+/// Every registered schema, as text columns (read with a snapshot of its own: see `contract`).
+pub const LOAD_SCHEMAS: &std::ffi::CStr = c"SELECT event_type, event_version::text, schema::text \
+     FROM domain_events.event_schema";
+
+/// Registers a schema unless its event type and version has one; whether it was inserted.
+pub const REGISTER_SCHEMA: &str = "WITH registered AS ( \
+       INSERT INTO domain_events.event_schema (event_type, event_version, schema) \
+       VALUES ($1, $2, $3::jsonb) ON CONFLICT (event_type, event_version) DO NOTHING \
+       RETURNING 1) \
+     SELECT EXISTS (SELECT 1 FROM registered)";
+
+/// Whether the registered schema of `($1, $2)` equals `$3` (as jsonb: key order and spacing
+/// do not count).
+pub const SAME_SCHEMA: &str = "SELECT EXISTS (SELECT 1 FROM domain_events.event_schema \
+     WHERE event_type = $1 AND event_version = $2 AND schema = $3::jsonb)";
+
+/// Whether a schema is registered for `($1, $2)`.
+pub const SCHEMA_REGISTERED: &str = "SELECT EXISTS (SELECT 1 FROM domain_events.event_schema \
+     WHERE event_type = $1 AND event_version = $2)";
+
+/// Whether a stored event uses the schema of `($1, $2)`.
+pub const SCHEMA_IN_USE: &str = "SELECT EXISTS (SELECT 1 FROM domain_events.event \
+     WHERE event_type = $1 AND event_version = $2)";
+
+/// Conflicts with the ROW EXCLUSIVE lock every raising transaction holds on the event table
+/// until it ends, and lets readers through.
+pub const LOCK_EVENTS_AGAINST_RAISING: &str = "LOCK TABLE domain_events.event IN SHARE MODE";
+
+/// Removes the schema of `($1, $2)`.
+pub const DROP_SCHEMA: &str =
+    "DELETE FROM domain_events.event_schema WHERE event_type = $1 AND event_version = $2";
+
+/// The latest registered schema of an event type, as text.
+pub const LATEST_SCHEMA: &str = "SELECT schema::text FROM domain_events.event_schema \
+     WHERE event_type = $1 ORDER BY event_version DESC LIMIT 1";
+
 /// Serialises creators of partitions (`pg_advisory_xact_lock` key: "pgde" + 1).
 pub const PARTITION_LOCK: &str = "SELECT pg_catalog.pg_advisory_xact_lock(1885824101, 1)";
 

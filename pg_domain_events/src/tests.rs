@@ -386,4 +386,184 @@ mod tests {
         Spi::run("SELECT domain_events.track('loans', 'Loan')").unwrap();
         Spi::run("INSERT INTO loans VALUES (NULL, 'x')").unwrap();
     }
+
+    /// Runs `sql` in a subtransaction: `ok`, or the SQLSTATE and message it failed with.
+    fn outcome(sql: &str) -> String {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.outcome(q text) RETURNS text LANGUAGE plpgsql AS $$ \
+             BEGIN EXECUTE q; RETURN 'ok'; \
+             EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE || ' ' || SQLERRM; END $$",
+        )
+        .unwrap();
+        Spi::get_one_with_args::<String>("SELECT pg_temp.outcome($1)", &[sql.into()])
+            .unwrap()
+            .unwrap()
+    }
+
+    const FUNDED_SCHEMA: &str = r#"{"type": "object", "required": ["amount"], "additionalProperties": false, "properties": {"amount": {"type": "integer", "minimum": 1}, "currency": {"enum": ["EUR", "USD"]}}}"#;
+
+    fn register_funded() {
+        Spi::run(&format!(
+            "SELECT domain_events.register_schema('Loan.Funded', 1, '{FUNDED_SCHEMA}')"
+        ))
+        .unwrap();
+    }
+
+    #[pg_test]
+    fn a_schema_registered_in_this_transaction_is_enforced_by_every_raising_path() {
+        register_funded();
+        let ok = outcome(
+            "SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded', '{\"amount\": 5}')",
+        );
+        assert_eq!(ok, "ok");
+        let bad = outcome("SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded', '{\"amount\": \"SECRET-5\"}')");
+        assert_eq!(
+            bad,
+            r#"23514 payload does not match the schema of Loan.Funded version 1: "/amount" (type)"#
+        );
+        let batch = outcome("SELECT domain_events.raise_events('[{\"aggregate_type\": \"Loan\", \"aggregate_id\": \"2\", \"event_type\": \"Loan.Funded\", \"payload\": {\"amount\": 1}}, {\"aggregate_type\": \"Loan\", \"aggregate_id\": \"2\", \"event_type\": \"Loan.Funded\", \"payload\": {\"amount\": 0, \"extra\": \"SECRET\"}}]')");
+        assert_eq!(
+            batch,
+            r#"23514 events[1].payload does not match the schema of Loan.Funded version 1: "/amount" (minimum), "/extra" (additionalProperties)"#
+        );
+        let import = outcome("SELECT domain_events.import_events('[{\"aggregate_type\": \"Loan\", \"aggregate_id\": \"3\", \"event_type\": \"Loan.Funded\"}]')");
+        assert_eq!(
+            import,
+            r#"23514 events[0].payload does not match the schema of Loan.Funded version 1: "/amount" (required)"#
+        );
+        // Another version has no schema: not checked in the default mode.
+        assert_eq!(
+            outcome("SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded', '{\"amount\": \"x\"}', event_version => 2)"),
+            "ok"
+        );
+        // Table capture checks the events it raises.
+        Spi::run("CREATE TABLE loans (id bigint PRIMARY KEY, amount numeric)").unwrap();
+        Spi::run("SELECT domain_events.register_schema('Loan.Created', 1, '{\"properties\": {\"amount\": {\"maximum\": 100}}}')")
+            .unwrap();
+        Spi::run("SELECT domain_events.track('loans', 'Loan')").unwrap();
+        assert_eq!(outcome("INSERT INTO loans VALUES (1, 50)"), "ok");
+        assert_eq!(
+            outcome("INSERT INTO loans VALUES (2, 5000)"),
+            r#"23514 events[0].payload does not match the schema of Loan.Created version 1: "/amount" (maximum)"#
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM domain_events.event WHERE event_type IN ('Loan.Funded', 'Loan.Created')"),
+            3
+        );
+    }
+
+    #[pg_test]
+    fn a_rolled_back_registration_is_no_longer_enforced() {
+        Spi::run("CREATE OR REPLACE FUNCTION pg_temp.register_and_fail() RETURNS void LANGUAGE plpgsql AS $$ \
+                  BEGIN PERFORM domain_events.register_schema('Loan.Funded', 1, '{\"required\": [\"amount\"]}'); \
+                  PERFORM domain_events.raise_event('Loan', '1', 'Loan.Funded', '{}'); END $$").unwrap();
+        assert!(outcome("SELECT pg_temp.register_and_fail()").starts_with("23514 "));
+        assert_eq!(
+            outcome("SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded', '{}')"),
+            "ok"
+        );
+        assert_eq!(count("SELECT count(*) FROM domain_events.event_schema"), 0);
+    }
+
+    #[pg_test]
+    fn strict_mode_refuses_event_types_without_a_schema_and_off_checks_nothing() {
+        register_funded();
+        Spi::run("SET LOCAL domain_events.schema_validation = strict").unwrap();
+        assert_eq!(
+            outcome("SELECT domain_events.raise_event('Loan', '1', 'Loan.Closed')"),
+            "23514 payload: Loan.Closed version 1 has no registered schema (domain_events.schema_validation = strict)"
+        );
+        assert_eq!(
+            outcome(
+                "SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded', '{\"amount\": 2}')"
+            ),
+            "ok"
+        );
+        Spi::run("SET LOCAL domain_events.schema_validation = off").unwrap();
+        assert_eq!(
+            outcome("SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded', '{\"amount\": \"x\"}')"),
+            "ok"
+        );
+    }
+
+    #[pg_test]
+    fn registration_refuses_bad_schemas_and_keeps_versions_immutable() {
+        register_funded();
+        // The identical schema again (as a migration run twice would) is accepted.
+        assert!(!one::<bool>(&format!(
+            "SELECT domain_events.register_schema('Loan.Funded', 1, '{FUNDED_SCHEMA}')"
+        )));
+        assert_eq!(
+            outcome(
+                "SELECT domain_events.register_schema('Loan.Funded', 1, '{\"type\": \"object\"}')"
+            ),
+            "23505 a different schema is already registered for Loan.Funded version 1"
+        );
+        assert_eq!(
+            outcome("UPDATE domain_events.event_schema SET schema = '{}'"),
+            "55000 domain_events.event_schema: a registered schema version is immutable"
+        );
+        let bad = outcome("SELECT domain_events.register_schema('Loan.Funded', 2, '{\"properties\": {\"amount\": {\"type\": \"integr\"}}}')");
+        assert!(
+            bad.starts_with(
+                "22023 invalid schema: is not a valid JSON Schema at /properties/amount/type"
+            ),
+            "{bad}"
+        );
+        let draft = outcome("SELECT domain_events.register_schema('Loan.Funded', 2, '{\"$schema\": \"http://json-schema.org/draft-04/schema#\"}')");
+        assert!(
+            draft.starts_with("22023 invalid schema: declares the unknown draft"),
+            "{draft}"
+        );
+        let remote = outcome("SELECT domain_events.register_schema('Loan.Funded', 2, '{\"$ref\": \"https://example.com/loan.json\"}')");
+        assert!(
+            remote.starts_with("22023 invalid schema: cannot be compiled")
+                && remote.contains("https://example.com/loan.json"),
+            "{remote}"
+        );
+        assert_eq!(
+            outcome("SELECT domain_events.register_schema('Loan.Funded', 0, '{}')"),
+            "22023 invalid event_version: 0 is not a schema version (1 or more)"
+        );
+        assert_eq!(count("SELECT count(*) FROM domain_events.event_schema"), 1);
+    }
+
+    #[pg_test]
+    fn a_schema_is_dropped_only_while_no_event_uses_it() {
+        register_funded();
+        Spi::run("SELECT domain_events.register_schema('Loan.Funded', 2, '{}')").unwrap();
+        Spi::run("SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded', '{\"amount\": 3}')")
+            .unwrap();
+        assert_eq!(
+            outcome("SELECT domain_events.drop_schema('Loan.Funded', 1)"),
+            "2BP01 the schema of Loan.Funded version 1 is in use by stored events"
+        );
+        assert_eq!(
+            outcome("SELECT domain_events.drop_schema('Loan.Funded', 3)"),
+            "42704 no schema is registered for Loan.Funded version 3"
+        );
+        assert_eq!(
+            outcome("SELECT domain_events.drop_schema('Loan.Funded', 2)"),
+            "ok"
+        );
+        assert_eq!(
+            one::<String>("SELECT string_agg(event_type || ' v' || event_version || ' ' || latest, ',') FROM domain_events.event_schemas"),
+            "Loan.Funded v1 true"
+        );
+    }
+
+    #[pg_test]
+    fn compatibility_names_what_a_new_version_breaks() {
+        register_funded();
+        assert_eq!(
+            one::<String>(
+                r#"SELECT string_agg(location || ' ' || change, '; ' ORDER BY location, change) FROM domain_events.check_schema_compatibility('Loan.Funded', '{"type": "object", "required": ["amount", "currency"], "properties": {"amount": {"type": "integer", "minimum": 1}, "currency": {"enum": ["EUR"]}}}')"#
+            ),
+            "/currency enum values removed; /currency required property added"
+        );
+        assert_eq!(
+            outcome("SELECT * FROM domain_events.check_schema_compatibility('Loan.Closed', '{}')"),
+            "42704 no schema is registered for Loan.Closed"
+        );
+    }
 }

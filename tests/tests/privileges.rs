@@ -9,13 +9,16 @@ use e2e::{connect, TestDb};
 
 /// Every `SECURITY DEFINER` function the extension installs. A new one must be added here, on
 /// purpose, after checking that it pins `search_path`.
-const SECURITY_DEFINER: [&str; 6] = [
+const SECURITY_DEFINER: [&str; 9] = [
     "domain_events.aggregate_version(text,text)",
+    "domain_events.check_schema_compatibility(text,jsonb)",
+    "domain_events.drop_schema(text,integer)",
     "domain_events.import_events(jsonb)",
     "domain_events.raise_event(text,bigint,text,jsonb,jsonb,bigint,timestamp with time zone,integer)",
     "domain_events.raise_event(text,text,text,jsonb,jsonb,bigint,timestamp with time zone,integer)",
     "domain_events.raise_event(text,uuid,text,jsonb,jsonb,bigint,timestamp with time zone,integer)",
     "domain_events.raise_events(jsonb)",
+    "domain_events.register_schema(text,integer,jsonb)",
 ];
 
 /// The statements neither a writer nor a reader may run: every path to the rows that is not a
@@ -39,6 +42,11 @@ fn reserved(p: &str) -> Vec<String> {
         "SELECT domain_events.redrive('pg_domain_events')",
         "SELECT * FROM domain_events.maintain()",
         "SELECT * FROM domain_events.import_events('[]')",
+        "SELECT domain_events.register_schema('Loan.Forged', 1, '{}')",
+        "SELECT domain_events.drop_schema('Loan.Opened', 1)",
+        "INSERT INTO domain_events.event_schema (event_type, event_version, schema) \
+         VALUES ('Loan.Forged', 1, '{}')",
+        "DELETE FROM domain_events.event_schema",
     ]
     .iter()
     .map(|s| s.replace("{p}", p))
