@@ -26,6 +26,10 @@ fn modules(src: &Path) -> BTreeMap<String, String> {
         .into_iter()
         .filter_map(|path| {
             let relative = path.strip_prefix(src).expect("under src");
+            // The binary (`src/bin/`) is a client of the library, not part of its graph.
+            if relative.starts_with("bin") {
+                return None;
+            }
             let mut parts: Vec<String> = relative
                 .components()
                 .map(|c| c.as_os_str().to_string_lossy().into_owned())
@@ -33,8 +37,8 @@ fn modules(src: &Path) -> BTreeMap<String, String> {
             let file = parts.pop().expect("file name");
             let stem = file.trim_end_matches(".rs");
             match stem {
-                // The crate root and the binary wire everything together by design.
-                "lib" | "main" if parts.is_empty() => return None,
+                // The crate root wires everything together by design.
+                "lib" if parts.is_empty() => return None,
                 "mod" => {}
                 _ => parts.push(stem.to_string()),
             }
