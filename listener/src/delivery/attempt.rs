@@ -1,16 +1,18 @@
 //! Calling a handler: attempts with backoff under its retry policy, each call timed and its
 //! panic caught (a handler's panic is its failure, not the listener's).
 
-use crate::delivery::registry::Registration;
-use crate::error::{report, HandlerError};
-use crate::event::Event;
-use crate::ops::metrics::{HandlerMetrics, Outcome as Counted};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
+
+use crate::delivery::registry::Registration;
+use crate::error::{report, HandlerError};
+use crate::event::Event;
+use crate::ops::metrics::{HandlerMetrics, Outcome as Counted};
 
 /// Whether a retry loop finished or was interrupted by shutdown.
 pub(crate) enum Outcome {

@@ -9,21 +9,19 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::delivery::dead_letter::{DeadLetterSink, DECODE_HANDLER};
-use crate::error::Error;
-use crate::event::Event;
-use crate::lsn::Lsn;
-use crate::ops::metrics::Metrics;
-
 use crate::delivery::attempt::Outcome;
+use crate::delivery::dead_letter::{DeadLetterSink, DECODE_HANDLER};
 pub use crate::delivery::handler::{Filter, Handler, ParseFilterError};
 pub use crate::delivery::item::{Ack, Item, RedriveJob, RedriveOutcome, Undecodable};
 pub use crate::delivery::registry::Registry;
 pub(crate) use crate::delivery::retry::jitter;
 pub use crate::delivery::retry::{OnFailure, RetryPolicy};
-pub use crate::error::HandlerError;
-
 use crate::delivery::worker::{Report, Worker, WorkerMsg};
+use crate::error::Error;
+pub use crate::error::HandlerError;
+use crate::event::Event;
+use crate::lsn::Lsn;
+use crate::ops::metrics::Metrics;
 
 async fn next_job(jobs: &mut Option<mpsc::Receiver<RedriveJob>>) -> Option<RedriveJob> {
     match jobs {

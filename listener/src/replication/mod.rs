@@ -3,6 +3,7 @@
 //! hot standby, lost-slot recovery, and the notify-mode poller. It hands events to
 //! [`crate::delivery`] as items and learns what was handled from its acknowledgements.
 
+pub mod apply;
 pub mod notify;
 pub mod pgoutput;
 pub mod publication;

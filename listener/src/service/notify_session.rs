@@ -1,0 +1,73 @@
+//! A notify-mode session: `LISTEN` wake-ups and polling by snapshot transitions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::info;
+
+use crate::delivery::dead_letter::DeadLetterStore;
+use crate::delivery::dispatch::Ack;
+use crate::error::Error;
+use crate::ops::admin::Phase;
+use crate::replication::subscription::{self};
+use crate::service::listener::Listener;
+use crate::service::session::SessionTokens;
+
+impl Listener {
+    /// A notify-mode session: one SQL connection that listens for wake-ups, polls the event table
+    /// by snapshot transitions (see [`crate::replication::notify`]) and saves the position after each batch.
+    pub(super) async fn notify_session(
+        &self,
+        tokens: &SessionTokens,
+        streamed: &mut bool,
+    ) -> Result<(), Error> {
+        let db = &self.config.database;
+        let r = &self.config.replication;
+        let (client, sql_task, notifications) = subscription::connect_listening(db).await?;
+        crate::replication::publication::check_extension(&client, &db.dbname).await?;
+        client
+            .batch_execute(&format!("LISTEN {}", crate::replication::notify::CHANNEL))
+            .await
+            .map_err(Error::sql("listening for notifications"))?;
+        let client = Arc::new(client);
+        let dead_letters = Arc::new(DeadLetterStore::new(
+            Arc::clone(&client),
+            r.subscription_name(),
+        ));
+        let store = crate::replication::notify::NotifyStore::new(client, r.subscription_name());
+        let state = store.load_or_start().await?;
+        *streamed = true;
+        self.health.set(Phase::Streaming);
+        info!(
+            subscription = %r.subscription_name(),
+            transition = state.transition,
+            position = state.position,
+            poll_interval_ms = r.poll_interval_ms,
+            "polling (notify mode)"
+        );
+
+        let (items_tx, items_rx) = mpsc::channel(r.queue_capacity);
+        let (acks_tx, acks_rx) = watch::channel(Ack::default());
+        let dispatch = self.spawn_dispatch(dead_letters, items_rx, acks_tx, tokens);
+        let poller = crate::replication::notify::Poller {
+            store,
+            notifications: Some(notifications),
+            items: items_tx,
+            acks: acks_rx,
+            poll_interval: Duration::from_millis(r.poll_interval_ms),
+            batch_size: r.poll_batch_size,
+            lsn_base: 0,
+        };
+        let polled = poller.run(state, tokens.stop.clone()).await;
+        if polled.is_err() {
+            tokens.abort_now();
+        }
+        tokens.stop.cancel();
+        let dispatched = dispatch.join().await;
+        let _ = sql_task.await;
+        // A handler failure explains a poller that stopped because the dispatcher went away.
+        dispatched?;
+        polled
+    }
+}
