@@ -27,22 +27,25 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Starts a session's dispatcher and, when `redrive_interval_ms` is set, its redrive task
-    /// (the same for both modes). Takes the dead-letter store so that its SQL connection closes
-    /// once the tasks are done with it.
+    /// Starts a session's delivery, the same for every kind of session: the queue its reader
+    /// feeds (returned), the acknowledgements starting at `first_ack` (returned), the dispatcher
+    /// and, when `redrive_interval_ms` is set, its redrive task. Takes the dead-letter store so
+    /// that its SQL connection closes once the tasks are done with it. End it with
+    /// [`DispatchTasks::finish`].
     ///
     /// The redrive task stops with `session.stop`. The dispatcher drains: it handles whatever
     /// the session's reader hands it until the reader closes the queue (which it does at a
     /// transaction boundary on shutdown), and stops early — at its next transaction boundary or
     /// retry backoff — only on `session.abort`.
-    pub(super) fn spawn_dispatch(
+    pub(super) fn start_delivery(
         &self,
         dead_letters: Arc<DeadLetterStore>,
-        items: mpsc::Receiver<Item>,
-        acks: watch::Sender<Ack>,
+        first_ack: Ack,
         session: &SessionTokens,
-    ) -> DispatchTasks {
+    ) -> (mpsc::Sender<Item>, watch::Receiver<Ack>, DispatchTasks) {
         let r = &self.config.replication;
+        let (items_tx, items) = mpsc::channel(r.queue_capacity);
+        let (acks, acks_rx) = watch::channel(first_ack);
         let mut dispatcher = Dispatcher::new(Arc::clone(&self.registry), dead_letters.clone())
             .with_workers(r.workers)
             .with_metrics(Arc::clone(&self.metrics));
@@ -59,10 +62,11 @@ impl Listener {
             None
         };
         let dispatcher = tokio::spawn(dispatcher.run(items, acks, session.abort.clone()));
-        DispatchTasks {
+        let tasks = DispatchTasks {
             dispatcher,
             redriver,
-        }
+        };
+        (items_tx, acks_rx, tasks)
     }
 
     /// A listener following `config` and delivering to `registry`'s handlers.

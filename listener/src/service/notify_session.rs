@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
 use tracing::info;
 
 use crate::delivery::dead_letter::DeadLetterStore;
@@ -12,7 +11,7 @@ use crate::error::Error;
 use crate::ops::admin::Phase;
 use crate::replication::subscription::{self};
 use crate::service::listener::Listener;
-use crate::service::session::SessionTokens;
+use crate::service::session::{outcome, SessionTokens};
 
 impl Listener {
     /// A notify-mode session: one SQL connection that listens for wake-ups, polls the event table
@@ -47,9 +46,8 @@ impl Listener {
             "polling (notify mode)"
         );
 
-        let (items_tx, items_rx) = mpsc::channel(r.queue_capacity);
-        let (acks_tx, acks_rx) = watch::channel(Ack::default());
-        let dispatch = self.spawn_dispatch(dead_letters, items_rx, acks_tx, tokens);
+        let (items_tx, acks_rx, dispatch) =
+            self.start_delivery(dead_letters, Ack::default(), tokens);
         let poller = crate::replication::notify::Poller {
             store,
             notifications: Some(notifications),
@@ -60,14 +58,8 @@ impl Listener {
             lsn_base: 0,
         };
         let polled = poller.run(state, tokens.stop.clone()).await;
-        if polled.is_err() {
-            tokens.abort_now();
-        }
-        tokens.stop.cancel();
-        let dispatched = dispatch.join().await;
+        let dispatched = dispatch.finish(tokens, &polled).await;
         let _ = sql_task.await;
-        // A handler failure explains a poller that stopped because the dispatcher went away.
-        dispatched?;
-        polled
+        outcome(dispatched, polled)
     }
 }

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -17,7 +16,7 @@ use crate::ops::admin::Phase;
 use crate::replication::stream::SlotState;
 use crate::replication::subscription::{self, SubscriptionStore};
 use crate::service::listener::Listener;
-use crate::service::session::SessionTokens;
+use crate::service::session::{outcome, SessionTokens};
 
 impl Listener {
     /// `listener slot recover`: recovers from the loss of the configured slot (see
@@ -143,9 +142,8 @@ impl Listener {
             r.subscription_name(),
         ));
         let session_cancel = tokens.stop.clone();
-        let (items_tx, items_rx) = mpsc::channel(r.queue_capacity);
-        let (acks_tx, acks_rx) = watch::channel(Ack::default());
-        let dispatch = self.spawn_dispatch(dead_letters, items_rx, acks_tx, tokens);
+        let (items_tx, acks_rx, dispatch) =
+            self.start_delivery(dead_letters, Ack::default(), tokens);
         let mut poller = Poller {
             store,
             notifications: None,
@@ -208,20 +206,14 @@ impl Listener {
             }
         }
         .await;
-        if caught_up.is_err() {
-            tokens.abort_now();
-        }
-        session_cancel.cancel();
         // Its item sender closes the dispatcher's queue: the dispatcher ends once it is gone.
         drop(poller);
         if let Some(task) = creation {
             // Dropping the connection abandons the creation: the server removes the slot.
             task.abort();
         }
-        let dispatched = dispatch.join().await;
-        // A handler failure explains a catch-up that stopped because the dispatcher went away.
-        dispatched?;
-        let finished = if caught_up? {
+        let dispatched = dispatch.finish(tokens, &caught_up).await;
+        let finished = if outcome(dispatched, caught_up)? {
             recovery.finish().await
         } else {
             Ok(())

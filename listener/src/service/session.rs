@@ -9,7 +9,7 @@ use tracing::warn;
 
 use crate::error::Error;
 
-/// A session's dispatcher and redrive tasks (see [`Listener::spawn_dispatch`]).
+/// A session's dispatcher and redrive tasks (see `Listener::start_delivery`).
 pub(super) struct DispatchTasks {
     pub(super) dispatcher: JoinHandle<Result<(), Error>>,
     pub(super) redriver: Option<JoinHandle<()>>,
@@ -19,7 +19,23 @@ impl DispatchTasks {
     /// Waits for both (the dispatcher ends once its queue is closed and drained, or at its next
     /// transaction boundary once the session is aborted) and returns the dispatcher's result. Handler panics are
     /// caught in the dispatcher; a panic of its own is reported, not unwound here.
-    pub(super) async fn join(self) -> Result<(), Error> {
+    /// Ends a session, the same way whatever its kind, once its reader returned `read`: a
+    /// failed reader aborts the dispatcher (it stops at its next transaction boundary or retry
+    /// backoff), a reader stopped by the shutdown lets it drain what was read (the reader closed
+    /// the queue at a transaction boundary). Returns the dispatcher's result.
+    pub(super) async fn finish<R>(
+        self,
+        tokens: &SessionTokens,
+        read: &Result<R, Error>,
+    ) -> Result<(), Error> {
+        if read.is_err() {
+            tokens.abort_now();
+        }
+        tokens.stop.cancel();
+        self.join().await
+    }
+
+    async fn join(self) -> Result<(), Error> {
         let dispatched = self.dispatcher.await.unwrap_or_else(|e| {
             Err(Error::Task {
                 task: "dispatcher",
@@ -84,4 +100,14 @@ pub(super) async fn shutdown_deadline(
             abort.cancel();
         }
     }
+}
+
+/// A session's result from its dispatcher's and its reader's: a handler failure explains a
+/// reader that stopped because the dispatcher went away, so it comes first.
+pub(super) fn outcome<R>(
+    dispatched: Result<(), Error>,
+    read: Result<R, Error>,
+) -> Result<R, Error> {
+    dispatched?;
+    read
 }

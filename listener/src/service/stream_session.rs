@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::delivery::dead_letter::DeadLetterStore;
@@ -17,7 +17,7 @@ use crate::replication::apply::StreamState;
 use crate::replication::stream::SlotState;
 use crate::replication::subscription::{self, SubscriptionStore};
 use crate::service::listener::Listener;
-use crate::service::session::SessionTokens;
+use crate::service::session::{outcome, SessionTokens};
 
 impl Listener {
     pub(super) async fn session(
@@ -126,13 +126,12 @@ impl Listener {
         self.health.set(Phase::Streaming);
         info!(slot = %r.slot, publication = %r.publication, lsn = %start, "streaming");
 
-        let (items_tx, items_rx) = mpsc::channel(r.queue_capacity);
-        let (acks_tx, acks_rx) = watch::channel(Ack {
+        // The SQL connection closes once its last user is gone (awaited below).
+        let first_ack = Ack {
             lsn: start,
             position: 0,
-        });
-        // The SQL connection closes once its last user is gone (awaited below).
-        let dispatch = self.spawn_dispatch(dead_letters, items_rx, acks_tx, tokens);
+        };
+        let (items_tx, acks_rx, dispatch) = self.start_delivery(dead_letters, first_ack, tokens);
         let checkpointer = tokio::spawn(checkpoint(
             store,
             acks_rx.clone(),
@@ -171,13 +170,7 @@ impl Listener {
                 r.ack_interval_ms,
             )
             .await;
-        // A failed stream stops the dispatcher at its next transaction boundary; a shutdown
-        // lets it finish what the stream read (the stream stopped at a boundary).
-        if streamed_result.is_err() {
-            tokens.abort_now();
-        }
-        tokens.stop.cancel();
-        let dispatched = dispatch.join().await;
+        let dispatched = dispatch.finish(tokens, &streamed_result).await;
         let watched = watcher.await.unwrap_or_else(|e| {
             Err(Error::Task {
                 task: "slot watch",
@@ -201,11 +194,8 @@ impl Listener {
             }
             conn.close(Duration::from_secs(5)).await;
         }
-        // A handler failure explains a stream that stopped because the dispatcher went away; a
-        // lost slot explains a stream that was cancelled or cut.
-        dispatched?;
-        watched?;
-        streamed_result
+        // A lost slot explains a stream that was cancelled or cut.
+        outcome(dispatched, watched.and(streamed_result))
     }
 }
 
