@@ -26,7 +26,7 @@ pub enum SchemaCommand {
 pub fn run(command: &SchemaCommand) -> ExitCode {
     let SchemaCommand::Export { dir, config } = command;
     let dir = dir.clone();
-    crate::with_database(config, |_, client| async move {
+    crate::process::with_database(config, |_, client| async move {
         let rows = client
             .query(
                 "SELECT event_type, event_version, schema FROM domain_events.event_schemas \

@@ -1,0 +1,139 @@
+//! `listener replay`: handlers run over stored events.
+
+use std::process::ExitCode;
+
+use listener::config::ConfigArgs;
+use listener::error::report;
+use listener::replay::{self, Replay, Selection};
+use tokio_util::sync::CancellationToken;
+
+use crate::process::{init_logging, runtime, watch_signals};
+
+/// Flags of `listener replay`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct ReplayArgs {
+    /// Run only this configured handler (repeatable); default: every configured handler.
+    #[arg(long = "handler", value_name = "NAME")]
+    handlers: Vec<String>,
+    /// Only events of this aggregate type.
+    #[arg(long, value_name = "TYPE")]
+    aggregate_type: Option<String>,
+    /// Only events of aggregates with this id.
+    #[arg(long, value_name = "ID")]
+    aggregate_id: Option<String>,
+    /// Only events of this type: exact (Loan.Funded) or a prefix (Loan.*). Handlers still
+    /// apply their own filters.
+    #[arg(long, value_name = "TYPE|PREFIX.*")]
+    event_type: Option<listener::Filter>,
+    /// Only events at or after this position.
+    #[arg(long, value_name = "N")]
+    from_position: Option<i64>,
+    /// Only events at or before this position.
+    #[arg(long, value_name = "N")]
+    to_position: Option<i64>,
+    /// Only events recorded (recorded_at) at or after this time: RFC 3339 with an offset
+    /// (2026-11-23T16:00:00Z) or a date (2026-11-23, midnight UTC).
+    #[arg(long, value_name = "TIMESTAMP", value_parser = replay::parse_timestamp)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Only events recorded before this time (same formats as --since).
+    #[arg(long, value_name = "TIMESTAMP", value_parser = replay::parse_timestamp)]
+    until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Count the selected events per handler on standard output; handle nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Events read per fetch; handlers are flushed after each batch.
+    #[arg(long, value_name = "N", default_value_t = replay::DEFAULT_BATCH_SIZE,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    batch_size: usize,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+impl ReplayArgs {
+    fn selection(&self) -> Selection {
+        Selection {
+            aggregate_type: self.aggregate_type.clone(),
+            aggregate_id: self.aggregate_id.clone(),
+            event_type: self.event_type.clone(),
+            from_position: self.from_position,
+            to_position: self.to_position,
+            since: self.since,
+            until: self.until,
+        }
+    }
+}
+
+/// `listener replay`: exit 2 before anything is handled when an argument, the configuration or
+/// a handler name is wrong.
+pub(crate) fn replay(args: &ReplayArgs) -> ExitCode {
+    let config = match args.config.load() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {}", report(&err));
+            return ExitCode::from(2);
+        }
+    };
+    let selection = args.selection();
+    if let Err(err) = selection.validate() {
+        eprintln!("error: {}", report(&err));
+        return ExitCode::from(2);
+    }
+    init_logging(&config.log);
+    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+        return ExitCode::FAILURE;
+    };
+    runtime.block_on(async move {
+        let registry = match replay::registry_for_replay(&config, &args.handlers) {
+            Ok(registry) => registry,
+            Err(err) => {
+                eprintln!("error: {}", report(&err));
+                return ExitCode::from(2);
+            }
+        };
+        let replay = Replay::new(config.database.clone(), selection)
+            .with_batch_size(args.batch_size)
+            .with_workers(config.replication.workers);
+        if args.dry_run {
+            return match replay.count().await {
+                Ok(counts) => {
+                    let total: u64 = counts.iter().map(|(_, n)| n).sum();
+                    println!("{total} event(s) selected; nothing handled (dry run)");
+                    println!("handler\tevents");
+                    for name in registry.names() {
+                        let routed: u64 = counts
+                            .iter()
+                            .filter(|(event_type, _)| registry.routes(event_type).contains(&name))
+                            .map(|(_, n)| n)
+                            .sum();
+                        println!("{name}\t{routed}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {}", report(&err));
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        let cancel = CancellationToken::new();
+        let signals = tokio::spawn(watch_signals(cancel.clone()));
+        let result = replay.run(registry, cancel).await;
+        signals.abort();
+        match result {
+            Ok(summary) => {
+                eprint!("{}", summary.render());
+                match summary.ending {
+                    _ if summary.succeeded() => ExitCode::SUCCESS,
+                    replay::Ending::Interrupted if summary.failures.is_empty() => {
+                        ExitCode::from(130)
+                    }
+                    _ => ExitCode::FAILURE,
+                }
+            }
+            Err(err) => {
+                eprintln!("error: {}", report(&err));
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
