@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio_postgres::Client;
 
-use crate::store::{connect, dsn_for, median, quantile_ms, ClusterArgs};
+use crate::store::{drop_database, fresh_database, median, quantile_ms, ClusterArgs};
 
 const DATABASE: &str = "pgde_bench_capture";
 
@@ -38,21 +38,7 @@ const SCHEMA: &str = "
 ";
 
 async fn prepare(args: &CaptureArgs) -> anyhow::Result<Client> {
-    let admin = connect(&args.cluster.dsn).await?;
-    // Two calls: a multi-statement string runs as one transaction, which DROP DATABASE refuses.
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
-        .await
-        .context("drop the previous bench database")?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
-        .await
-        .context("create the bench database")?;
-    let client = connect(&dsn_for(&args.cluster.dsn, DATABASE)).await?;
-    client
-        .batch_execute("CREATE EXTENSION pg_domain_events")
-        .await
-        .context("CREATE EXTENSION pg_domain_events")?;
+    let client = fresh_database(&args.cluster.dsn, DATABASE).await?;
     client.batch_execute(SCHEMA).await.context("tables")?;
     for table in ["loans_plain", "loans_tracked"] {
         client
@@ -163,9 +149,6 @@ pub async fn run(args: CaptureArgs) -> anyhow::Result<()> {
         ups[0] / ups[1]
     );
     drop(client);
-    let admin = connect(&args.cluster.dsn).await?;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
-        .await?;
+    drop_database(&args.cluster.dsn, DATABASE).await?;
     Ok(())
 }

@@ -10,7 +10,9 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use tokio_postgres::Client;
 
-use crate::store::{connect, dsn_for, median, ClusterArgs, Workload, EVENT_TYPES};
+use crate::store::{
+    connect, drop_database, dsn_for, fresh_database, median, ClusterArgs, Workload, EVENT_TYPES,
+};
 
 const DATABASE: &str = "pgde_bench_contracts";
 
@@ -70,21 +72,7 @@ enum Mode {
 }
 
 async fn prepare(args: &ContractsArgs) -> anyhow::Result<(Client, Client)> {
-    let admin = connect(&args.cluster.dsn).await?;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
-        .await
-        .context("drop the previous bench database")?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
-        .await
-        .context("create the bench database")?;
-    let dsn = dsn_for(&args.cluster.dsn, DATABASE);
-    let validated = connect(&dsn).await?;
-    validated
-        .batch_execute("CREATE EXTENSION pg_domain_events")
-        .await
-        .context("CREATE EXTENSION pg_domain_events")?;
+    let validated = fresh_database(&args.cluster.dsn, DATABASE).await?;
     for event_type in EVENT_TYPES {
         validated
             .execute(
@@ -99,7 +87,7 @@ async fn prepare(args: &ContractsArgs) -> anyhow::Result<(Client, Client)> {
             "SET domain_events.schema_validation = registered; SELECT * FROM domain_events.maintain()",
         )
         .await?;
-    let unvalidated = connect(&dsn).await?;
+    let unvalidated = connect(&dsn_for(&args.cluster.dsn, DATABASE)).await?;
     unvalidated
         .batch_execute("SET domain_events.schema_validation = off")
         .await?;
@@ -221,10 +209,7 @@ pub async fn run(args: ContractsArgs) -> anyhow::Result<()> {
     );
     drop((validated, unvalidated));
     if !args.keep_database {
-        let admin = connect(&args.cluster.dsn).await?;
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
-            .await?;
+        drop_database(&args.cluster.dsn, DATABASE).await?;
     }
     Ok(())
 }

@@ -272,23 +272,41 @@ pub(crate) fn dsn_for(dsn: &str, dbname: &str) -> String {
     format!("{} dbname={dbname}", rest.join(" "))
 }
 
-/// Creates the fresh database with the extension and both baselines.
-async fn prepare_database(args: &StoreArgs) -> anyhow::Result<Client> {
-    let admin = connect(&args.cluster.dsn).await?;
+/// Creates database `dbname` afresh on the cluster (dropping what a previous run left) with
+/// the extension installed; returns a connection to it.
+pub async fn fresh_database(cluster_dsn: &str, dbname: &str) -> anyhow::Result<Client> {
+    let admin = connect(cluster_dsn).await?;
+    // Two calls: a multi-statement string runs as one transaction, which DROP DATABASE refuses.
     admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {dbname} WITH (FORCE)"))
         .await
         .context("drop the previous bench database")?;
     admin
-        .batch_execute(&format!("CREATE DATABASE {DATABASE}"))
-        .await?;
-    let client = connect(&dsn_for(&args.cluster.dsn, DATABASE)).await?;
+        .batch_execute(&format!("CREATE DATABASE {dbname}"))
+        .await
+        .context("create the bench database")?;
+    let client = connect(&dsn_for(cluster_dsn, dbname)).await?;
     client
         .batch_execute("CREATE EXTENSION pg_domain_events")
         .await
         .context(
             "CREATE EXTENSION pg_domain_events (install it first: cargo pgrx install --release)",
         )?;
+    Ok(client)
+}
+
+/// Drops database `dbname` made by [`fresh_database`], after the run.
+pub async fn drop_database(cluster_dsn: &str, dbname: &str) -> anyhow::Result<()> {
+    connect(cluster_dsn)
+        .await?
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {dbname} WITH (FORCE)"))
+        .await
+        .context("drop the bench database")
+}
+
+/// Creates the fresh database with the extension and both baselines.
+async fn prepare_database(args: &StoreArgs) -> anyhow::Result<Client> {
+    let client = fresh_database(&args.cluster.dsn, DATABASE).await?;
     client
         .batch_execute(include_str!("../sql/plain_baseline.sql"))
         .await
@@ -567,10 +585,7 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
 
     drop(client);
     if !args.keep_database {
-        let admin = connect(&args.cluster.dsn).await?;
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"))
-            .await?;
+        drop_database(&args.cluster.dsn, DATABASE).await?;
     }
     Ok(())
 }
