@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -29,8 +30,8 @@ pub struct Listener {
 impl Listener {
     /// Starts a session's delivery, the same for every kind of session: the queue its reader
     /// feeds (returned), the acknowledgements starting at `first_ack` (returned), the dispatcher
-    /// and, when `redrive_interval_ms` is set, its redrive task. Takes the dead-letter store so
-    /// that its SQL connection closes once the tasks are done with it. End it with
+    /// and, when `redrive_interval_ms` is set, its redrive task, with the subscription's dead letters
+    /// on the session's SQL connection `sql` (which closes once its last user is gone). End it with
     /// [`DispatchTasks::finish`].
     ///
     /// The redrive task stops with `session.stop`. The dispatcher drains: it handles whatever
@@ -39,11 +40,12 @@ impl Listener {
     /// retry backoff — only on `session.abort`.
     pub(super) fn start_delivery(
         &self,
-        dead_letters: Arc<DeadLetterStore>,
+        sql: Arc<Client>,
         first_ack: Ack,
         session: &SessionTokens,
     ) -> (mpsc::Sender<Item>, watch::Receiver<Ack>, DispatchTasks) {
         let r = &self.config.replication;
+        let dead_letters = Arc::new(DeadLetterStore::new(sql, r.subscription_name()));
         let (items_tx, items) = mpsc::channel(r.queue_capacity);
         let (acks, acks_rx) = watch::channel(first_ack);
         let mut dispatcher = Dispatcher::new(Arc::clone(&self.registry), dead_letters.clone())

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use tracing::info;
 
-use crate::delivery::dead_letter::DeadLetterStore;
 use crate::delivery::dispatch::Ack;
 use crate::error::Error;
 use crate::ops::admin::Phase;
@@ -30,10 +29,7 @@ impl Listener {
             .await
             .map_err(Error::sql("listening for notifications"))?;
         let client = Arc::new(client);
-        let dead_letters = Arc::new(DeadLetterStore::new(
-            Arc::clone(&client),
-            r.subscription_name(),
-        ));
+        let delivery_sql = Arc::clone(&client);
         let store = crate::replication::notify::NotifyStore::new(client, r.subscription_name());
         let state = store.load_or_start().await?;
         *streamed = true;
@@ -47,7 +43,7 @@ impl Listener {
         );
 
         let (items_tx, acks_rx, dispatch) =
-            self.start_delivery(dead_letters, Ack::default(), tokens);
+            self.start_delivery(delivery_sql, Ack::default(), tokens);
         let poller = crate::replication::notify::Poller {
             store,
             notifications: Some(notifications),

@@ -9,7 +9,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::delivery::dead_letter::DeadLetterStore;
 use crate::delivery::dispatch::Ack;
 use crate::error::Error;
 use crate::ops::admin::Phase;
@@ -137,13 +136,9 @@ impl Listener {
             }
         }
 
-        let dead_letters = Arc::new(DeadLetterStore::new(
-            Arc::clone(&client),
-            r.subscription_name(),
-        ));
         let session_cancel = tokens.stop.clone();
         let (items_tx, acks_rx, dispatch) =
-            self.start_delivery(dead_letters, Ack::default(), tokens);
+            self.start_delivery(Arc::clone(&client), Ack::default(), tokens);
         let mut poller = Poller {
             store,
             notifications: None,

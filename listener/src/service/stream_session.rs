@@ -8,7 +8,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::delivery::dead_letter::DeadLetterStore;
 use crate::delivery::dispatch::Ack;
 use crate::error::{report, Error};
 use crate::lsn::Lsn;
@@ -39,10 +38,7 @@ impl Listener {
         )
         .await?;
         let client = Arc::new(client);
-        let dead_letters = Arc::new(DeadLetterStore::new(
-            Arc::clone(&client),
-            r.subscription_name(),
-        ));
+        let delivery_sql = Arc::clone(&client);
         let slot_watch = crate::replication::retention::SlotWatch {
             client: Arc::clone(&client),
             slot: r.slot.clone(),
@@ -131,7 +127,7 @@ impl Listener {
             lsn: start,
             position: 0,
         };
-        let (items_tx, acks_rx, dispatch) = self.start_delivery(dead_letters, first_ack, tokens);
+        let (items_tx, acks_rx, dispatch) = self.start_delivery(delivery_sql, first_ack, tokens);
         let checkpointer = tokio::spawn(checkpoint(
             store,
             acks_rx.clone(),
