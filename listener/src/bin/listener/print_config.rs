@@ -3,15 +3,13 @@
 use std::process::ExitCode;
 
 use listener::config::ConfigArgs;
-use listener::error::report;
+
+use crate::process::load_config;
 
 pub(crate) fn print_config(args: &ConfigArgs) -> ExitCode {
-    let config = match args.load() {
+    let config = match load_config(args) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("error: {}", report(&err));
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     match toml::to_string_pretty(&config) {
         Ok(text) => {

@@ -9,7 +9,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-/// `listener dead-letters …`: one SQL connection, one statement, plain output on stdout.
+/// Loads the configuration (file, environment, flags); on an invalid one, says why in one
+/// `error:` line and gives the exit status 2.
+pub(crate) fn load_config(args: &ConfigArgs) -> Result<Config, ExitCode> {
+    args.load().map_err(|err| {
+        eprintln!("error: {}", report(&err));
+        ExitCode::from(2)
+    })
+}
+
 /// Loads the configuration, opens an ordinary SQL connection and runs `work` on it; any error
 /// becomes one `error:` line and a non-zero exit.
 pub(crate) fn with_database<F, Fut>(args: &ConfigArgs, work: F) -> ExitCode
@@ -17,12 +25,9 @@ where
     F: FnOnce(Config, std::sync::Arc<tokio_postgres::Client>) -> Fut,
     Fut: std::future::Future<Output = Result<ExitCode, listener::Error>>,
 {
-    let config = match args.load() {
+    let config = match load_config(args) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("error: {}", report(&err));
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let Some(runtime) = runtime(tokio::runtime::Builder::new_current_thread()) else {
         return ExitCode::FAILURE;

@@ -7,7 +7,7 @@ use listener::error::report;
 use listener::replay::{self, Replay, Selection};
 use tokio_util::sync::CancellationToken;
 
-use crate::process::{init_logging, runtime, watch_signals};
+use crate::process::{init_logging, load_config, runtime, watch_signals};
 
 /// Flags of `listener replay`.
 #[derive(Debug, clap::Args)]
@@ -66,12 +66,9 @@ impl ReplayArgs {
 /// `listener replay`: exit 2 before anything is handled when an argument, the configuration or
 /// a handler name is wrong.
 pub(crate) fn replay(args: &ReplayArgs) -> ExitCode {
-    let config = match args.config.load() {
+    let config = match load_config(&args.config) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("error: {}", report(&err));
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let selection = args.selection();
     if let Err(err) = selection.validate() {

@@ -9,7 +9,7 @@ use listener::service::{registry_from_config, Listener};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::process::{init_logging, runtime, watch_signals};
+use crate::process::{init_logging, load_config, runtime, watch_signals};
 
 /// What [`serve`] runs with the configured handlers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,12 +23,9 @@ pub(crate) enum Serve {
 /// Loads the configuration, builds the handlers and runs `what` until it ends or a signal
 /// stops it.
 pub(crate) fn serve(args: &ConfigArgs, what: Serve) -> ExitCode {
-    let config = match args.load() {
+    let config = match load_config(args) {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("error: {}", report(&err));
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     init_logging(&config.log);
     let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
