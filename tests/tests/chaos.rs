@@ -16,7 +16,7 @@ use e2e::listener_support::{
     config_for, confirmed_after_exit, unique_name, wait_slot_active, write_config, ListenerProcess,
     SlotGuard,
 };
-use e2e::TestDb;
+use e2e::{Seeded, TestDb};
 use listener::Lsn;
 use serde_json::Value;
 use tokio_postgres::Client;
@@ -31,24 +31,6 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// SplitMix64: a reproducible sequence from the printed seed, no dependency needed.
-struct Seeded(u64);
-
-impl Seeded {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
 }
 
 /// One transaction of `size` events over random aggregates, shared by all writers so that

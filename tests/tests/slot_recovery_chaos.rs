@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use e2e::cluster_support::{invalidate_slot_until, PrivateCluster};
 use e2e::listener_support::{unique_name, wait_slot_active, write_config, ListenerProcess};
+use e2e::Seeded;
 use listener::Lsn;
 use serde_json::{json, Value};
 use tokio_postgres::Client;
@@ -19,19 +20,6 @@ use uuid::Uuid;
 
 const ROUNDS: usize = 2;
 const WAIT: Duration = Duration::from_secs(90);
-
-/// SplitMix64: reproducible moments from the printed seed.
-struct Seeded(u64);
-
-impl Seeded {
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        lo + (z ^ (z >> 31)) % (hi - lo + 1)
-    }
-}
 
 /// Raises transactions of 1–8 events until `stop`, one in ten rolled back.
 async fn write(dsn: String, seed: u64, stop: Arc<AtomicBool>) -> usize {
