@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use listener::config::{Config, HandlerConfig, HandlerKind};
+use listener::config::{Config, HandlerConfig};
 use listener::{Event, Filter, Handler, HandlerError, Listener, Registry, RetryPolicy};
 use tokio_util::sync::CancellationToken;
 
@@ -89,13 +89,11 @@ pub(crate) fn listener_config(dsn: &str, dbname: &str, slot: &str) -> Config {
     config.replication.create_slot = false;
     config.handlers = vec![HandlerConfig {
         name: None,
-        kind: HandlerKind::Stdout,
         events: vec!["*".into()],
         max_attempts: 1,
         initial_backoff_ms: 1,
         max_backoff_ms: 1,
         on_failure: Default::default(),
-        function: None,
         ..HandlerConfig::default()
     }];
     config

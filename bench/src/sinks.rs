@@ -18,8 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use listener::config::{HandlerConfig, HandlerKind};
+use listener::config::HandlerConfig;
 use listener::service::registry_from_config;
+use listener::sink::{AnySinkConfig, KafkaConfig, NatsConfig, WebhookConfig};
 use listener::sink::{NatsOptions, NatsSink, SubjectTemplate};
 use listener::{Event, Handler, Listener};
 use tokio_util::sync::CancellationToken;
@@ -166,34 +167,33 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
         // Every backlog event is a Loan.
         let mut counter = crate::kafka::RecordCounter::new(&format!("{topic_prefix}.Loan"));
         let mut config = listener_config(&a.cluster.dsn, &dbname, &format!("bench_{slot}"));
-        let (kind, workers) = match slot {
-            "nats_w1" => (HandlerKind::Nats, 1),
-            "kafka_w1" => (HandlerKind::Kafka, 1),
-            "webhook_w1" => (HandlerKind::Webhook, 1),
-            _ => (HandlerKind::Webhook, 4),
+        let (sink, workers): (AnySinkConfig, usize) = match slot {
+            "nats_w1" => (
+                NatsConfig {
+                    servers: Some(vec![a.nats.clone()]),
+                    stream: Some(stream.clone()),
+                    subject: Some(format!("bench{tag}pipe.{{aggregate_type}}.{{event_type}}")),
+                    ..NatsConfig::default()
+                }
+                .into(),
+                1,
+            ),
+            "kafka_w1" => (
+                KafkaConfig {
+                    brokers: Some(vec![broker.address.clone()]),
+                    topic: Some(format!("{topic_prefix}.{{aggregate_type}}")),
+                    partitions: Some(3),
+                    ..KafkaConfig::default()
+                }
+                .into(),
+                1,
+            ),
+            "webhook_w1" => (WebhookConfig::new(url.clone()).into(), 1),
+            _ => (WebhookConfig::new(url.clone()).into(), 4),
         };
+        let kind = sink.kind();
         config.replication.workers = workers;
-        config.handlers = vec![match kind {
-            HandlerKind::Nats => HandlerConfig {
-                kind,
-                servers: Some(vec![a.nats.clone()]),
-                stream: Some(stream.clone()),
-                subject: Some(format!("bench{tag}pipe.{{aggregate_type}}.{{event_type}}")),
-                ..HandlerConfig::default()
-            },
-            HandlerKind::Kafka => HandlerConfig {
-                kind,
-                brokers: Some(vec![broker.address.clone()]),
-                topic: Some(format!("{topic_prefix}.{{aggregate_type}}")),
-                partitions: Some(3),
-                ..HandlerConfig::default()
-            },
-            _ => HandlerConfig {
-                kind,
-                url: Some(url.clone()),
-                ..HandlerConfig::default()
-            },
-        }];
+        config.handlers = vec![HandlerConfig::new(sink)];
         let registry = registry_from_config(&config)?;
         let listener = Listener::new(config, registry)?;
         let cancel = CancellationToken::new();
@@ -203,8 +203,8 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
         let task = tokio::spawn(async move { listener.run(token).await });
         loop {
             let done = match kind {
-                HandlerKind::Nats => stream_messages(&js, &stream).await,
-                HandlerKind::Kafka => counter.count(&kafka).await?,
+                "nats" => stream_messages(&js, &stream).await,
+                "kafka" => counter.count(&kafka).await?,
                 _ => received.load(Ordering::Relaxed),
             };
             if done >= a.events {
@@ -212,7 +212,7 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
             }
             anyhow::ensure!(!task.is_finished(), "the listener stopped early");
             // Counting Kafka records means fetching them: poll less often.
-            let poll = if kind == HandlerKind::Kafka { 20 } else { 2 };
+            let poll = if kind == "kafka" { 20 } else { 2 };
             tokio::time::sleep(Duration::from_millis(poll)).await;
         }
         let elapsed = started.elapsed();
@@ -220,10 +220,10 @@ pub async fn run(a: SinksArgs) -> anyhow::Result<()> {
         task.await??;
         println!(
             "| {} | {workers} | {:.0} |",
-            kind.as_str(),
+            kind,
             a.events as f64 / elapsed.as_secs_f64()
         );
-        if kind == HandlerKind::Nats {
+        if kind == "nats" {
             js.delete_stream(&stream).await.ok();
         }
         db.execute(

@@ -318,6 +318,16 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// An invalid value from `origin` (a file, a table, a handler, a flag).
+    pub fn invalid(origin: Option<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            origin,
+            message: message.into(),
+        }
+    }
+}
+
 /// A handler's failure, classified for the retry policy.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]

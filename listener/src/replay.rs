@@ -74,10 +74,7 @@ pub struct Selection {
 }
 
 fn invalid(origin: &str, message: impl Into<String>) -> Error {
-    Error::Config(ConfigError::Invalid {
-        origin: Some(origin.to_string()),
-        message: message.into(),
-    })
+    Error::Config(ConfigError::invalid(Some(origin.to_string()), message))
 }
 
 /// A SQL parameter of the WHERE clause.

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use listener::config::{HandlerConfig, HandlerKind};
+use listener::config::HandlerConfig;
+use listener::sink::KafkaConfig;
 use rskafka::client::partition::{OffsetAt, UnknownTopicHandling};
 use rskafka::client::{Client, ClientBuilder};
 use serde_json::Value;
@@ -348,12 +349,17 @@ pub fn kafka_handler(
     prefix: &str,
     max_attempts: u32,
 ) -> HandlerConfig {
-    HandlerConfig {
+    handler(kafka_sink(broker, prefix), name, max_attempts)
+}
+
+/// The `kafka` keys of [`kafka_handler`].
+pub fn kafka_sink(broker: &Broker, prefix: &str) -> KafkaConfig {
+    KafkaConfig {
         brokers: Some(vec![broker.address()]),
         topic: Some(format!("{prefix}.{{aggregate_type}}")),
         partitions: Some(3),
         timeout_ms: Some(2000),
-        ..handler(HandlerKind::Kafka, name, max_attempts)
+        ..KafkaConfig::default()
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use listener::config::{Config, HandlerConfig, HandlerKind};
+use listener::config::{Config, HandlerConfig};
 use listener::{Event, Filter, Handler, HandlerError, Listener, Registry, RetryPolicy};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
@@ -50,14 +50,12 @@ pub fn config_for(db: &TestDb, name: &str) -> Config {
     config.replication.shutdown_timeout_secs = 10;
     config.handlers = vec![HandlerConfig {
         name: None,
-        kind: HandlerKind::Stdout,
         events: vec!["*".into()],
         max_attempts: 3,
         initial_backoff_ms: 10,
         max_backoff_ms: 100,
         on_failure: listener::OnFailure::DeadLetter,
-        function: None,
-        ..HandlerConfig::default()
+        ..HandlerConfig::new(listener::sink::StdoutConfig::default())
     }];
     config
 }

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use listener::config::{HandlerConfig, HandlerKind};
+use listener::config::HandlerConfig;
+use listener::sink::NatsConfig;
 use serde_json::Value;
 
 use crate::cluster_support::free_port;
@@ -183,6 +184,11 @@ impl NatsServer {
     ) -> HandlerConfig {
         nats_handler(&self.url(), name, stream, prefix, max_attempts)
     }
+
+    /// The `nats` keys of [`NatsServer::handler`].
+    pub fn sink(&self, stream: &str, prefix: &str) -> NatsConfig {
+        nats_sink(&self.url(), stream, prefix)
+    }
 }
 
 /// A `nats` handler publishing to the server at `url`, to `stream` under
@@ -194,12 +200,17 @@ pub fn nats_handler(
     prefix: &str,
     max_attempts: u32,
 ) -> HandlerConfig {
-    HandlerConfig {
+    handler(nats_sink(url, stream, prefix), name, max_attempts)
+}
+
+/// The `nats` keys of [`nats_handler`].
+pub fn nats_sink(url: &str, stream: &str, prefix: &str) -> NatsConfig {
+    NatsConfig {
         servers: Some(vec![url.to_string()]),
         stream: Some(stream.to_string()),
         subject: Some(format!("{prefix}.{{aggregate_type}}.{{event_type}}")),
         timeout_ms: Some(5000),
-        ..handler(HandlerKind::Nats, name, max_attempts)
+        ..NatsConfig::default()
     }
 }
 

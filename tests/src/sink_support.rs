@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use hmac::{KeyInit, Mac};
-use listener::config::{HandlerConfig, HandlerKind};
+use listener::config::HandlerConfig;
+use listener::sink::AnySinkConfig;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -182,15 +183,15 @@ impl Drop for Receiver {
     }
 }
 
-/// A handler entry of `kind` named `name` with quick retries (`max_attempts`, 10-100 ms).
-pub fn handler(kind: HandlerKind, name: &str, max_attempts: u32) -> HandlerConfig {
+/// A handler entry delivering to `sink`, named `name`, with quick retries (`max_attempts`,
+/// 10-100 ms).
+pub fn handler(sink: impl Into<AnySinkConfig>, name: &str, max_attempts: u32) -> HandlerConfig {
     HandlerConfig {
         name: Some(name.to_string()),
-        kind,
         max_attempts,
         initial_backoff_ms: 10,
         max_backoff_ms: 100,
-        ..HandlerConfig::default()
+        ..HandlerConfig::new(sink)
     }
 }
 

@@ -123,12 +123,16 @@ async fn topics_keys_headers_and_order() {
     config.replication.workers = 3;
     config.handlers = vec![
         kafka_handler("bus", &broker, &prefix, 3),
-        HandlerConfig {
-            topic: Some(format!("{prefix}-gz.{{aggregate_type}}")),
-            partitions: Some(1),
-            compression: Some(listener::sink::KafkaCompression::Gzip),
-            ..kafka_handler("zipped", &broker, &prefix, 3)
-        },
+        e2e::sink_support::handler(
+            listener::sink::KafkaConfig {
+                topic: Some(format!("{prefix}-gz.{{aggregate_type}}")),
+                partitions: Some(1),
+                compression: Some(listener::sink::KafkaCompression::Gzip),
+                ..e2e::kafka_support::kafka_sink(&broker, &prefix)
+            },
+            "zipped",
+            3,
+        ),
     ];
     let listener = start(config);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
@@ -254,9 +258,15 @@ struct AfterOutage {
 async fn ride_out(outage: Outage) -> AfterOutage {
     let (mut broker, prefix, db, name, _slot, mut config) = case("kafkaout").await;
     config.handlers = vec![HandlerConfig {
-        timeout_ms: Some(1000),
         max_backoff_ms: 500,
-        ..kafka_handler("bus", &broker, &prefix, 1000)
+        ..e2e::sink_support::handler(
+            listener::sink::KafkaConfig {
+                timeout_ms: Some(1000),
+                ..e2e::kafka_support::kafka_sink(&broker, &prefix)
+            },
+            "bus",
+            1000,
+        )
     }];
     let listener = start(config);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
@@ -467,13 +477,17 @@ async fn killed_listener_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_is_retried_then_dead_lettered() {
     let db = TestDb::new().await;
-    let handler = HandlerConfig {
-        // Nothing listens on port 9: connection refused.
-        brokers: Some(vec!["127.0.0.1:9".into()]),
-        timeout_ms: Some(500),
-        topic: Some("nowhere.{aggregate_type}".into()),
-        ..e2e::sink_support::handler(listener::config::HandlerKind::Kafka, "bus", 3)
-    };
+    let handler = e2e::sink_support::handler(
+        listener::sink::KafkaConfig {
+            // Nothing listens on port 9: connection refused.
+            brokers: Some(vec!["127.0.0.1:9".into()]),
+            timeout_ms: Some(500),
+            topic: Some("nowhere.{aggregate_type}".into()),
+            ..listener::sink::KafkaConfig::default()
+        },
+        "bus",
+        3,
+    );
     assert_unreachable_server_dead_letters(&db, handler, "cannot connect to Kafka").await;
 }
 
@@ -482,10 +496,14 @@ async fn an_unreachable_broker_is_retried_then_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_event_is_dead_lettered_and_the_stream_goes_on() {
     let (broker, prefix, db, name, _slot, mut config) = case("kafkabig").await;
-    config.handlers = vec![HandlerConfig {
-        max_message_bytes: Some(4096),
-        ..kafka_handler("bus", &broker, &prefix, 5)
-    }];
+    config.handlers = vec![e2e::sink_support::handler(
+        listener::sink::KafkaConfig {
+            max_message_bytes: Some(4096),
+            ..e2e::kafka_support::kafka_sink(&broker, &prefix)
+        },
+        "bus",
+        5,
+    )];
     let listener = start(config);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
     let batch = json!([
@@ -543,9 +561,15 @@ async fn workers_sharing_a_failing_broker_lose_nothing_silently() {
     let (broker, prefix, db, name, _slot, mut config) = case("kafkawrk").await;
     config.replication.workers = 3;
     config.handlers = vec![HandlerConfig {
-        timeout_ms: Some(300),
         max_backoff_ms: 50,
-        ..kafka_handler("bus", &broker, &prefix, 3)
+        ..e2e::sink_support::handler(
+            listener::sink::KafkaConfig {
+                timeout_ms: Some(300),
+                ..e2e::kafka_support::kafka_sink(&broker, &prefix)
+            },
+            "bus",
+            3,
+        )
     }];
     let listener = start(config);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
@@ -596,14 +620,18 @@ async fn tls_with_a_ca_file_and_a_client_certificate() {
     let name = unique_name("kafkatls");
     let _slot = SlotGuard(name.clone());
     let mut config = config_for(&db, &name);
-    config.handlers = vec![HandlerConfig {
-        brokers: Some(vec![front.address()]),
-        tls: Some(true),
-        tls_ca_file: Some(certs.ca.clone()),
-        tls_cert_file: Some(certs.client_cert.clone()),
-        tls_key_file: Some(certs.client_key.clone()),
-        ..kafka_handler("bus", &front.broker, &prefix, 3)
-    }];
+    config.handlers = vec![e2e::sink_support::handler(
+        listener::sink::KafkaConfig {
+            brokers: Some(vec![front.address()]),
+            tls: Some(true),
+            tls_ca_file: Some(certs.ca.clone()),
+            tls_cert_file: Some(certs.client_cert.clone()),
+            tls_key_file: Some(certs.client_key.clone()),
+            ..e2e::kafka_support::kafka_sink(&front.broker, &prefix)
+        },
+        "bus",
+        3,
+    )];
     let listener = start(config);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
     let ids = raise_mixed(&db.client, 5, 6).await;
@@ -628,12 +656,16 @@ async fn tls_refuses_an_unknown_broker_and_is_refused_without_a_client_certifica
     let db = TestDb::new().await;
 
     let front = TlsFront::start(&certs, false).await;
-    let handler = HandlerConfig {
-        brokers: Some(vec![front.address()]),
-        tls: Some(true),
-        timeout_ms: Some(1000),
-        ..kafka_handler("bus", &front.broker, &unique_prefix(), 2)
-    };
+    let handler = e2e::sink_support::handler(
+        listener::sink::KafkaConfig {
+            brokers: Some(vec![front.address()]),
+            tls: Some(true),
+            timeout_ms: Some(1000),
+            ..e2e::kafka_support::kafka_sink(&front.broker, &unique_prefix())
+        },
+        "bus",
+        2,
+    );
     assert_unreachable_server_dead_letters(&db, handler, "cannot connect to Kafka").await;
     assert!(
         !front.refused.lock().unwrap().is_empty(),
@@ -641,13 +673,17 @@ async fn tls_refuses_an_unknown_broker_and_is_refused_without_a_client_certifica
     );
 
     let front = TlsFront::start(&certs, true).await;
-    let handler = HandlerConfig {
-        brokers: Some(vec![front.address()]),
-        tls: Some(true),
-        tls_ca_file: Some(certs.ca.clone()),
-        timeout_ms: Some(1000),
-        ..kafka_handler("bus", &front.broker, &unique_prefix(), 2)
-    };
+    let handler = e2e::sink_support::handler(
+        listener::sink::KafkaConfig {
+            brokers: Some(vec![front.address()]),
+            tls: Some(true),
+            tls_ca_file: Some(certs.ca.clone()),
+            timeout_ms: Some(1000),
+            ..e2e::kafka_support::kafka_sink(&front.broker, &unique_prefix())
+        },
+        "bus",
+        2,
+    );
     let db = TestDb::new().await;
     assert_unreachable_server_dead_letters(&db, handler, "cannot connect to Kafka").await;
     let refused = front.refused.lock().unwrap().clone();
@@ -664,12 +700,16 @@ async fn tls_refuses_an_unknown_broker_and_is_refused_without_a_client_certifica
 async fn an_unreadable_tls_file_stops_the_binary_with_a_clear_error() {
     let db = TestDb::new().await;
     let mut config = config_for(&db, &unique_name("kafkatlsbad"));
-    config.handlers = vec![HandlerConfig {
-        brokers: Some(vec!["127.0.0.1:9".into()]),
-        tls: Some(true),
-        tls_ca_file: Some("/nonexistent/kafka-ca.pem".into()),
-        ..e2e::sink_support::handler(listener::config::HandlerKind::Kafka, "bus", 3)
-    }];
+    config.handlers = vec![e2e::sink_support::handler(
+        listener::sink::KafkaConfig {
+            brokers: Some(vec!["127.0.0.1:9".into()]),
+            tls: Some(true),
+            tls_ca_file: Some("/nonexistent/kafka-ca.pem".into()),
+            ..listener::sink::KafkaConfig::default()
+        },
+        "bus",
+        3,
+    )];
     let output = run_cli(&["run"], &write_config(&config));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");

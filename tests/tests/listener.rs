@@ -1691,10 +1691,9 @@ async fn a_sql_handler_creates_each_schedule_exactly_once_across_kills() {
         .expect("app schema");
     let mut config = config_for(&db, &name);
     config.log.level = "info,listener::sink=debug".into();
-    config.handlers[0].kind = listener::config::HandlerKind::Sql;
     config.handlers[0].name = Some("schedule".into());
     config.handlers[0].events = vec!["Loan.Funded".into()];
-    config.handlers[0].function = Some("public.create_schedule".into());
+    config.handlers[0].sink = listener::sink::SqlConfig::new("public.create_schedule").into();
     let file = write_config(&config);
 
     let mut runs = vec![ListenerProcess::spawn(&file, &[])];
@@ -1795,9 +1794,8 @@ async fn a_failing_sql_handler_dead_letters_and_its_redrive_applies_once() {
         .expect("app schema");
     let mut config = config_for(&db, &name);
     config.replication.redrive_interval_ms = 200;
-    config.handlers[0].kind = listener::config::HandlerKind::Sql;
     config.handlers[0].name = Some("schedule".into());
-    config.handlers[0].function = Some("public.create_schedule".into());
+    config.handlers[0].sink = listener::sink::SqlConfig::new("public.create_schedule").into();
     let file = write_config(&config);
     let mut process = ListenerProcess::spawn(&file, &[]);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;

@@ -32,10 +32,14 @@ async fn subjects_follow_the_template_and_the_stream_is_created() {
     let name = unique_name("nats");
     let _slot = SlotGuard(name.clone());
     let mut config = config_for(&db, &name);
-    config.handlers = vec![listener::config::HandlerConfig {
-        duplicate_window_secs: Some(600),
-        ..nats.handler("bus", &stream, &prefix, 3)
-    }];
+    config.handlers = vec![e2e::sink_support::handler(
+        listener::sink::NatsConfig {
+            duplicate_window_secs: Some(600),
+            ..nats.sink(&stream, &prefix)
+        },
+        "bus",
+        3,
+    )];
     let listener = start(config);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
 
@@ -95,11 +99,15 @@ async fn subjects_follow_the_template_and_the_stream_is_created() {
     let name = unique_name("natsid");
     let _slot2 = SlotGuard(name.clone());
     let mut config = config_for(&db, &name);
-    config.handlers = vec![listener::config::HandlerConfig {
-        subject: Some(format!("{prefix}.by_id.{{aggregate_id}}")),
-        create_stream: Some(false),
-        ..nats.handler("by_id", &stream, &prefix, 3)
-    }];
+    config.handlers = vec![e2e::sink_support::handler(
+        listener::sink::NatsConfig {
+            subject: Some(format!("{prefix}.by_id.{{aggregate_id}}")),
+            create_stream: Some(false),
+            ..nats.sink(&stream, &prefix)
+        },
+        "by_id",
+        3,
+    )];
     let listener = start(config);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
     raise(&db.client, &[("User", "a.b c*>", "User.Renamed")]).await;
@@ -112,11 +120,15 @@ async fn subjects_follow_the_template_and_the_stream_is_created() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_is_retried_then_dead_lettered() {
     let db = TestDb::new().await;
-    let handler = listener::config::HandlerConfig {
-        timeout_ms: Some(500),
-        // Nothing listens on port 9: connection refused.
-        ..nats_handler("nats://127.0.0.1:9", "bus", "NOWHERE", "nowhere", 3)
-    };
+    let handler = e2e::sink_support::handler(
+        listener::sink::NatsConfig {
+            timeout_ms: Some(500),
+            // Nothing listens on port 9: connection refused.
+            ..e2e::nats_support::nats_sink("nats://127.0.0.1:9", "NOWHERE", "nowhere")
+        },
+        "bus",
+        3,
+    );
     assert_unreachable_server_dead_letters(&db, handler, "cannot connect to NATS").await;
 }
 
@@ -127,9 +139,15 @@ async fn an_unreachable_server_blocks_a_blocking_handler() {
     let _slot = SlotGuard(name.clone());
     let mut config = config_for(&db, &name);
     config.handlers = vec![listener::config::HandlerConfig {
-        timeout_ms: Some(500),
         on_failure: listener::OnFailure::Block,
-        ..nats_handler("nats://127.0.0.1:9", "bus", "NOWHERE", "nowhere", 2)
+        ..e2e::sink_support::handler(
+            listener::sink::NatsConfig {
+                timeout_ms: Some(500),
+                ..e2e::nats_support::nats_sink("nats://127.0.0.1:9", "NOWHERE", "nowhere")
+            },
+            "bus",
+            2,
+        )
     }];
     let listener = start(config);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
@@ -323,10 +341,16 @@ async fn a_nats_server_restarted_on_its_port_gets_each_event_once() {
     let _slot = SlotGuard(name.clone());
     let mut config = config_for(&db, &name);
     config.handlers = vec![listener::config::HandlerConfig {
-        create_stream: Some(false),
-        timeout_ms: Some(1000),
         max_backoff_ms: 500,
-        ..nats.handler("bus", &stream, &prefix, 60)
+        ..e2e::sink_support::handler(
+            listener::sink::NatsConfig {
+                create_stream: Some(false),
+                timeout_ms: Some(1000),
+                ..nats.sink(&stream, &prefix)
+            },
+            "bus",
+            60,
+        )
     }];
     let listener = start(config);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
@@ -372,10 +396,16 @@ async fn unacknowledged_publishes_are_sent_again_by_the_retried_flush() {
     let _slot = SlotGuard(name.clone());
     let mut config = config_for(&db, &name);
     config.handlers = vec![listener::config::HandlerConfig {
-        create_stream: Some(false),
-        timeout_ms: Some(1000),
         max_backoff_ms: 300,
-        ..nats.handler("bus", &stream, &prefix, 40)
+        ..e2e::sink_support::handler(
+            listener::sink::NatsConfig {
+                create_stream: Some(false),
+                timeout_ms: Some(1000),
+                ..nats.sink(&stream, &prefix)
+            },
+            "bus",
+            40,
+        )
     }];
     let listener = start(config);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
@@ -420,10 +450,16 @@ async fn workers_sharing_a_failing_stream_lose_nothing_silently() {
     let mut config = config_for(&db, &name);
     config.replication.workers = 3;
     config.handlers = vec![listener::config::HandlerConfig {
-        create_stream: Some(false),
-        timeout_ms: Some(300),
         max_backoff_ms: 50,
-        ..nats.handler("bus", &stream, &prefix, 3)
+        ..e2e::sink_support::handler(
+            listener::sink::NatsConfig {
+                create_stream: Some(false),
+                timeout_ms: Some(300),
+                ..nats.sink(&stream, &prefix)
+            },
+            "bus",
+            3,
+        )
     }];
     let listener = start(config);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;

@@ -470,10 +470,9 @@ async fn a_sql_handler_applies_each_event_once_across_kills_and_a_late_commit() 
     let mut config = notify_config(&db, &name, 100);
     config.replication.poll_batch_size = 20;
     config.log.level = "info,listener::sink=debug".into();
-    config.handlers[0].kind = listener::config::HandlerKind::Sql;
     config.handlers[0].name = Some("schedule".into());
     config.handlers[0].events = vec!["Loan.Funded".into()];
-    config.handlers[0].function = Some("public.create_schedule".into());
+    config.handlers[0].sink = listener::sink::SqlConfig::new("public.create_schedule").into();
     let file = write_config(&config);
 
     let mut runs = vec![ListenerProcess::spawn(&file, &[])];

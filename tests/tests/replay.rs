@@ -9,7 +9,7 @@ use e2e::listener_support::{
     SlotGuard, TempFile,
 };
 use e2e::TestDb;
-use listener::config::{Config, HandlerConfig, HandlerKind};
+use listener::config::{Config, HandlerConfig};
 use uuid::Uuid;
 
 const SLOT_WAIT: Duration = Duration::from_secs(120);
@@ -212,14 +212,12 @@ async fn with_projection(db: &TestDb) -> Config {
     let mut config = config_for(db, &unique_name("rs"));
     config.handlers.push(HandlerConfig {
         name: Some("proj".into()),
-        kind: HandlerKind::Sql,
         events: vec!["Loan.*".into()],
         max_attempts: 3,
         initial_backoff_ms: 10,
         max_backoff_ms: 100,
         on_failure: listener::OnFailure::DeadLetter,
-        function: Some("app.project".into()),
-        ..HandlerConfig::default()
+        ..HandlerConfig::new(listener::sink::SqlConfig::new("app.project"))
     });
     config
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use e2e::listener_support::*;
 use e2e::sink_support::*;
 use e2e::TestDb;
-use listener::config::{Config, HandlerConfig, HandlerKind};
+use listener::config::{Config, HandlerConfig};
 use listener::Lsn;
 use serde_json::json;
 use uuid::Uuid;
@@ -16,11 +16,16 @@ const SLOT_WAIT: Duration = Duration::from_secs(120);
 
 fn webhook(receiver: &Receiver, max_attempts: u32, backoff_ms: u64) -> HandlerConfig {
     HandlerConfig {
-        url: Some(receiver.url()),
         initial_backoff_ms: backoff_ms,
         max_backoff_ms: backoff_ms,
-        timeout_ms: Some(5000),
-        ..handler(HandlerKind::Webhook, "hook", max_attempts)
+        ..handler(
+            listener::sink::WebhookConfig {
+                timeout_ms: Some(5000),
+                ..listener::sink::WebhookConfig::new(receiver.url())
+            },
+            "hook",
+            max_attempts,
+        )
     }
 }
 

@@ -8,17 +8,17 @@ use std::time::Duration;
 use e2e::listener_support::*;
 use e2e::sink_support::*;
 use e2e::TestDb;
-use listener::config::HandlerKind;
 use listener::service::registry_from_config;
 
 const SLOT_WAIT: Duration = Duration::from_secs(120);
 const SECRET: &[u8] = b"whsec-e2e-\xc3\xa9";
 
 fn webhook(receiver: &Receiver, max_attempts: u32) -> listener::config::HandlerConfig {
-    listener::config::HandlerConfig {
-        url: Some(receiver.url()),
-        ..handler(HandlerKind::Webhook, "hook", max_attempts)
-    }
+    handler(
+        listener::sink::WebhookConfig::new(receiver.url()),
+        "hook",
+        max_attempts,
+    )
 }
 
 /// Starts the library with the configured handlers (plus the test collector).
@@ -35,11 +35,15 @@ async fn events_are_signed_and_arrive_in_aggregate_order() {
     let receiver = Receiver::start(Some(SECRET), |_, _| (200, Duration::ZERO)).await;
     let mut config = config_for(&db, &name);
     config.replication.workers = 3;
-    config.handlers = vec![listener::config::HandlerConfig {
-        secret_env: Some("PGDE_E2E_HOOK_SECRET".into()),
-        timeout_ms: Some(5000),
-        ..webhook(&receiver, 3)
-    }];
+    config.handlers = vec![e2e::sink_support::handler(
+        listener::sink::WebhookConfig {
+            secret_env: Some("PGDE_E2E_HOOK_SECRET".into()),
+            timeout_ms: Some(5000),
+            ..listener::sink::WebhookConfig::new(receiver.url())
+        },
+        "hook",
+        3,
+    )];
     let file = write_config(&config);
     let secret = std::str::from_utf8(SECRET).unwrap();
     let mut run = ListenerProcess::spawn(&file, &[("PGDE_E2E_HOOK_SECRET", secret)]);
@@ -110,10 +114,14 @@ async fn a_missing_secret_variable_stops_the_binary_naming_it_but_not_the_cli() 
     let name = unique_name("hooksecret");
     let receiver = Receiver::start(None, |_, _| (200, Duration::ZERO)).await;
     let mut config = config_for(&db, &name);
-    config.handlers = vec![listener::config::HandlerConfig {
-        secret_env: Some("PGDE_E2E_UNSET_SECRET".into()),
-        ..webhook(&receiver, 3)
-    }];
+    config.handlers = vec![e2e::sink_support::handler(
+        listener::sink::WebhookConfig {
+            secret_env: Some("PGDE_E2E_UNSET_SECRET".into()),
+            ..listener::sink::WebhookConfig::new(receiver.url())
+        },
+        "hook",
+        3,
+    )];
     let file = write_config(&config);
     let mut run = ListenerProcess::spawn(&file, &[]);
     let status = run
@@ -226,10 +234,14 @@ async fn a_receiver_slower_than_the_timeout_is_retried_then_dead_lettered() {
     })
     .await;
     let mut config = config_for(&db, &name);
-    config.handlers = vec![listener::config::HandlerConfig {
-        timeout_ms: Some(300),
-        ..webhook(&receiver, 2)
-    }];
+    config.handlers = vec![e2e::sink_support::handler(
+        listener::sink::WebhookConfig {
+            timeout_ms: Some(300),
+            ..listener::sink::WebhookConfig::new(receiver.url())
+        },
+        "hook",
+        2,
+    )];
     let listener = start(config);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
 
@@ -259,10 +271,14 @@ async fn a_slow_receiver_within_the_timeout_is_delivered() {
     let _slot = SlotGuard(name.clone());
     let receiver = Receiver::start(None, |_, _| (204, Duration::from_millis(400))).await;
     let mut config = config_for(&db, &name);
-    config.handlers = vec![listener::config::HandlerConfig {
-        timeout_ms: Some(3000),
-        ..webhook(&receiver, 1)
-    }];
+    config.handlers = vec![e2e::sink_support::handler(
+        listener::sink::WebhookConfig {
+            timeout_ms: Some(3000),
+            ..listener::sink::WebhookConfig::new(receiver.url())
+        },
+        "hook",
+        1,
+    )];
     let listener = start(config);
     wait_slot_active(&db.client, &name, SLOT_WAIT).await;
 

@@ -274,7 +274,7 @@ impl Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ConfigError, HandlerConfig, HandlerKind};
+    use crate::config::{ConfigError, HandlerConfig};
 
     fn library_config() -> Config {
         let mut config = Config::default();
@@ -314,11 +314,9 @@ mod tests {
 
         let mut config = library_config();
         config.replication.workers = 4;
-        config.handlers = vec![HandlerConfig {
-            kind: HandlerKind::Sql,
-            function: Some("app.on_event".into()),
-            ..HandlerConfig::default()
-        }];
+        config.handlers = vec![HandlerConfig::new(crate::sink::SqlConfig::new(
+            "app.on_event",
+        ))];
         let (_, message) = config_error(Listener::new(config, Registry::new()));
         assert!(message.contains("workers = 1"), "{message}");
     }

@@ -1,187 +1,19 @@
-//! The `nats` handler: JetStream publish with the event id as `Nats-Msg-Id`.
+//! The sink: pipelined JetStream publishes, settled at each flush.
 
 use std::sync::Mutex;
-use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishAckFuture, context::PublishErrorKind};
 use bytes::Bytes;
 use tracing::{info, warn};
 
-use super::template::{self, Part};
+use super::options::{NatsCredentials, NatsOptions};
 use crate::delivery::dispatch::{Handler, HandlerError};
 use crate::event::Event;
-
-/// Subject template when none is configured.
-pub const DEFAULT_SUBJECT: &str = "events.{aggregate_type}.{event_type}";
-/// Stream name when none is configured.
-pub const DEFAULT_STREAM: &str = "DOMAIN_EVENTS";
-/// Server when none is configured.
-pub const DEFAULT_SERVER: &str = "nats://127.0.0.1:4222";
-/// Connect, API and ack timeout when none is configured.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Publishes whose acks may be outstanding before `handle` waits for them itself: bounded so
 /// that a huge transaction neither exhausts the client's in-flight permits nor holds unbounded
 /// memory.
 const PIPELINE_DEPTH: usize = 1024;
-
-/// Why a subject template or a stream name is not usable.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct SubjectError(String);
-
-/// A subject template such as `events.{aggregate_type}.{event_type}`.
-///
-/// Placeholders: `{aggregate_type}`, `{event_type}`, `{aggregate_id}`. Values are made valid
-/// subject tokens: in the type names (dot-separated by design, so `Loan.Funded` spans two
-/// tokens) and in the aggregate id (where a dot is replaced too) every character other than an
-/// ASCII letter, digit, `-` or `_` becomes `_`, and an empty token becomes `_`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubjectTemplate {
-    parts: Vec<Part>,
-    template: String,
-}
-
-impl SubjectTemplate {
-    /// Parses `template`, refusing unknown placeholders, unbalanced braces, empty tokens, and
-    /// characters that are not allowed in a subject (whitespace, `*`, `>`, non-ASCII).
-    pub fn parse(template: &str) -> Result<SubjectTemplate, SubjectError> {
-        let err = |why: String| SubjectError(format!("subject {template:?}: {why}"));
-        let parts = template::parse(
-            template,
-            &[Part::AggregateType, Part::EventType, Part::AggregateId],
-            |c| c.is_ascii_graphic() && !matches!(c, '*' | '>'),
-        )
-        .map_err(err)?;
-        // Placeholders never render empty, so checking the literals' dots is enough.
-        let shape: String = parts
-            .iter()
-            .map(|p| match p {
-                Part::Literal(s) => s.as_str(),
-                _ => "x",
-            })
-            .collect();
-        if shape.split('.').any(str::is_empty) {
-            return Err(err(
-                "has an empty token (leading, trailing or double dot)".into()
-            ));
-        }
-        Ok(SubjectTemplate {
-            parts,
-            template: template.to_string(),
-        })
-    }
-
-    /// The subject of `event`.
-    pub fn render(&self, event: &Event) -> String {
-        let mut subject = String::with_capacity(self.template.len() + 32);
-        for part in &self.parts {
-            match part {
-                Part::Literal(s) => subject.push_str(s),
-                Part::AggregateId => push_token(&mut subject, &event.aggregate_id),
-                type_name => push_name(&mut subject, type_name.value(event).unwrap_or_default()),
-            }
-        }
-        subject
-    }
-
-    /// The subject filter a created stream captures: the fixed tokens before the first
-    /// placeholder, then `>` (`events.>` for the default); the template itself when it has no
-    /// placeholder; `None` when it starts with a placeholder (no safe filter exists).
-    pub fn stream_subject(&self) -> Option<String> {
-        if !self.parts.iter().any(|p| !matches!(p, Part::Literal(_))) {
-            return Some(self.template.clone());
-        }
-        let Some(Part::Literal(first)) = self.parts.first() else {
-            return None;
-        };
-        let fixed = &first[..first.rfind('.')? + 1];
-        Some(format!("{fixed}>"))
-    }
-}
-
-fn token_char(c: char) -> char {
-    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-        c
-    } else {
-        '_'
-    }
-}
-
-/// A dot-separated name: each segment made a token.
-fn push_name(subject: &mut String, name: &str) {
-    for (i, segment) in name.split('.').enumerate() {
-        if i > 0 {
-            subject.push('.');
-        }
-        push_token(subject, segment);
-    }
-}
-
-/// One token: disallowed characters (dots included) become `_`; empty becomes `_`.
-fn push_token(subject: &mut String, value: &str) {
-    if value.is_empty() {
-        subject.push('_');
-    }
-    subject.extend(value.chars().map(token_char));
-}
-
-/// Checks a JetStream stream name: 1-255 ASCII letters, digits, `-` or `_`.
-pub fn check_stream_name(name: &str) -> Result<(), SubjectError> {
-    if name.is_empty()
-        || name.len() > 255
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(SubjectError(format!(
-            "stream {name:?}: use 1-255 ASCII letters, digits, '-' or '_'"
-        )));
-    }
-    Ok(())
-}
-
-/// How to reach the server and where to publish.
-#[derive(Debug, Clone)]
-pub struct NatsOptions {
-    /// Server URLs (`nats://host:port`); the client fails over between them.
-    pub servers: Vec<String>,
-    /// Subject of each event.
-    pub subject: SubjectTemplate,
-    /// The JetStream stream that must capture the subjects.
-    pub stream: String,
-    /// Create the stream (subjects: [`SubjectTemplate::stream_subject`]) when it is missing.
-    pub create_stream: bool,
-    /// Duplicate window of a created stream; `None`: the server's default (2 minutes).
-    pub duplicate_window: Option<Duration>,
-    /// Connect, API and publish-ack timeout.
-    pub timeout: Duration,
-    /// Credentials: resolved from the environment by the caller.
-    pub credentials: Option<NatsCredentials>,
-    /// Failed flushes after which a publish is given up (its events are dead-lettered by then):
-    /// the handler's `max_attempts`.
-    pub max_attempts: u32,
-}
-
-/// Credentials for the NATS server.
-#[derive(Clone)]
-pub enum NatsCredentials {
-    /// User and password.
-    UserPassword(String, String),
-    /// A token.
-    Token(String),
-}
-
-impl std::fmt::Debug for NatsCredentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NatsCredentials::UserPassword(user, _) => {
-                write!(f, "UserPassword({user:?}, <redacted>)")
-            }
-            NatsCredentials::Token(_) => write!(f, "Token(<redacted>)"),
-        }
-    }
-}
 
 /// One publish whose ack is outstanding or must be sent again.
 struct Pending {
@@ -434,69 +266,5 @@ impl Handler for NatsSink {
 
     async fn flush(&self) -> Result<(), HandlerError> {
         self.settle(true).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event(aggregate_type: &str, aggregate_id: &str, event_type: &str) -> Event {
-        crate::event::sample(serde_json::json!({
-            "aggregate_type": aggregate_type, "aggregate_id": aggregate_id,
-            "event_type": event_type,
-        }))
-    }
-
-    #[test]
-    fn renders_placeholders_as_valid_tokens() {
-        let t = SubjectTemplate::parse(DEFAULT_SUBJECT).unwrap();
-        assert_eq!(
-            t.render(&event("Loan", "42", "Loan.Funded")),
-            "events.Loan.Loan.Funded"
-        );
-        let t = SubjectTemplate::parse("app.{aggregate_type}.{aggregate_id}.x").unwrap();
-        assert_eq!(
-            t.render(&event("Loan", "a.b *>c d@e", "Loan.Funded")),
-            "app.Loan.a_b___c_d_e.x"
-        );
-        assert_eq!(t.render(&event("Lo*an", "", "X")), "app.Lo_an._.x");
-    }
-
-    #[test]
-    fn refuses_bad_templates() {
-        for bad in [
-            "",
-            "events.{aggregate}",
-            "events.{event_type",
-            "events.}",
-            "events..{event_type}",
-            ".events.{event_type}",
-            "events.{event_type}.",
-            "events.*",
-            "events.>",
-            "ev ents.{event_type}",
-        ] {
-            assert!(SubjectTemplate::parse(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn stream_subject_is_the_fixed_prefix() {
-        let subject = |t: &str| SubjectTemplate::parse(t).unwrap().stream_subject();
-        assert_eq!(subject(DEFAULT_SUBJECT).as_deref(), Some("events.>"));
-        assert_eq!(subject("a.b.{event_type}.c").as_deref(), Some("a.b.>"));
-        assert_eq!(subject("a.b-{event_type}").as_deref(), Some("a.>"));
-        assert_eq!(subject("all.events").as_deref(), Some("all.events"));
-        assert_eq!(subject("{aggregate_type}.events"), None);
-        assert_eq!(subject("x{aggregate_type}.events"), None);
-    }
-
-    #[test]
-    fn stream_names() {
-        assert!(check_stream_name("DOMAIN_EVENTS").is_ok());
-        assert!(check_stream_name("a.b").is_err());
-        assert!(check_stream_name("").is_err());
-        assert!(check_stream_name("a b").is_err());
     }
 }

@@ -1,4 +1,4 @@
-//! The `webhook` handler: one signed HTTP POST per event.
+//! The sink: a signed HTTP POST per event.
 
 use std::time::Duration;
 

@@ -1,4 +1,5 @@
-//! The `sql` handler: a SQL function applied exactly once per event.
+//! The handler: the configured function applied to each event exactly once, with the
+//! subscription's position row in the same transaction.
 
 use crate::delivery::dispatch::{Handler, HandlerError};
 use crate::event::Event;

@@ -1,4 +1,4 @@
-//! The `stdout` handler: JSON lines.
+//! The sink: JSON lines on standard output, written whole at each flush.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
