@@ -4,11 +4,13 @@
 //! [`crate::delivery`] as items and learns what was handled from its acknowledgements.
 
 pub mod apply;
+pub mod copy_data;
 pub mod notify;
 pub mod pgoutput;
 pub mod publication;
 pub mod recovery;
 pub mod retention;
 pub mod standby;
+mod startup;
 pub mod stream;
 pub mod subscription;

@@ -5,23 +5,19 @@
 //! Framing comes from `postgres-protocol`; its `Message::parse` does not know `W`
 //! (CopyBothResponse), so frames are classified by their header first.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use fallible_iterator::FallibleIterator;
 use openssl::ssl::SslConnector;
-use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
 use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+pub use super::copy_data::{now_pg_micros, parse_copy_data, pg_micros_to_utc, ReplicationMessage};
 use crate::error::{Error, ServerError};
 use crate::lsn::Lsn;
 use crate::postgres::tls::{SslMode, Transport};
-
-/// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01 UTC).
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// The largest server frame accepted (its length field, which counts itself). The server
 /// builds each message in a buffer capped at 1 GB (`MaxAllocSize`), so no honest frame is
@@ -96,31 +92,6 @@ pub struct SystemInfo {
     pub dbname: Option<String>,
 }
 
-/// A message received while streaming.
-#[derive(Debug, Clone)]
-pub enum ReplicationMessage {
-    /// `w`: a chunk of logical decoding output (one pgoutput message).
-    XLogData {
-        /// WAL position of the data (0 for messages with no position, e.g. Relation).
-        wal_start: Lsn,
-        /// Server's current end of WAL.
-        wal_end: Lsn,
-        /// Server time, Postgres-epoch microseconds.
-        server_time: i64,
-        /// The pgoutput message.
-        data: Bytes,
-    },
-    /// `k`: primary keepalive.
-    Keepalive {
-        /// Everything before this position has been decoded and sent by the server.
-        wal_end: Lsn,
-        /// Server time, Postgres-epoch microseconds.
-        server_time: i64,
-        /// The server wants a status update now (it will time us out otherwise).
-        reply_requested: bool,
-    },
-}
-
 /// Outcome of [`ReplicationConnection::create_slot`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotState {
@@ -134,149 +105,13 @@ pub enum SlotState {
 pub struct ReplicationConnection {
     // One stream, not split halves: reads and writes never overlap (a `select!` drops the
     // pending read before running a branch that writes), and splitting would add a lock per I/O.
-    transport: Box<dyn Transport>,
-    inbuf: BytesMut,
-    outbuf: BytesMut,
-    streaming: bool,
+    pub(super) transport: Box<dyn Transport>,
+    pub(super) inbuf: BytesMut,
+    pub(super) outbuf: BytesMut,
+    pub(super) streaming: bool,
 }
 
 impl ReplicationConnection {
-    /// Connects, authenticates (cleartext, MD5 or SCRAM-SHA-256) and waits for ReadyForQuery.
-    pub async fn connect(options: &ConnectOptions) -> Result<ReplicationConnection, Error> {
-        let addr = format!("{}:{}", options.host, options.port);
-        let timeout = options.connect_timeout;
-        match tokio::time::timeout(timeout, Self::connect_inner(options, &addr)).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::ConnectTimeout { addr }),
-        }
-    }
-
-    async fn connect_inner(
-        options: &ConnectOptions,
-        addr: &str,
-    ) -> Result<ReplicationConnection, Error> {
-        let socket = TcpStream::connect(addr)
-            .await
-            .map_err(|source| Error::Connect {
-                addr: addr.to_string(),
-                source,
-            })?;
-        // Status updates are tiny and must not wait for Nagle.
-        socket.set_nodelay(true).map_err(Error::ConnectionLost)?;
-        let transport = negotiate_tls(socket, options).await?;
-        let mut conn = ReplicationConnection {
-            transport,
-            inbuf: BytesMut::with_capacity(64 * 1024),
-            outbuf: BytesMut::with_capacity(1024),
-            streaming: false,
-        };
-        let params = [
-            ("user", options.user.as_str()),
-            ("database", options.dbname.as_str()),
-            ("replication", "database"),
-            ("application_name", options.application_name.as_str()),
-            ("client_encoding", "UTF8"),
-            // Fixes the text format of timestamptz values in the stream (see event::timestamp).
-            ("DateStyle", "ISO"),
-            ("TimeZone", "UTC"),
-        ];
-        frontend::startup_message(params, &mut conn.outbuf).map_err(Error::ConnectionLost)?;
-        conn.send().await?;
-        conn.authenticate(options).await?;
-        Ok(conn)
-    }
-
-    async fn authenticate(&mut self, options: &ConnectOptions) -> Result<(), Error> {
-        let password = || {
-            options
-                .password
-                .as_deref()
-                .ok_or_else(|| Error::PasswordRequired {
-                    user: options.user.clone(),
-                })
-        };
-        let mut scram: Option<ScramSha256> = None;
-        loop {
-            match self.read_message("authentication").await? {
-                backend::Message::AuthenticationOk => {}
-                backend::Message::AuthenticationCleartextPassword => {
-                    frontend::password_message(password()?.as_bytes(), &mut self.outbuf)
-                        .map_err(Error::ConnectionLost)?;
-                    self.send().await?;
-                }
-                backend::Message::AuthenticationMd5Password(body) => {
-                    let hash = postgres_protocol::authentication::md5_hash(
-                        options.user.as_bytes(),
-                        password()?.as_bytes(),
-                        body.salt(),
-                    );
-                    frontend::password_message(hash.as_bytes(), &mut self.outbuf)
-                        .map_err(Error::ConnectionLost)?;
-                    self.send().await?;
-                }
-                backend::Message::AuthenticationSasl(body) => {
-                    let mut offered = Vec::new();
-                    let mut mechanisms = body.mechanisms();
-                    while let Some(m) = mechanisms.next().map_err(Error::ConnectionLost)? {
-                        offered.push(m.to_string());
-                    }
-                    if !offered.iter().any(|m| m == sasl::SCRAM_SHA_256) {
-                        return Err(Error::Authentication(format!(
-                            "the server offers SASL mechanisms {offered:?}; only SCRAM-SHA-256 is \
-                             supported (without TLS there is no channel binding)"
-                        )));
-                    }
-                    let state =
-                        ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(
-                        sasl::SCRAM_SHA_256,
-                        state.message(),
-                        &mut self.outbuf,
-                    )
-                    .map_err(Error::ConnectionLost)?;
-                    scram = Some(state);
-                    self.send().await?;
-                }
-                backend::Message::AuthenticationSaslContinue(body) => {
-                    let state = scram.as_mut().ok_or_else(|| {
-                        Error::Protocol("SASL continue without a SASL exchange".into())
-                    })?;
-                    state.update(body.data()).map_err(|e| {
-                        Error::Authentication(format!("SCRAM exchange failed: {e}"))
-                    })?;
-                    frontend::sasl_response(state.message(), &mut self.outbuf)
-                        .map_err(Error::ConnectionLost)?;
-                    self.send().await?;
-                }
-                backend::Message::AuthenticationSaslFinal(body) => {
-                    let state = scram.as_mut().ok_or_else(|| {
-                        Error::Protocol("SASL final without a SASL exchange".into())
-                    })?;
-                    state.finish(body.data()).map_err(|e| {
-                        Error::Authentication(format!(
-                            "the server's SCRAM signature is invalid: {e}"
-                        ))
-                    })?;
-                }
-                backend::Message::AuthenticationKerberosV5
-                | backend::Message::AuthenticationScmCredential
-                | backend::Message::AuthenticationGss
-                | backend::Message::AuthenticationGssContinue(_)
-                | backend::Message::AuthenticationSspi => {
-                    return Err(Error::Authentication(
-                        "the server asks for an authentication method other than password, MD5 \
-                         or SCRAM-SHA-256"
-                            .into(),
-                    ))
-                }
-                backend::Message::ParameterStatus(_) | backend::Message::BackendKeyData(_) => {}
-                backend::Message::NoticeResponse(body) => log_notice(body.fields()),
-                backend::Message::ReadyForQuery(_) => return Ok(()),
-                _ => return Err(Error::Protocol("unexpected message during startup".into())),
-            }
-        }
-    }
-
     /// Runs one statement with the simple query protocol and returns its rows as text.
     pub async fn simple_query(
         &mut self,
@@ -568,7 +403,7 @@ impl ReplicationConnection {
         let _ = self.transport.shutdown().await;
     }
 
-    async fn send(&mut self) -> Result<(), Error> {
+    pub(super) async fn send(&mut self) -> Result<(), Error> {
         let out = self.outbuf.split();
         self.transport
             .write_all(&out)
@@ -577,7 +412,10 @@ impl ReplicationConnection {
     }
 
     /// Reads a non-CopyBoth message, turning ErrorResponse into [`Error::Server`].
-    async fn read_message(&mut self, context: &'static str) -> Result<backend::Message, Error> {
+    pub(super) async fn read_message(
+        &mut self,
+        context: &'static str,
+    ) -> Result<backend::Message, Error> {
         match self.read_frame().await? {
             Frame::Message(backend::Message::ErrorResponse(body)) => Err(Error::Server {
                 context,
@@ -638,44 +476,6 @@ impl ReplicationConnection {
     }
 }
 
-/// Sends an SSLRequest unless TLS is disabled, and upgrades the socket when the server agrees.
-async fn negotiate_tls(
-    mut socket: TcpStream,
-    options: &ConnectOptions,
-) -> Result<Box<dyn Transport>, Error> {
-    let Some(connector) = options
-        .tls
-        .as_ref()
-        .filter(|_| options.sslmode != SslMode::Disable)
-    else {
-        return Ok(Box::new(socket));
-    };
-    let mut request = BytesMut::new();
-    frontend::ssl_request(&mut request);
-    socket
-        .write_all(&request)
-        .await
-        .map_err(Error::ConnectionLost)?;
-    let mut answer = [0u8; 1];
-    socket
-        .read_exact(&mut answer)
-        .await
-        .map_err(Error::ConnectionLost)?;
-    match answer[0] {
-        b'S' => {
-            crate::postgres::tls::handshake(connector, options.sslmode, &options.host, socket).await
-        }
-        b'N' if options.sslmode.requires_tls() => Err(Error::Tls(format!(
-            "the server at {}:{} does not accept TLS, and sslmode is {}",
-            options.host, options.port, options.sslmode
-        ))),
-        b'N' => Ok(Box::new(socket)),
-        other => Err(Error::Protocol(format!(
-            "unexpected answer {other:#04x} to SSLRequest"
-        ))),
-    }
-}
-
 /// Names a backend message for error messages.
 fn describe(message: &backend::Message) -> &'static str {
     match message {
@@ -690,57 +490,6 @@ fn describe(message: &backend::Message) -> &'static str {
         backend::Message::BackendKeyData(_) => "BackendKeyData",
         _ => "backend message",
     }
-}
-
-/// Parses the content of a CopyData during streaming.
-pub fn parse_copy_data(mut data: Bytes) -> Result<ReplicationMessage, Error> {
-    let short = || Error::Protocol("truncated replication message".into());
-    if data.is_empty() {
-        return Err(short());
-    }
-    match data.get_u8() {
-        b'w' => {
-            if data.len() < 24 {
-                return Err(short());
-            }
-            let wal_start = Lsn(data.get_u64());
-            let wal_end = Lsn(data.get_u64());
-            let server_time = data.get_i64();
-            Ok(ReplicationMessage::XLogData {
-                wal_start,
-                wal_end,
-                server_time,
-                data,
-            })
-        }
-        b'k' => {
-            if data.len() < 17 {
-                return Err(short());
-            }
-            Ok(ReplicationMessage::Keepalive {
-                wal_end: Lsn(data.get_u64()),
-                server_time: data.get_i64(),
-                reply_requested: data.get_u8() != 0,
-            })
-        }
-        tag => Err(Error::Protocol(format!(
-            "unknown replication message tag {tag:#04x}"
-        ))),
-    }
-}
-
-/// Current time as Postgres-epoch microseconds.
-pub fn now_pg_micros() -> i64 {
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
-    unix - PG_EPOCH_OFFSET_MICROS
-}
-
-/// Converts Postgres-epoch microseconds to a UTC time.
-pub fn pg_micros_to_utc(micros: i64) -> Option<chrono::DateTime<chrono::Utc>> {
-    chrono::DateTime::from_timestamp_micros(micros.checked_add(PG_EPOCH_OFFSET_MICROS)?)
 }
 
 fn server_error(mut fields: backend::ErrorFields<'_>) -> Result<Box<ServerError>, Error> {
@@ -766,7 +515,7 @@ fn server_error(mut fields: backend::ErrorFields<'_>) -> Result<Box<ServerError>
     Ok(error)
 }
 
-fn log_notice(fields: backend::ErrorFields<'_>) {
+pub(super) fn log_notice(fields: backend::ErrorFields<'_>) {
     match server_error(fields) {
         Ok(notice) => debug!(code = %notice.code, message = %notice.message, "server notice"),
         Err(err) => warn!(error = %err, "unreadable server notice"),
@@ -776,50 +525,6 @@ fn log_notice(fields: backend::ErrorFields<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_xlogdata_and_keepalive() {
-        let mut w = BytesMut::new();
-        w.put_u8(b'w');
-        w.put_u64(0x10);
-        w.put_u64(0x20);
-        w.put_i64(7);
-        w.put_slice(b"B...");
-        match parse_copy_data(w.freeze()).unwrap() {
-            ReplicationMessage::XLogData {
-                wal_start,
-                wal_end,
-                server_time,
-                data,
-            } => {
-                assert_eq!((wal_start, wal_end, server_time), (Lsn(0x10), Lsn(0x20), 7));
-                assert_eq!(&data[..], b"B...");
-            }
-            other => panic!("{other:?}"),
-        }
-        let mut k = BytesMut::new();
-        k.put_u8(b'k');
-        k.put_u64(0x30);
-        k.put_i64(9);
-        k.put_u8(1);
-        match parse_copy_data(k.freeze()).unwrap() {
-            ReplicationMessage::Keepalive {
-                wal_end,
-                server_time,
-                reply_requested,
-            } => {
-                assert_eq!(
-                    (wal_end, server_time, reply_requested),
-                    (Lsn(0x30), 9, true)
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(parse_copy_data(Bytes::from_static(b"k\0\0")).is_err());
-        assert!(parse_copy_data(Bytes::from_static(b"w")).is_err());
-        assert!(parse_copy_data(Bytes::from_static(b"x")).is_err());
-        assert!(parse_copy_data(Bytes::new()).is_err());
-    }
 
     fn connection(transport: tokio::io::DuplexStream) -> ReplicationConnection {
         ReplicationConnection {
@@ -892,16 +597,5 @@ mod tests {
         server.write_all(&header(b'Z', 5)[3..]).await.unwrap();
         server.write_all(b"I").await.unwrap();
         assert!(read.await.unwrap().unwrap(), "ReadyForQuery");
-    }
-
-    #[test]
-    fn pg_epoch_round_trips() {
-        let now = now_pg_micros();
-        let utc = pg_micros_to_utc(now).unwrap();
-        assert!((chrono::Utc::now() - utc).num_seconds().abs() < 5);
-        assert_eq!(
-            pg_micros_to_utc(0).unwrap().to_rfc3339(),
-            "2000-01-01T00:00:00+00:00"
-        );
     }
 }
