@@ -40,3 +40,14 @@ pub(crate) fn load_handler(text: &str) -> Result<HandlerConfig, ConfigError> {
     let _ = std::fs::remove_file(&path);
     loaded.map(|mut config| config.handlers.remove(0))
 }
+
+/// Loads one handler of kind `T` given its keys as TOML text, and returns its sink's keys.
+#[cfg(test)]
+pub(crate) fn load_sink<T>(text: &str) -> T
+where
+    T: crate::sink::SinkKind + TryFrom<crate::sink::AnySinkConfig>,
+    T::Error: std::fmt::Debug,
+{
+    let handler = load_handler(&format!("kind = \"{}\"\n{text}", T::KIND)).expect("loads");
+    T::try_from(handler.sink).expect("of this kind")
+}

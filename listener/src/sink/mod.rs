@@ -40,6 +40,18 @@ macro_rules! sinks {
                     AnySinkConfig::$variant(config)
                 }
             }
+
+            impl TryFrom<AnySinkConfig> for $config {
+                /// The configuration, of another kind.
+                type Error = AnySinkConfig;
+
+                fn try_from(any: AnySinkConfig) -> Result<$config, AnySinkConfig> {
+                    match any {
+                        AnySinkConfig::$variant(config) => Ok(config),
+                        other => Err(other),
+                    }
+                }
+            }
         )+
 
         impl AnySinkConfig {

@@ -182,16 +182,10 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::config::load_handler;
+    use crate::config::{load_handler, load_sink};
 
     fn kafka(text: &str) -> KafkaConfig {
-        match load_handler(&format!("kind = \"kafka\"\n{text}"))
-            .unwrap()
-            .sink
-        {
-            crate::sink::AnySinkConfig::Kafka(kafka) => kafka,
-            other => panic!("not kafka: {other:?}"),
-        }
+        load_sink(text)
     }
 
     #[test]

@@ -162,16 +162,10 @@ impl SinkKind for NatsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::load_handler;
+    use crate::config::{load_handler, load_sink};
 
     fn nats(text: &str) -> NatsConfig {
-        match load_handler(&format!("kind = \"nats\"\n{text}"))
-            .unwrap()
-            .sink
-        {
-            crate::sink::AnySinkConfig::Nats(nats) => nats,
-            other => panic!("not nats: {other:?}"),
-        }
+        load_sink(text)
     }
 
     #[test]

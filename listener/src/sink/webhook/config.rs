@@ -92,19 +92,13 @@ impl SinkKind for WebhookConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::load_handler;
+    use crate::config::{load_handler, load_sink};
 
     #[test]
     fn loading_does_not_read_the_secret_building_does() {
-        let config = load_handler(
-            "kind = \"webhook\"\nurl = \"https://h.example/e\"\n\
-             secret_env = \"HOOK_SECRET\"\ntimeout_ms = 500\n",
-        )
-        .unwrap();
-        assert_eq!(config.name(), "webhook");
-        let crate::sink::AnySinkConfig::Webhook(hook) = &config.sink else {
-            panic!("not a webhook: {config:?}");
-        };
+        let hook: WebhookConfig = load_sink(
+            "url = \"https://h.example/e\"\nsecret_env = \"HOOK_SECRET\"\ntimeout_ms = 500\n",
+        );
         assert_eq!(hook.timeout().unwrap(), Duration::from_millis(500));
         let env = |name: &str| (name == "HOOK_SECRET").then(|| "s3cret".to_string());
         assert_eq!(hook.secret(&env).unwrap(), Some(b"s3cret".to_vec()));
