@@ -16,9 +16,6 @@ pub(super) struct DispatchTasks {
 }
 
 impl DispatchTasks {
-    /// Waits for both (the dispatcher ends once its queue is closed and drained, or at its next
-    /// transaction boundary once the session is aborted) and returns the dispatcher's result. Handler panics are
-    /// caught in the dispatcher; a panic of its own is reported, not unwound here.
     /// Ends a session, the same way whatever its kind, once its reader returned `read`: a
     /// failed reader aborts the dispatcher (it stops at its next transaction boundary or retry
     /// backoff), a reader stopped by the shutdown lets it drain what was read (the reader closed
@@ -35,6 +32,10 @@ impl DispatchTasks {
         self.join().await
     }
 
+    /// Waits for both (the dispatcher ends once its queue is closed and drained, or at its next
+    /// transaction boundary once the session is aborted) and returns the dispatcher's result.
+    /// Handler panics are caught in the dispatcher; a panic of its own is reported, not unwound
+    /// here.
     async fn join(self) -> Result<(), Error> {
         let dispatched = self.dispatcher.await.unwrap_or_else(|e| {
             Err(Error::Task {
