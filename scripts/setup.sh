@@ -114,6 +114,11 @@ PY
     mv "$tmp" "$dir"
     # The server runs as the postgres OS user, which must reach the binaries and libraries.
     chmod -R a+rX "$dir"
+    if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$dir/pginstall/bin/postgres"; then
+        echo "setup: the postgres OS user cannot reach $dir (a checkout under a private home" \
+            "directory?); clone the repository where every user can traverse the path" >&2
+        exit 1
+    fi
 }
 
 # The server headers of MAJOR from Debian SUITE, copied where the unpacked server's pg_config
