@@ -6,7 +6,7 @@
 # Installs what the example needs the first time, and again whenever its lock file changes:
 #   typeorm     npm ci into examples/typeorm/node_modules (from package-lock.json), then tsc
 #   sqlalchemy  a virtualenv in target/examples-venv (from requirements.txt)
-#   psql        nothing (psql 15 from PATH or /usr/lib/postgresql/15/bin)
+#   psql        nothing (the psql of PGDE_PG's PostgreSQL, scripts/pg-major.sh; else from PATH)
 # Nothing is installed globally. Exits with the example's status; 64 for bad usage; 69 when
 # the installation itself failed (so callers can tell a broken install from a failed check).
 set -euo pipefail
@@ -67,7 +67,10 @@ sqlalchemy)
     exec "$VENV/bin/python" main.py
     ;;
 psql)
-    PSQL="$(command -v psql || echo /usr/lib/postgresql/15/bin/psql)"
+    # shellcheck source=scripts/pg-major.sh
+    source "$ROOT/scripts/pg-major.sh"
+    PSQL="$PGBIN/psql"
+    [ -x "$PSQL" ] || PSQL="$(command -v psql || true)"
     [ -x "$PSQL" ] || install_failed "psql not found"
     exec "$PSQL" "$DATABASE_URL" --no-psqlrc -v ON_ERROR_STOP=1 -f "$EXAMPLES/psql/demo.sql"
     ;;

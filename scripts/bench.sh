@@ -6,11 +6,15 @@
 #
 # It installs the release build of the extension first; the bench creates a
 # fresh database `pgde_bench` on the cluster each run and drops it at the end.
-# PGDE_BENCH_DSN overrides the cluster's connection string.
+# PGDE_BENCH_DSN overrides the cluster's connection string; PGDE_PG chooses the PostgreSQL major
+# (default 15; scripts/pg-major.sh), whose pg_recvlogical the pipeline bench compares against.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+# shellcheck source=scripts/pg-major.sh
+source "$ROOT/scripts/pg-major.sh"
+export PGDE_PG_RECVLOGICAL="${PGDE_PG_RECVLOGICAL:-$PGBIN/pg_recvlogical}"
 
 # The bench measures the optimised build: install it (atomically) before every run.
 scripts/setup.sh

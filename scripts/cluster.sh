@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# A private, throwaway PostgreSQL 15 cluster for the demo, the tests and the bench.
-# Data lives under target/$PGDE_CLUSTER_NAME (default pgde-cluster); it listens on
-# 127.0.0.1:$PGDE_PORT (default 54329)
+# A private, throwaway PostgreSQL cluster for the demo, the tests and the bench, of the major
+# PGDE_PG chooses (default 15; scripts/pg-major.sh). Data lives under
+# target/$PGDE_CLUSTER_NAME (default pgde-cluster, or pgde-cluster-<major> for other majors
+# than 15); it listens on 127.0.0.1:$PGDE_PORT (default 54329)
 # with wal_level=logical, and runs as the `postgres` OS user because Postgres refuses root.
 #
 #   scripts/cluster.sh start | stop | restart | status | destroy | env | state-dir
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PGBIN="${PGBIN:-/usr/lib/postgresql/15/bin}"
+# shellcheck source=scripts/pg-major.sh
+source "$ROOT/scripts/pg-major.sh"
 PORT="${PGDE_PORT:-54329}"
 RUN_AS="${PGDE_CLUSTER_USER:-postgres}"
 
@@ -32,7 +34,10 @@ state_dir() {
 }
 
 STATE="$(state_dir)"
-BASE="$STATE/${PGDE_CLUSTER_NAME:-pgde-cluster}"
+# One data directory per major: a cluster's files are readable by its own major only.
+default_name=pgde-cluster
+[ "$PGDE_PG" = 15 ] || default_name="pgde-cluster-$PGDE_PG"
+BASE="$STATE/${PGDE_CLUSTER_NAME:-$default_name}"
 DATA="$BASE/data"
 LOG="$BASE/postgres.log"
 
@@ -76,7 +81,15 @@ running() {
 }
 
 start() {
+    if [ ! -x "$PGBIN/postgres" ]; then
+        echo "cluster.sh: no PostgreSQL $PGDE_PG under $PG_INSTALL; run PGDE_PG=$PGDE_PG scripts/setup.sh" >&2
+        exit 1
+    fi
     [ -f "$DATA/PG_VERSION" ] || init_cluster
+    if [ "$(cat "$DATA/PG_VERSION")" != "$PGDE_PG" ]; then
+        echo "cluster.sh: $DATA belongs to PostgreSQL $(cat "$DATA/PG_VERSION"), not $PGDE_PG; choose another PGDE_CLUSTER_NAME or destroy it" >&2
+        exit 1
+    fi
     if running; then
         # Already up; restarted only if it listens on another port than the one asked for.
         "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PORT" && return 0
@@ -103,11 +116,11 @@ case "${1:-}" in
     start) start ;;
     stop) stop "${2:-fast}" ;;
     restart) stop "${2:-fast}"; start ;;
-    status) if running; then echo "running on 127.0.0.1:$PORT"; else echo "stopped"; exit 1; fi ;;
+    status) if running; then echo "PostgreSQL $PGDE_PG running on 127.0.0.1:$PORT"; else echo "stopped"; exit 1; fi ;;
     destroy) stop immediate; rm -rf "$BASE" ;;
     state-dir) echo "$STATE" ;;
     env)
-        echo "export PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres"
+        echo "export PATH=\"$PGBIN:\$PATH\" PGHOST=127.0.0.1 PGPORT=$PORT PGUSER=postgres"
         echo "export PGDE_TEST_DSN='host=127.0.0.1 port=$PORT user=postgres dbname=postgres'"
         ;;
     *) echo "usage: $0 start|stop [fast|immediate]|restart|status|destroy|env|state-dir" >&2; exit 2 ;;

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The demo, in one command: builds and installs the extension into a private PostgreSQL 15
-# cluster, starts the listener, raises the requirement documents' events from plain SQL
-# (one unit of work rolls back) and shows the listener handling exactly the committed ones.
+# The demo, in one command: builds and installs the extension into a private PostgreSQL
+# cluster (15, or the major PGDE_PG chooses), starts the listener, raises the requirement
+# documents' events from plain SQL (one unit of work rolls back) and shows the listener
+# handling exactly the committed ones.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
 export PGDE_PORT="${PGDE_PORT:-54329}"
+# shellcheck source=scripts/pg-major.sh
+source "$ROOT/scripts/pg-major.sh"
 DB=pgde_demo
-PSQL=(psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGDE_PORT" -U postgres)
+PSQL=("$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGDE_PORT" -U postgres)
 
 scripts/setup.sh
 echo "== building and installing the extension"

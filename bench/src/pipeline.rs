@@ -35,8 +35,13 @@ pub struct PipelineArgs {
     /// Duration of the latency phase.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// The pg_recvlogical binary.
-    #[arg(long, default_value = "/usr/lib/postgresql/15/bin/pg_recvlogical")]
+    /// The pg_recvlogical binary, of the cluster's major (scripts/bench.sh passes the one of
+    /// `PGDE_PG`).
+    #[arg(
+        long,
+        env = "PGDE_PG_RECVLOGICAL",
+        default_value = "/usr/lib/postgresql/15/bin/pg_recvlogical"
+    )]
     recvlogical: String,
 }
 

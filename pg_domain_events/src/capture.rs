@@ -249,13 +249,9 @@ fn capture_rights() -> CaptureRights {
 /// The same check `raise_events` gets from Postgres: EXECUTE for the current user, else the
 /// standard `42501 permission denied for function`.
 fn require_raise_privilege(raise_events: pg_sys::Oid) {
-    // SAFETY: plain catalog lookups; aclcheck_error raises the ERROR and does not return.
+    // SAFETY: a plain catalog lookup; aclcheck_error raises the ERROR and does not return.
     unsafe {
-        let result = pg_sys::pg_proc_aclcheck(
-            raise_events,
-            pg_sys::GetUserId(),
-            pg_sys::ACL_EXECUTE as pg_sys::AclMode,
-        );
+        let result = crate::pg_major::function_execute_aclcheck(raise_events, pg_sys::GetUserId());
         if result != pg_sys::AclResult::ACLCHECK_OK {
             pg_sys::aclcheck_error(
                 result,

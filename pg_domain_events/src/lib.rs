@@ -17,6 +17,7 @@ mod immutability;
 mod json_arg;
 mod maintenance;
 mod partition;
+mod pg_major;
 mod store;
 mod validation;
 

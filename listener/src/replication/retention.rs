@@ -16,18 +16,48 @@ use tracing::{debug, warn};
 
 use crate::error::{report, Error};
 
-const SLOT_WAL: &str =
-    "SELECT pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn)::bigint, \
-            wal_status, safe_wal_size \
-     FROM pg_catalog.pg_replication_slots \
-     WHERE slot_name = $1 AND database = pg_catalog.current_database()";
+fn slot_wal_query() -> String {
+    format!(
+        "SELECT pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn)::bigint, \
+                wal_status, safe_wal_size, {INVALIDATION_REASON} \
+         FROM pg_catalog.pg_replication_slots s \
+         WHERE slot_name = $1 AND database = pg_catalog.current_database()"
+    )
+}
 
 /// Warnings about retained WAL repeat at most this often while it stays above the threshold.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
-/// How a slot invalidated by `max_slot_wal_keep_size` is described.
-pub const INVALIDATED: &str = "has been invalidated (wal_status = lost: it retained more WAL \
-     than max_slot_wal_keep_size allows)";
+/// `pg_replication_slots.invalidation_reason` of the row `s`, as text, on every supported
+/// major: PostgreSQL 17 added the column (15 and 16 have none: NULL), so it is read through
+/// `to_jsonb` rather than by name.
+pub const INVALIDATION_REASON: &str = "pg_catalog.to_jsonb(s) ->> 'invalidation_reason'";
+
+/// How an invalidated slot (`wal_status = lost`) is described, from its
+/// `invalidation_reason` (PostgreSQL 17 and later; `None` before). On a primary, 15 and 16
+/// invalidate a slot only for `max_slot_wal_keep_size`; 18 also for
+/// `idle_replication_slot_timeout`.
+pub fn invalidated(reason: Option<&str>) -> String {
+    let why = match reason {
+        None | Some("wal_removed") => {
+            "wal_status = lost: it retained more WAL than max_slot_wal_keep_size allows"
+        }
+        Some("idle_timeout") => {
+            "invalidation_reason = idle_timeout: it was inactive for longer than \
+             idle_replication_slot_timeout allows"
+        }
+        Some("rows_removed") => {
+            "invalidation_reason = rows_removed: a standby's slot lost rows it needed to vacuum \
+             on the primary"
+        }
+        Some("wal_level_insufficient") => {
+            "invalidation_reason = wal_level_insufficient: wal_level on the primary is below \
+             logical"
+        }
+        Some(other) => return format!("has been invalidated (invalidation_reason = {other})"),
+    };
+    format!("has been invalidated ({why})")
+}
 
 /// What the operator runs to recover from a lost slot without a gap, when the listener is not
 /// to do it by itself (`replication.on_slot_lost = "stop"`).
@@ -37,7 +67,7 @@ pub const RECOVER_REMEDY: &str = "events committed since its last confirmed posi
      start the listener again. Or set replication.on_slot_lost = \"recover\" to do this \
      automatically";
 
-/// The error for slot `slot`, lost as `how` says ([`INVALIDATED`], `was dropped`, …).
+/// The error for slot `slot`, lost as `how` says ([`invalidated`], `was dropped`, …).
 pub fn slot_lost(slot: &str, how: impl Into<String>) -> Error {
     Error::SlotLost {
         name: slot.to_string(),
@@ -69,12 +99,13 @@ impl SlotWatch {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_warning: Option<Instant> = None;
         let mut query_failed = false;
+        let query = slot_wal_query();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = tick.tick() => {}
             }
-            let row = match self.client.query_opt(SLOT_WAL, &[&self.slot]).await {
+            let row = match self.client.query_opt(&query, &[&self.slot]).await {
                 Ok(row) => {
                     query_failed = false;
                     row
@@ -95,7 +126,8 @@ impl SlotWatch {
             let wal_status: Option<String> = row.get(1);
             let safe_wal_size: Option<i64> = row.get(2);
             if wal_status.as_deref() == Some("lost") {
-                return Err(slot_lost(&self.slot, INVALIDATED));
+                let reason: Option<String> = row.get(3);
+                return Err(slot_lost(&self.slot, invalidated(reason.as_deref())));
             }
             let retained = retained.unwrap_or(0).max(0) as u64;
             self.gauge.set(retained as f64);
@@ -117,5 +149,19 @@ impl SlotWatch {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::invalidated;
+
+    #[test]
+    fn an_invalidated_slot_is_described_by_its_reason() {
+        // 15 and 16 have no invalidation_reason: the one cause on a primary is the WAL limit.
+        assert!(invalidated(None).contains("max_slot_wal_keep_size"));
+        assert_eq!(invalidated(None), invalidated(Some("wal_removed")));
+        assert!(invalidated(Some("idle_timeout")).contains("idle_replication_slot_timeout"));
+        assert!(invalidated(Some("something_new")).contains("something_new"));
     }
 }

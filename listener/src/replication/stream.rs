@@ -194,8 +194,9 @@ impl ReplicationConnection {
             problem,
         };
         let query = format!(
-            "SELECT plugin, database, slot_type, wal_status, confirmed_flush_lsn \
-             FROM pg_catalog.pg_replication_slots WHERE slot_name = {}",
+            "SELECT plugin, database, slot_type, wal_status, confirmed_flush_lsn, {} \
+             FROM pg_catalog.pg_replication_slots s WHERE slot_name = {}",
+            crate::replication::retention::INVALIDATION_REASON,
             postgres_protocol::escape::escape_literal(slot)
         );
         let rows = self
@@ -222,7 +223,7 @@ impl ReplicationConnection {
         if get(3).as_deref() == Some("lost") {
             return Err(crate::replication::retention::slot_lost(
                 slot,
-                crate::replication::retention::INVALIDATED,
+                crate::replication::retention::invalidated(get(5).as_deref()),
             ));
         }
         Ok(Some(get(4).and_then(|s| s.parse().ok())))
@@ -291,8 +292,9 @@ impl ReplicationConnection {
                             slot,
                             format!("disappeared (was it dropped?): {error}"),
                         ),
-                        // Invalidated between our lookup and now (PG 15 says "This slot has been
-                        // invalidated because it exceeded the maximum reserved size").
+                        // Invalidated between our lookup and now: 15 to 17 say "This slot has
+                        // been invalidated because …", 18 "This replication slot has been
+                        // invalidated due to \"wal_removed\"": the error names the cause.
                         "55000"
                             if error
                                 .detail
@@ -301,7 +303,7 @@ impl ReplicationConnection {
                         {
                             crate::replication::retention::slot_lost(
                                 slot,
-                                format!("{} ({error})", crate::replication::retention::INVALIDATED),
+                                format!("has been invalidated ({error})"),
                             )
                         }
                         "55000" => Error::Slot {
