@@ -250,7 +250,7 @@ CREATE FUNCTION domain_events.handler_counters()
 RETURNS TABLE ("handler" text, "calls" bigint, "successes" bigint, "failures" bigint,
                "total_ms" double precision, "max_ms" double precision, "last_error" text,
                "last_error_at" timestamptz)
-STABLE PARALLEL UNSAFE
+STABLE STRICT PARALLEL UNSAFE
 SET search_path TO pg_catalog, pg_temp
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'handler_counters_wrapper';

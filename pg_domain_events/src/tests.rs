@@ -729,15 +729,10 @@ mod tests {
         let got = failure(
             "SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded', '{\"rate\": 7.5}')",
         );
-        let lines: Vec<&str> = got.lines().collect();
-        assert_eq!(
-            &lines[..4],
-            [
-                "23514",
-                "Loan.Funded needs an amount",
-                "payload has no amount",
-                "send the funded amount"
-            ],
+        // (The detail may carry a Rust backtrace when the test cluster enables them.)
+        assert!(
+            got.starts_with("23514\nLoan.Funded needs an amount\npayload has no amount")
+                && got.contains("\nsend the funded amount\n"),
             "{got}"
         );
         assert!(
