@@ -198,7 +198,8 @@ fn capture_row_change<'a>(
         .or_report();
     if !events.is_empty() && api::short_circuit().is_none() {
         let rights = rights::extension_rights();
-        require_raise_privilege(rights.raise_events);
+        // The same check `raise_events` gets from Postgres.
+        rights::require_execute(rights.raise_events, c"raise_events");
         // Validation reads the schema registry, which only the owner may read.
         rights::as_extension_owner(rights.owner, || {
             let events = NewEvent::from_json_batch(&Value::Array(events), false).or_report();
@@ -206,26 +207,6 @@ fn capture_row_change<'a>(
         });
     }
     Ok(None)
-}
-
-/// The same check `raise_events` gets from Postgres: EXECUTE for the current user, else the
-/// standard `42501 permission denied for function`.
-fn require_raise_privilege(raise_events: pg_sys::Oid) {
-    // SAFETY: plain catalog lookups; aclcheck_error raises the ERROR and does not return.
-    unsafe {
-        let result = pg_sys::pg_proc_aclcheck(
-            raise_events,
-            pg_sys::GetUserId(),
-            pg_sys::ACL_EXECUTE as pg_sys::AclMode,
-        );
-        if result != pg_sys::AclResult::ACLCHECK_OK {
-            pg_sys::aclcheck_error(
-                result,
-                pg_sys::ObjectType::OBJECT_FUNCTION,
-                c"raise_events".as_ptr(),
-            );
-        }
-    }
 }
 
 fn text_array(

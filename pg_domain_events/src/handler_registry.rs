@@ -230,19 +230,8 @@ fn check_function(function: pg_sys::Oid) -> Result<(), HandlerError> {
     if [pg_sys::TRIGGEROID, pg_sys::EVENT_TRIGGEROID].contains(&proc.prorettype()) {
         return refuse("it is a trigger function");
     }
-    // SAFETY: plain catalog lookups; aclcheck_error raises the standard 42501 and does not
-    // return.
-    unsafe {
-        let result = pg_sys::pg_proc_aclcheck(
-            function,
-            rights::current_user(),
-            pg_sys::ACL_EXECUTE as pg_sys::AclMode,
-        );
-        if result != pg_sys::AclResult::ACLCHECK_OK {
-            let name = std::ffi::CString::new(described()).expect("no NUL in a function name");
-            pg_sys::aclcheck_error(result, pg_sys::ObjectType::OBJECT_FUNCTION, name.as_ptr());
-        }
-    }
+    let name = std::ffi::CString::new(described()).expect("no NUL in a function name");
+    rights::require_execute(function, &name);
     Ok(())
 }
 

@@ -110,3 +110,19 @@ pub fn current_user() -> pg_sys::Oid {
     // SAFETY: reads a backend global.
     unsafe { pg_sys::GetUserId() }
 }
+
+/// Postgres' own check for calling a function: `EXECUTE` for the current user, else the
+/// standard `42501 permission denied for function <name>`.
+pub fn require_execute(function: pg_sys::Oid, name: &std::ffi::CStr) {
+    // SAFETY: plain catalog lookups; aclcheck_error raises the ERROR and does not return.
+    unsafe {
+        let result = pg_sys::pg_proc_aclcheck(
+            function,
+            pg_sys::GetUserId(),
+            pg_sys::ACL_EXECUTE as pg_sys::AclMode,
+        );
+        if result != pg_sys::AclResult::ACLCHECK_OK {
+            pg_sys::aclcheck_error(result, pg_sys::ObjectType::OBJECT_FUNCTION, name.as_ptr());
+        }
+    }
+}

@@ -236,24 +236,19 @@ async fn registry_changes_reach_other_sessions_at_their_next_statement() {
         count(&db.client, "SELECT count(*) FROM public.audit_log").await,
         1
     );
-    db.client
-        .batch_execute("SELECT domain_events.disable_handler('audit')")
-        .await
-        .unwrap();
-    other.batch_execute(raise).await.unwrap();
-    assert_eq!(
-        count(&db.client, "SELECT count(*) FROM public.audit_log").await,
-        1
-    );
-    db.client
-        .batch_execute("SELECT domain_events.enable_handler('audit')")
-        .await
-        .unwrap();
-    other.batch_execute(raise).await.unwrap();
-    assert_eq!(
-        count(&db.client, "SELECT count(*) FROM public.audit_log").await,
-        2
-    );
+    // Each change, committed by one session, then a raise in the other: the audit rows by then.
+    for (change, audited) in [
+        ("SELECT domain_events.disable_handler('audit')", 1),
+        ("SELECT domain_events.enable_handler('audit')", 2),
+    ] {
+        db.client.batch_execute(change).await.unwrap();
+        other.batch_execute(raise).await.unwrap();
+        assert_eq!(
+            count(&db.client, "SELECT count(*) FROM public.audit_log").await,
+            audited,
+            "after {change}"
+        );
+    }
     // Replacing the function's body is picked up as well.
     db.client
         .batch_execute(
