@@ -2,13 +2,14 @@
 //!
 //! `cargo run -p bench --release -- store` compares the event store with a plain INSERT and
 //! a PL/pgSQL implementation of the same contract; `capture` measures table capture;
-//! `contracts` payload validation; `pipeline`, `workers` and `replay` measure the listener.
+//! `contracts` payload validation; `handlers` sync handlers; `pipeline`, `workers` and `replay` measure the listener.
 //! Each benchmark is a subcommand in its own module; this file only wires them up.
 
 use clap::{Parser, Subcommand};
 
 mod capture;
 mod contracts;
+mod handlers;
 mod kafka;
 mod pipeline;
 mod replay;
@@ -34,6 +35,10 @@ enum Command {
     /// Event contracts: raise_events batches validated against a registered JSON Schema
     /// against the same batches with schema_validation = off.
     Contracts(contracts::ContractsArgs),
+    /// Sync handlers: raise_events with 1 and 3 audit handlers against the same work in AFTER
+    /// INSERT triggers, single-event latency with one handler, and counting under concurrent
+    /// writers.
+    Handlers(handlers::HandlersArgs),
     /// The listener: WAL → no-op handler throughput next to pg_recvlogical, and
     /// commit→handler latency at a fixed offered rate.
     Pipeline(pipeline::PipelineArgs),
@@ -54,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Store(args) => store::run(args).await,
         Command::Capture(args) => capture::run(args).await,
         Command::Contracts(args) => contracts::run(args).await,
+        Command::Handlers(args) => handlers::run(args).await,
         Command::Pipeline(args) => pipeline::run(args).await,
         Command::Workers(args) => pipeline::run_workers(args).await,
         Command::Sinks(args) => sinks::run(args).await,

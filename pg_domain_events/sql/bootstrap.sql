@@ -121,6 +121,57 @@ CREATE TABLE domain_events.event_schema (
 COMMENT ON TABLE domain_events.event_schema IS
     'JSON Schema of each event type and version, checked when events are raised (domain_events.schema_validation). Register with domain_events.register_schema().';
 
+-- Handlers in the database (0.2.0): a registry of SQL functions called with each matching event,
+-- either inside the raising transaction (sync) or by the listener after commit (async).
+-- Rows are written by register_handler() and friends, never directly (see finalize.sql).
+CREATE TABLE domain_events.handler (
+    name        text        PRIMARY KEY,
+    mode        text        NOT NULL DEFAULT 'sync' CHECK (mode IN ('sync', 'async')),
+    -- The function called with the event, `f(event jsonb)`; NULL only for listener-managed rows
+    -- whose handler is not a function (a webhook, a NATS subject, ...).
+    function    regprocedure,
+    events      text[]      NOT NULL CHECK (pg_catalog.cardinality(events) >= 1),
+    priority    integer     NOT NULL DEFAULT 100,
+    enabled     boolean     NOT NULL DEFAULT true,
+    description text,
+    log_level   text        NOT NULL DEFAULT 'errors' CHECK (log_level IN ('off', 'errors', 'all')),
+    -- 'sql': registered with register_handler(). 'listener': mirrored from a listener's TOML
+    -- configuration by that listener (always async); such a row can be enabled and disabled
+    -- from SQL, and is removed by editing the TOML file.
+    managed_by  text        NOT NULL DEFAULT 'sql' CHECK (managed_by IN ('sql', 'listener')),
+    -- The role whose rights the function runs with: the role that registered it.
+    run_as      regrole     NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    CONSTRAINT handler_sync_is_registered CHECK (mode = 'async' OR managed_by = 'sql'),
+    CONSTRAINT handler_function_required CHECK (function IS NOT NULL OR managed_by = 'listener')
+);
+COMMENT ON TABLE domain_events.handler IS
+    'Event handlers the database knows about: sync ones run inside the raising transaction, async ones in the listener. Change with register_handler(), enable_handler(), disable_handler(), unregister_handler().';
+
+-- One row per handler execution the handler's log_level keeps; removed by retention with the
+-- events. Sync executions are written in the raising transaction (only successes can commit);
+-- async ones by the listener, one row per attempt.
+CREATE TABLE domain_events.handler_log (
+    handler      text        NOT NULL,
+    mode         text        NOT NULL CHECK (mode IN ('sync', 'async')),
+    event_id     uuid        NOT NULL,
+    position     bigint      NOT NULL,
+    event_type   text        NOT NULL,
+    started_at   timestamptz NOT NULL,
+    duration     interval    NOT NULL,
+    outcome      text        NOT NULL CHECK (outcome IN ('success', 'failure', 'dead_lettered')),
+    attempt      integer     NOT NULL DEFAULT 1 CHECK (attempt >= 1),
+    error        text,
+    -- Async executions: the listener's subscription that ran the handler.
+    subscription text
+);
+CREATE INDEX handler_log_started_at_idx ON domain_events.handler_log (started_at);
+CREATE INDEX handler_log_handler_idx ON domain_events.handler_log (handler, started_at);
+CREATE INDEX handler_log_event_idx ON domain_events.handler_log (event_id);
+COMMENT ON TABLE domain_events.handler_log IS
+    'Handler executions kept per handler log_level (off, errors, all); removed with the events by retention.';
+
 -- The safety net for direct INSERTs outside every monthly partition; maintain() moves its rows
 -- into their monthly partitions. (Immutability triggers are created in finalize.sql, once the
 -- trigger function exists.)
@@ -132,5 +183,7 @@ SELECT pg_catalog.pg_extension_config_dump('domain_events.aggregate', '');
 SELECT pg_catalog.pg_extension_config_dump('domain_events.subscription', '');
 SELECT pg_catalog.pg_extension_config_dump('domain_events.dead_letter', '');
 SELECT pg_catalog.pg_extension_config_dump('domain_events.event_schema', '');
+SELECT pg_catalog.pg_extension_config_dump('domain_events.handler', '');
+SELECT pg_catalog.pg_extension_config_dump('domain_events.handler_log', '');
 SELECT pg_catalog.pg_extension_config_dump('domain_events.event_position_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('domain_events.dead_letter_id_seq', '');

@@ -235,3 +235,69 @@ GRANT EXECUTE ON FUNCTION
 GRANT EXECUTE ON FUNCTION domain_events.check_schema_compatibility(text, jsonb)
     TO domain_events_reader;
 GRANT SELECT ON domain_events.event_schemas TO domain_events_reader, domain_events_admin;
+
+-- Handlers in the database (0.2.0, docs/handlers.md). domain_events_admin registers them: a
+-- sync handler runs inside every writer's transaction. Every change to the registry
+-- invalidates the backends' cached copies (ALWAYS: session_replication_role = replica must not
+-- leave a backend running a disabled or dropped handler).
+CREATE TRIGGER handler_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+    ON domain_events.handler
+    FOR EACH STATEMENT EXECUTE FUNCTION domain_events.handler_changed();
+ALTER TABLE domain_events.handler ENABLE ALWAYS TRIGGER handler_invalidate;
+
+-- regprocedure and regrole have no Rust type: the typed signature lives here.
+CREATE FUNCTION domain_events.register_handler(
+    name text, function regprocedure, events text[], mode text DEFAULT 'sync',
+    priority integer DEFAULT 100, enabled boolean DEFAULT true, description text DEFAULT NULL,
+    log_level text DEFAULT 'errors')
+RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT domain_events.register_handler_function($1, $2::oid, $3, $4, $5, $6, $7, $8) $$;
+COMMENT ON FUNCTION domain_events.register_handler(text, regprocedure, text[], text, integer, boolean, text, text) IS
+    'Registers a handler f(event jsonb) for the events matching the filters (*, Prefix.*, exact types); sync handlers run in the raising transaction with the rights of the registering role.';
+COMMENT ON FUNCTION domain_events.enable_handler(text) IS 'Enables a handler; true if it was disabled.';
+COMMENT ON FUNCTION domain_events.disable_handler(text) IS 'Disables a handler; true if it was enabled.';
+COMMENT ON FUNCTION domain_events.unregister_handler(text) IS 'Removes a handler registered with register_handler().';
+
+-- Calls, successes, failures and timings per handler. Sync counters live in shared memory
+-- (shared_preload_libraries = 'pg_domain_events'): they count executions whose transaction rolled
+-- back, and no writer waits for another to count. Without preloading they are NULL.
+CREATE VIEW domain_events.handler_stats AS
+SELECT h.name,
+       h.mode,
+       h.enabled,
+       h.priority,
+       c.calls,
+       c.successes,
+       c.failures,
+       pg_catalog.make_interval(secs => c.total_ms / 1000.0) AS total_duration,
+       pg_catalog.make_interval(secs => c.max_ms / 1000.0) AS max_duration,
+       c.last_error,
+       c.last_error_at
+  FROM domain_events.handler h
+  LEFT JOIN domain_events.handler_counters() c ON c.handler = h.name;
+COMMENT ON VIEW domain_events.handler_stats IS
+    'Per handler: calls, successes, failures, total and max duration, last error and when (sync handlers: since server start, needs shared_preload_libraries).';
+
+REVOKE ALL ON FUNCTION
+    domain_events.register_handler(text, regprocedure, text[], text, integer, boolean, text, text),
+    domain_events.register_handler_function(text, oid, text[], text, integer, boolean, text, text),
+    domain_events.enable_handler(text),
+    domain_events.disable_handler(text),
+    domain_events.unregister_handler(text),
+    domain_events.handler_counters(),
+    domain_events.handler_changed()
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    domain_events.register_handler(text, regprocedure, text[], text, integer, boolean, text, text),
+    domain_events.register_handler_function(text, oid, text[], text, integer, boolean, text, text),
+    domain_events.enable_handler(text),
+    domain_events.disable_handler(text),
+    domain_events.unregister_handler(text)
+    TO domain_events_admin;
+GRANT EXECUTE ON FUNCTION domain_events.handler_counters()
+    TO domain_events_reader, domain_events_admin;
+GRANT SELECT ON domain_events.handler, domain_events.handler_log, domain_events.handler_stats
+    TO domain_events_reader, domain_events_admin;
+-- The listener records its async executions.
+GRANT INSERT ON domain_events.handler_log TO domain_events_listener;

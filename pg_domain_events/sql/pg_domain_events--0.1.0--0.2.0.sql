@@ -20,6 +20,13 @@
 --     validators; the view event_schemas; the functions register_schema, drop_schema and
 --     check_schema_compatibility (admin; the last one readers too). Raising checks payloads
 --     against the registry per domain_events.schema_validation, a setting of the library.
+--   * Handlers in the database: the table domain_events.handler (sync handlers run inside
+--     the raising transaction, async ones by the listener; listener-managed rows mirror a
+--     listener's TOML handlers), the processing log domain_events.handler_log, the view
+--     handler_stats and the functions register_handler, enable_handler, disable_handler,
+--     unregister_handler (admin) and handler_counters (readers). Raising runs the matching
+--     sync handlers per the library (settings domain_events.handler_max_depth and
+--     domain_events.handler_stats).
 
 \echo Use "ALTER EXTENSION pg_domain_events UPDATE TO '0.2.0'" to load this file. \quit
 
@@ -156,3 +163,165 @@ GRANT EXECUTE ON FUNCTION
 GRANT EXECUTE ON FUNCTION domain_events.check_schema_compatibility(text, jsonb)
     TO domain_events_reader;
 GRANT SELECT ON domain_events.event_schemas TO domain_events_reader, domain_events_admin;
+
+-- Handlers in the database.
+-- Handlers in the database (0.2.0): a registry of SQL functions called with each matching event,
+-- either inside the raising transaction (sync) or by the listener after commit (async).
+-- Rows are written by register_handler() and friends, never directly.
+CREATE TABLE domain_events.handler (
+    name        text        PRIMARY KEY,
+    mode        text        NOT NULL DEFAULT 'sync' CHECK (mode IN ('sync', 'async')),
+    -- The function called with the event, `f(event jsonb)`; NULL only for listener-managed rows
+    -- whose handler is not a function (a webhook, a NATS subject, ...).
+    function    regprocedure,
+    events      text[]      NOT NULL CHECK (pg_catalog.cardinality(events) >= 1),
+    priority    integer     NOT NULL DEFAULT 100,
+    enabled     boolean     NOT NULL DEFAULT true,
+    description text,
+    log_level   text        NOT NULL DEFAULT 'errors' CHECK (log_level IN ('off', 'errors', 'all')),
+    -- 'sql': registered with register_handler(). 'listener': mirrored from a listener's TOML
+    -- configuration by that listener (always async); such a row can be enabled and disabled
+    -- from SQL, and is removed by editing the TOML file.
+    managed_by  text        NOT NULL DEFAULT 'sql' CHECK (managed_by IN ('sql', 'listener')),
+    -- The role whose rights the function runs with: the role that registered it.
+    run_as      regrole     NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    CONSTRAINT handler_sync_is_registered CHECK (mode = 'async' OR managed_by = 'sql'),
+    CONSTRAINT handler_function_required CHECK (function IS NOT NULL OR managed_by = 'listener')
+);
+COMMENT ON TABLE domain_events.handler IS
+    'Event handlers the database knows about: sync ones run inside the raising transaction, async ones in the listener. Change with register_handler(), enable_handler(), disable_handler(), unregister_handler().';
+
+-- One row per handler execution the handler's log_level keeps; removed by retention with the
+-- events. Sync executions are written in the raising transaction (only successes can commit);
+-- async ones by the listener, one row per attempt.
+CREATE TABLE domain_events.handler_log (
+    handler      text        NOT NULL,
+    mode         text        NOT NULL CHECK (mode IN ('sync', 'async')),
+    event_id     uuid        NOT NULL,
+    position     bigint      NOT NULL,
+    event_type   text        NOT NULL,
+    started_at   timestamptz NOT NULL,
+    duration     interval    NOT NULL,
+    outcome      text        NOT NULL CHECK (outcome IN ('success', 'failure', 'dead_lettered')),
+    attempt      integer     NOT NULL DEFAULT 1 CHECK (attempt >= 1),
+    error        text,
+    -- Async executions: the listener's subscription that ran the handler.
+    subscription text
+);
+CREATE INDEX handler_log_started_at_idx ON domain_events.handler_log (started_at);
+CREATE INDEX handler_log_handler_idx ON domain_events.handler_log (handler, started_at);
+CREATE INDEX handler_log_event_idx ON domain_events.handler_log (event_id);
+COMMENT ON TABLE domain_events.handler_log IS
+    'Handler executions kept per handler log_level (off, errors, all); removed with the events by retention.';
+
+SELECT pg_catalog.pg_extension_config_dump('domain_events.handler', '');
+SELECT pg_catalog.pg_extension_config_dump('domain_events.handler_log', '');
+
+CREATE FUNCTION domain_events.register_handler_function(
+    "name" text, "function" oid, "events" text[], "mode" text, "priority" integer,
+    "enabled" boolean, "description" text, "log_level" text
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'register_handler_function_wrapper';
+
+CREATE FUNCTION domain_events.enable_handler("name" text) RETURNS boolean
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'enable_handler_wrapper';
+
+CREATE FUNCTION domain_events.disable_handler("name" text) RETURNS boolean
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'disable_handler_wrapper';
+
+CREATE FUNCTION domain_events.unregister_handler("name" text) RETURNS void
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'unregister_handler_wrapper';
+
+CREATE FUNCTION domain_events.handler_counters()
+RETURNS TABLE ("handler" text, "calls" bigint, "successes" bigint, "failures" bigint,
+               "total_ms" double precision, "max_ms" double precision, "last_error" text,
+               "last_error_at" timestamptz)
+STABLE STRICT PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'handler_counters_wrapper';
+
+CREATE FUNCTION domain_events.handler_changed()
+RETURNS trigger
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'handler_changed_wrapper';
+
+-- Handlers in the database (0.2.0, docs/handlers.md). domain_events_admin registers them: a
+-- sync handler runs inside every writer's transaction. Every change to the registry
+-- invalidates the backends' cached copies (ALWAYS: session_replication_role = replica must not
+-- leave a backend running a disabled or dropped handler).
+CREATE TRIGGER handler_invalidate AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+    ON domain_events.handler
+    FOR EACH STATEMENT EXECUTE FUNCTION domain_events.handler_changed();
+ALTER TABLE domain_events.handler ENABLE ALWAYS TRIGGER handler_invalidate;
+
+-- regprocedure and regrole have no Rust type: the typed signature lives here.
+CREATE FUNCTION domain_events.register_handler(
+    name text, function regprocedure, events text[], mode text DEFAULT 'sync',
+    priority integer DEFAULT 100, enabled boolean DEFAULT true, description text DEFAULT NULL,
+    log_level text DEFAULT 'errors')
+RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT domain_events.register_handler_function($1, $2::oid, $3, $4, $5, $6, $7, $8) $$;
+COMMENT ON FUNCTION domain_events.register_handler(text, regprocedure, text[], text, integer, boolean, text, text) IS
+    'Registers a handler f(event jsonb) for the events matching the filters (*, Prefix.*, exact types); sync handlers run in the raising transaction with the rights of the registering role.';
+COMMENT ON FUNCTION domain_events.enable_handler(text) IS 'Enables a handler; true if it was disabled.';
+COMMENT ON FUNCTION domain_events.disable_handler(text) IS 'Disables a handler; true if it was enabled.';
+COMMENT ON FUNCTION domain_events.unregister_handler(text) IS 'Removes a handler registered with register_handler().';
+
+-- Calls, successes, failures and timings per handler. Sync counters live in shared memory
+-- (shared_preload_libraries = 'pg_domain_events'): they count executions whose transaction rolled
+-- back, and no writer waits for another to count. Without preloading they are NULL.
+CREATE VIEW domain_events.handler_stats AS
+SELECT h.name,
+       h.mode,
+       h.enabled,
+       h.priority,
+       c.calls,
+       c.successes,
+       c.failures,
+       pg_catalog.make_interval(secs => c.total_ms / 1000.0) AS total_duration,
+       pg_catalog.make_interval(secs => c.max_ms / 1000.0) AS max_duration,
+       c.last_error,
+       c.last_error_at
+  FROM domain_events.handler h
+  LEFT JOIN domain_events.handler_counters() c ON c.handler = h.name;
+COMMENT ON VIEW domain_events.handler_stats IS
+    'Per handler: calls, successes, failures, total and max duration, last error and when (sync handlers: since server start, needs shared_preload_libraries).';
+
+REVOKE ALL ON FUNCTION
+    domain_events.register_handler(text, regprocedure, text[], text, integer, boolean, text, text),
+    domain_events.register_handler_function(text, oid, text[], text, integer, boolean, text, text),
+    domain_events.enable_handler(text),
+    domain_events.disable_handler(text),
+    domain_events.unregister_handler(text),
+    domain_events.handler_counters(),
+    domain_events.handler_changed()
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    domain_events.register_handler(text, regprocedure, text[], text, integer, boolean, text, text),
+    domain_events.register_handler_function(text, oid, text[], text, integer, boolean, text, text),
+    domain_events.enable_handler(text),
+    domain_events.disable_handler(text),
+    domain_events.unregister_handler(text)
+    TO domain_events_admin;
+GRANT EXECUTE ON FUNCTION domain_events.handler_counters()
+    TO domain_events_reader, domain_events_admin;
+GRANT SELECT ON domain_events.handler, domain_events.handler_log, domain_events.handler_stats
+    TO domain_events_reader, domain_events_admin;
+-- The listener records its async executions.
+GRANT INSERT ON domain_events.handler_log TO domain_events_listener;

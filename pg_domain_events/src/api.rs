@@ -9,9 +9,11 @@ use pgrx::prelude::*;
 use crate::errors::{EventError, OrReport};
 use crate::event::{self, Arguments, NewEvent};
 use crate::gucs::{self, EventsEnabled};
+use crate::handler_registry::{self, SyncHandler};
 use crate::json_arg::JsonbText;
 use crate::partition;
 use crate::store::{self, Stored};
+use crate::sync_handlers::{self, StoredEvent};
 
 /// One returned row per stored event, in input order. (The `#[pg_extern]` signatures spell the
 /// table type out: the SQL generator does not see through type aliases.)
@@ -108,7 +110,11 @@ fn import_events(
         .ok_or_else(|| EventError::null("events"))
         .and_then(|j| j.parse("events"))
         .or_report();
-    TableIterator::new(append(NewEvent::from_json_batch(&events, true).or_report()))
+    // History is imported as it was: sync handlers do not run for it.
+    TableIterator::new(store_events(
+        NewEvent::from_json_batch(&events, true).or_report(),
+        &[],
+    ))
 }
 
 /// Premakes partitions, moves stray rows out of the default partition, applies retention.
@@ -127,12 +133,33 @@ pub(crate) fn short_circuit() -> Option<Vec<StoredRow>> {
     }
 }
 
-/// Stores validated events (partitions, heads, insert, version checks, NOTIFY). Callers have
-/// checked `short_circuit()` and run with the extension owner's rights.
+/// Stores validated events (partitions, heads, insert, version checks, NOTIFY), then runs the
+/// sync handlers. Callers have checked `short_circuit()` and run with the extension owner's
+/// rights and `search_path = pg_catalog, pg_temp`.
 pub(crate) fn append(events: Vec<NewEvent>) -> Vec<StoredRow> {
     if events.is_empty() {
         return Vec::new();
     }
+    sync_handlers::check_depth();
+    // Held for the whole call: a handler changing the registry must not free what runs.
+    let handlers = handler_registry::sync_handlers();
+    store_events(events, &handlers)
+}
+
+fn store_events(events: Vec<NewEvent>, handlers: &[SyncHandler]) -> Vec<StoredRow> {
+    if events.is_empty() {
+        return Vec::new();
+    }
+    // What handlers see besides the stored columns; copied only when one may want it.
+    let handled: Vec<Option<NewEvent>> = events
+        .iter()
+        .map(|e| {
+            handlers
+                .iter()
+                .any(|h| h.wants(&e.event_type))
+                .then(|| e.clone())
+        })
+        .collect();
     let mut months = BTreeSet::new();
     for event in &events {
         months.insert(match event.recorded_at {
@@ -180,6 +207,29 @@ pub(crate) fn append(events: Vec<NewEvent>) -> Vec<StoredRow> {
                 .report();
             }
         }
+    }
+    if handled.iter().any(Option::is_some) {
+        let events: Vec<StoredEvent> = stored
+            .iter()
+            .zip(handled)
+            .filter_map(|(row, event)| {
+                let event = event?;
+                Some(StoredEvent {
+                    id: row.id,
+                    position: row.position,
+                    aggregate_type: event.aggregate_type,
+                    aggregate_id: event.aggregate_id,
+                    aggregate_version: row.aggregate_version,
+                    event_type: event.event_type,
+                    event_version: event.event_version,
+                    payload: event.payload,
+                    metadata: event.metadata,
+                    occurred_at: event.occurred_at,
+                    recorded_at: row.recorded_at,
+                })
+            })
+            .collect();
+        sync_handlers::run(handlers, &events);
     }
     if gucs::NOTIFY.get() {
         notify_listeners();

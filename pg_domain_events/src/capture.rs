@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use crate::api;
 use crate::errors::{EventError, OrReport};
 use crate::event::NewEvent;
-use crate::partition;
+use crate::rights;
 use crate::store;
 use crate::validation;
 
@@ -136,7 +136,6 @@ thread_local! {
     /// Parsed configurations by trigger OID: a trigger's arguments never change (re-tracking
     /// creates a new trigger), so each is parsed once per backend.
     static CONFIGS: RefCell<HashMap<pg_sys::Oid, CaptureConfig>> = RefCell::new(HashMap::new());
-    static RIGHTS: RefCell<Option<(pg_sys::Oid, CaptureRights)>> = const { RefCell::new(None) };
 }
 
 fn row_json(tuple: *mut pg_sys::HeapTupleData, desc: pg_sys::TupleDesc) -> Map<String, Value> {
@@ -198,103 +197,16 @@ fn capture_row_change<'a>(
         .events_for(operation, old.as_ref(), new.as_ref())
         .or_report();
     if !events.is_empty() && api::short_circuit().is_none() {
-        let rights = capture_rights();
-        require_raise_privilege(rights.raise_events);
+        let rights = rights::extension_rights();
+        // The same check `raise_events` gets from Postgres.
+        rights::require_execute(rights.raise_events, c"raise_events");
         // Validation reads the schema registry, which only the owner may read.
-        as_extension_owner(rights.owner, || {
+        rights::as_extension_owner(rights.owner, || {
             let events = NewEvent::from_json_batch(&Value::Array(events), false).or_report();
             api::append(events)
         });
     }
     Ok(None)
-}
-
-/// The function to check and the owner to act as; see [`store::CAPTURE_RIGHTS`].
-#[derive(Clone, Copy)]
-struct CaptureRights {
-    raise_events: pg_sys::Oid,
-    owner: pg_sys::Oid,
-}
-
-fn capture_rights() -> CaptureRights {
-    // Keyed by the event table's OID: a DROP/CREATE EXTENSION in this backend starts afresh.
-    let table = partition::event_table();
-    if let Some((key, rights)) = RIGHTS.with(|r| *r.borrow()) {
-        if key == table {
-            return rights;
-        }
-    }
-    let rights = Spi::connect(|client| {
-        let row = client
-            .select(store::CAPTURE_RIGHTS, Some(1), &[])
-            .unwrap_or_else(|e| panic!("reading the extension's rights failed: {e}"))
-            .first();
-        CaptureRights {
-            raise_events: row
-                .get::<pg_sys::Oid>(1)
-                .ok()
-                .flatten()
-                .expect("raise_events oid"),
-            owner: row
-                .get::<pg_sys::Oid>(2)
-                .ok()
-                .flatten()
-                .expect("extension owner"),
-        }
-    });
-    RIGHTS.with(|r| *r.borrow_mut() = Some((table, rights)));
-    rights
-}
-
-/// The same check `raise_events` gets from Postgres: EXECUTE for the current user, else the
-/// standard `42501 permission denied for function`.
-fn require_raise_privilege(raise_events: pg_sys::Oid) {
-    // SAFETY: a plain catalog lookup; aclcheck_error raises the ERROR and does not return.
-    unsafe {
-        let result = crate::pg_major::function_execute_aclcheck(raise_events, pg_sys::GetUserId());
-        if result != pg_sys::AclResult::ACLCHECK_OK {
-            pg_sys::aclcheck_error(
-                result,
-                pg_sys::ObjectType::OBJECT_FUNCTION,
-                c"raise_events".as_ptr(),
-            );
-        }
-    }
-}
-
-/// Runs `f` as `owner` with `search_path = pg_catalog, pg_temp`, as Postgres runs a SECURITY
-/// DEFINER function with a SET clause. An error inside `f` aborts the (sub)transaction, which
-/// restores both the user and the setting.
-fn as_extension_owner<R>(owner: pg_sys::Oid, f: impl FnOnce() -> R) -> R {
-    let mut user = pg_sys::InvalidOid;
-    let mut context = 0;
-    // SAFETY: the same calls fmgr_security_definer makes, balanced below.
-    let nest = unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-        let nest = pg_sys::NewGUCNestLevel();
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
-        nest
-    };
-    let result = f();
-    // SAFETY: undoes exactly what was set up above.
-    unsafe {
-        pg_sys::AtEOXact_GUC(true, nest);
-        pg_sys::SetUserIdAndSecContext(user, context);
-    }
-    result
 }
 
 fn text_array(

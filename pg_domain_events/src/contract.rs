@@ -2,17 +2,12 @@
 //! `domain_events.event_schema` and enforced inside the raising transaction.
 //!
 //! Each backend keeps the registry's rows, and the validators compiled from them, in memory:
-//! checking a payload reads no table. The copy is dropped whenever the registry changes. A
-//! statement trigger on the table queues a relcache invalidation, which Postgres applies in
-//! this backend at the end of the changing command (and again on abort) and in every other
-//! backend once the changing transaction has committed. Every check first takes the
-//! invalidations that have arrived, and a reload reads with a snapshot taken after them
-//! (Postgres' own rule for catalog snapshots): a schema committed by another backend is
-//! enforced by the next statement here, at every isolation level.
+//! checking a payload reads no table. The copy is read again whenever the registry changes
+//! (see `registry_cache`): a schema committed by another backend is enforced by the next
+//! statement here, at every isolation level.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::ffi::CStr;
 use std::rc::Rc;
 
 use jsonschema::{Draft, Validator};
@@ -25,6 +20,7 @@ use crate::compatibility::{self, pointer_segment, Change};
 use crate::errors::{EventError, OrReport, SchemaFailure};
 use crate::gucs::{self, SchemaValidation};
 use crate::json_arg::JsonbText;
+use crate::registry_cache::{self, Registry};
 use crate::store;
 use crate::validation;
 
@@ -165,105 +161,29 @@ type Schemas = HashMap<String, HashMap<i32, Entry>>;
 
 thread_local! {
     static SCHEMAS: RefCell<Option<Schemas>> = const { RefCell::new(None) };
-    /// The OID of `domain_events.event_schema` the copy was read from.
-    static TABLE: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
-    /// Set by the invalidation callback: the copy must be read again.
-    static STALE: Cell<bool> = const { Cell::new(false) };
-    static WATCHING: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Relcache invalidation callback: `relid` changed, or (InvalidOid) every relation did.
-#[pg_guard]
-unsafe extern "C-unwind" fn registry_invalidated(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    if relid == pg_sys::InvalidOid || relid == TABLE.with(Cell::get) {
-        STALE.with(|s| s.set(true));
-    }
-}
-
-/// The registry table's OID in this database, `InvalidOid` while the installed schema
-/// predates it (a 0.1.0 database served by this library until `ALTER EXTENSION ... UPDATE`).
-fn registry_table() -> pg_sys::Oid {
-    // SAFETY: syscache lookups by name; `missing_ok` avoids an error for a missing schema.
-    unsafe {
-        let namespace = pg_sys::get_namespace_oid(c"domain_events".as_ptr(), true);
-        if namespace == pg_sys::InvalidOid {
-            return pg_sys::InvalidOid;
-        }
-        pg_sys::get_relname_relid(c"event_schema".as_ptr(), namespace)
-    }
-}
-
-/// Reads every registered schema with a snapshot taken now (after the invalidations taken),
-/// not the transaction's: in REPEATABLE READ a copy read with the transaction snapshot could
-/// miss a schema whose invalidation was already consumed, and stay stale after it.
+/// Reads every registered schema (see [`registry_cache::read_latest`]).
 fn load() -> Schemas {
-    let sql: &CStr = store::LOAD_SCHEMAS;
     let mut schemas: Schemas = HashMap::new();
-    Spi::connect(|_client| {
-        // SAFETY: SPI is connected for the closure's duration; the plan and tuple table live
-        // in SPI's memory context, which SPI_finish frees after the rows were copied out.
-        unsafe {
-            let plan = pg_sys::SPI_prepare(sql.as_ptr(), 0, std::ptr::null_mut());
-            assert!(!plan.is_null(), "preparing the schema registry read failed");
-            let rc = pg_sys::SPI_execute_snapshot(
-                plan,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                pg_sys::GetLatestSnapshot(),
-                std::ptr::null_mut(),
-                true,
-                false,
-                0,
-            );
-            assert_eq!(
-                rc,
-                pg_sys::SPI_OK_SELECT as i32,
-                "reading the schema registry failed"
-            );
-            let table = pg_sys::SPI_tuptable;
-            for n in 0..pg_sys::SPI_processed as usize {
-                let tuple = *(*table).vals.add(n);
-                let column = |number: i32| {
-                    let text = pg_sys::SPI_getvalue(tuple, (*table).tupdesc, number);
-                    assert!(!text.is_null(), "registry columns are NOT NULL");
-                    CStr::from_ptr(text).to_string_lossy().into_owned()
-                };
-                let event_type = column(1);
-                let version: i32 = column(2).parse().expect("event_version is an integer");
-                let schema: Value =
-                    serde_json::from_str(&column(3)).expect("jsonb prints valid JSON");
-                schemas.entry(event_type).or_default().insert(
-                    version,
-                    Entry {
-                        schema,
-                        compiled: None,
-                    },
-                );
-            }
-        }
+    registry_cache::read_latest(store::LOAD_SCHEMAS, |columns| {
+        let column = |n: usize| columns[n].clone().expect("registry columns are NOT NULL");
+        let version: i32 = column(1).parse().expect("event_version is an integer");
+        let schema: Value = serde_json::from_str(&column(2)).expect("jsonb prints valid JSON");
+        schemas.entry(column(0)).or_default().insert(
+            version,
+            Entry {
+                schema,
+                compiled: None,
+            },
+        );
     });
     schemas
 }
 
 /// Brings this backend's copy of the registry up to date (cheap when nothing changed).
 fn refresh() {
-    if !WATCHING.with(Cell::get) {
-        // SAFETY: registers a callback that only sets a flag; once per backend.
-        unsafe {
-            pg_sys::CacheRegisterRelcacheCallback(
-                Some(registry_invalidated),
-                pg_sys::Datum::from(0),
-            )
-        };
-        WATCHING.with(|w| w.set(true));
-    }
-    // SAFETY: what Postgres does at every lock acquisition.
-    unsafe { pg_sys::AcceptInvalidationMessages() };
-    let table = registry_table();
-    let stale = STALE.with(|s| s.replace(false)) || TABLE.with(Cell::get) != table;
-    let missing = SCHEMAS.with(|s| s.borrow().is_none());
-    if stale || missing {
-        TABLE.with(|t| t.set(table));
+    if let Some(table) = registry_cache::reload_needed(Registry::Schemas) {
         let schemas = if table == pg_sys::InvalidOid {
             HashMap::new()
         } else {

@@ -197,12 +197,28 @@ impl EventError {
 
     /// Raises this error as a Postgres `ERROR`, aborting the statement (and so every write it made).
     pub fn report(self) -> ! {
-        ErrorReport::new(self.sqlstate(), self.to_string(), "pg_domain_events")
-            .set_detail(self.detail())
-            .set_hint(self.hint())
-            .report(PgLogLevel::ERROR);
-        unreachable!("ERROR does not return")
+        raise(
+            self.sqlstate(),
+            self.to_string(),
+            self.detail(),
+            self.hint(),
+        )
     }
+}
+
+/// Raises a Postgres `ERROR` with an explicit SQLSTATE, message, detail and hint, aborting the
+/// statement (and so every write it made).
+pub fn raise(
+    sqlstate: PgSqlErrorCode,
+    message: String,
+    detail: impl Into<String>,
+    hint: impl Into<String>,
+) -> ! {
+    ErrorReport::new(sqlstate, message, "pg_domain_events")
+        .set_detail(detail)
+        .set_hint(hint)
+        .report(PgLogLevel::ERROR);
+    unreachable!("ERROR does not return")
 }
 
 /// Unwraps a result, raising the error as a Postgres `ERROR`.

@@ -11,9 +11,11 @@ use crate::contract::Contracts;
 use crate::errors::EventError;
 use crate::gucs;
 use crate::store::BatchColumns;
+use crate::sync_handlers;
 use crate::validation;
 
 /// One event to append, validated.
+#[derive(Clone)]
 pub struct NewEvent {
     /// Aggregate type name.
     pub aggregate_type: String,
@@ -47,11 +49,20 @@ pub struct Arguments<'a> {
     pub event_version: Option<i32>,
 }
 
+/// Metadata an event gets unless it carries the key itself: inside a sync handler the
+/// triggering event's ids, otherwise the session's settings.
 fn session_metadata() -> [(&'static str, Option<String>); 3] {
+    let (causation, correlation) = match sync_handlers::cascade_metadata() {
+        Some((causation, correlation)) => (Some(causation), Some(correlation)),
+        None => (
+            gucs::text(&gucs::CAUSATION_ID),
+            gucs::text(&gucs::CORRELATION_ID),
+        ),
+    };
     [
         ("actor", gucs::text(&gucs::ACTOR)),
-        ("correlation_id", gucs::text(&gucs::CORRELATION_ID)),
-        ("causation_id", gucs::text(&gucs::CAUSATION_ID)),
+        ("correlation_id", correlation),
+        ("causation_id", causation),
     ]
 }
 

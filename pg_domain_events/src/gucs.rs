@@ -68,6 +68,10 @@ pub static MAINTENANCE_DATABASES: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// Seconds between two `maintain()` runs of the worker; 0 pauses it.
 pub static MAINTENANCE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
+/// How deep sync handlers may raise events from events raised by handlers.
+pub static HANDLER_MAX_DEPTH: GucSetting<i32> = GucSetting::<i32>::new(8);
+/// Count sync handler executions in shared memory (`domain_events.handler_stats`).
+pub static HANDLER_STATS: GucSetting<bool> = GucSetting::<bool>::new(true);
 /// Default `metadata.actor` of raised events.
 pub static ACTOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Default `metadata.correlation_id` of raised events.
@@ -157,6 +161,24 @@ pub fn init(preloading: bool) {
         i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"domain_events.handler_max_depth",
+        c"How many levels deep sync handlers may raise events in reaction to events raised by handlers.",
+        c"Deeper raises fail with SQLSTATE 54001: a handler reacting to its own events would recurse.",
+        &HANDLER_MAX_DEPTH,
+        1,
+        100,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"domain_events.handler_stats",
+        c"Count sync handler executions for domain_events.handler_stats.",
+        c"Counters live in shared memory: they need shared_preload_libraries = 'pg_domain_events'.",
+        &HANDLER_STATS,
+        GucContext::Suset,
+        GucFlags::default(),
     );
     for (name, setting, what) in [
         (

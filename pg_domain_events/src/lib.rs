@@ -13,12 +13,17 @@ mod contract;
 mod errors;
 mod event;
 mod gucs;
+mod handler_registry;
+mod handler_stats;
 mod immutability;
 mod json_arg;
 mod maintenance;
 mod partition;
 mod pg_major;
+mod registry_cache;
+mod rights;
 mod store;
+mod sync_handlers;
 mod validation;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -34,6 +39,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init(preloading);
     if preloading {
         maintenance::register();
+        handler_stats::init_shared_memory();
     }
 }
 

@@ -105,7 +105,8 @@ pub fn event_table() -> pg_sys::Oid {
     relation_oid("event")
 }
 
-fn relation_oid(name: &str) -> pg_sys::Oid {
+/// The OID of table `domain_events.<name>`, `InvalidOid` when there is none.
+pub fn relation_oid(name: &str) -> pg_sys::Oid {
     let schema = CString::new("domain_events").expect("static name");
     let rel = CString::new(name).expect("partition names have no NUL");
     // SAFETY: both are valid C strings; missing_ok so an absent schema yields InvalidOid.
@@ -235,6 +236,14 @@ pub fn maintain() -> Vec<(String, String)> {
         let cutoff: Vec<TimestampWithTimeZone> =
             store::query_column(store::RETENTION_CUTOFF, &[retention.as_str().into()]);
         let cutoff = Month::of_timestamp(cutoff.first().expect("one cutoff row").into_inner());
+        // The processing log goes with the events it is about (whole months of them); a
+        // database still at 0.1.0 has none.
+        if relation_oid("handler_log") != pg_sys::InvalidOid {
+            store::run_with(
+                store::PRUNE_HANDLER_LOG,
+                &[cutoff.start_literal().as_str().into()],
+            );
+        }
         for name in store::query_column::<String>(store::LIST_PARTITIONS, &[]) {
             let Some(month) = Month::from_partition_name(&name) else {
                 continue;

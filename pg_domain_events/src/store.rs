@@ -93,6 +93,46 @@ pub const DROP_SCHEMA: &str =
 pub const LATEST_SCHEMA: &str = "SELECT schema::text FROM domain_events.event_schema \
      WHERE event_type = $1 ORDER BY event_version DESC LIMIT 1";
 
+/// Registers a handler unless one of its name exists; whether it was inserted.
+pub const REGISTER_HANDLER: &str = "WITH registered AS ( \
+       INSERT INTO domain_events.handler \
+           (name, mode, function, events, priority, enabled, description, log_level, run_as) \
+       VALUES ($1, $2, $3::pg_catalog.regprocedure, $4, $5, $6, $7, $8, $9::pg_catalog.regrole) \
+       ON CONFLICT (name) DO NOTHING RETURNING 1) \
+     SELECT EXISTS (SELECT 1 FROM registered)";
+
+/// Sets a handler's `enabled` to `$2`; one row, whether that changed it, when it exists.
+pub const SET_HANDLER_ENABLED: &str = "UPDATE domain_events.handler h \
+     SET enabled = $2, updated_at = pg_catalog.now() \
+     FROM (SELECT name, enabled FROM domain_events.handler WHERE name = $1 FOR UPDATE) old \
+     WHERE h.name = old.name RETURNING old.enabled <> $2";
+
+/// Removes a handler registered in SQL; one row, who manages it, when it exists.
+pub const UNREGISTER_HANDLER: &str = "WITH target AS ( \
+       SELECT name, managed_by FROM domain_events.handler WHERE name = $1 FOR UPDATE), \
+     removed AS (DELETE FROM domain_events.handler h USING target t \
+       WHERE h.name = t.name AND t.managed_by = 'sql') \
+     SELECT managed_by FROM target";
+
+/// The enabled sync handlers in the order they run (ties by name, byte order).
+pub const LOAD_SYNC_HANDLERS: &std::ffi::CStr = c"SELECT name, function::pg_catalog.oid, \
+     pg_catalog.array_to_string(events, ' '), log_level, run_as::pg_catalog.oid \
+     FROM domain_events.handler WHERE mode = 'sync' AND enabled \
+     ORDER BY priority, name COLLATE \"C\"";
+
+/// The names of the sync handlers, for their counters.
+pub const SYNC_HANDLER_NAMES: &str =
+    "SELECT name FROM domain_events.handler WHERE mode = 'sync' ORDER BY name";
+
+/// Logs one successful sync execution.
+pub const LOG_SYNC_SUCCESS: &str = "INSERT INTO domain_events.handler_log \
+       (handler, mode, event_id, position, event_type, started_at, duration, outcome) \
+     VALUES ($1, 'sync', $2, $3, $4, $5, pg_catalog.make_interval(secs => $6), 'success')";
+
+/// Removes the log of executions older than the retention cut-off `$1`.
+pub const PRUNE_HANDLER_LOG: &str =
+    "DELETE FROM domain_events.handler_log WHERE started_at < $1::timestamptz";
+
 /// Serialises creators of partitions (`pg_advisory_xact_lock` key: "pgde" + 1).
 pub const PARTITION_LOCK: &str = "SELECT pg_catalog.pg_advisory_xact_lock(1885824101, 1)";
 

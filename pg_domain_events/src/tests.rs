@@ -566,4 +566,311 @@ mod tests {
             "42704 no schema is registered for Loan.Closed"
         );
     }
+
+    // Handlers in the database.
+
+    /// Runs `sql` in a subtransaction: `ok`, or the SQLSTATE, message, detail, hint and
+    /// context it failed with, one per line.
+    fn failure(sql: &str) -> String {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.failure(q text) RETURNS text LANGUAGE plpgsql AS $$ \
+             DECLARE s text; m text; d text; h text; c text; \
+             BEGIN EXECUTE q; RETURN 'ok'; \
+             EXCEPTION WHEN OTHERS THEN \
+               GET STACKED DIAGNOSTICS s = RETURNED_SQLSTATE, m = MESSAGE_TEXT, d = PG_EXCEPTION_DETAIL, \
+                 h = PG_EXCEPTION_HINT, c = PG_EXCEPTION_CONTEXT; \
+               RETURN concat_ws(E'\\n', s, m, d, h, c); END $$",
+        )
+        .unwrap();
+        Spi::get_one_with_args::<String>("SELECT pg_temp.failure($1)", &[sql.into()])
+            .unwrap()
+            .unwrap()
+    }
+
+    /// `public.calls` records every handler call: handler, event id, type, and whether the
+    /// event's row was visible to it.
+    fn handler_setup() {
+        Spi::run(
+            "CREATE TABLE public.calls (n serial, handler text, event_id uuid, event_type text, \
+               aggregate_version bigint, stored boolean, causation text, correlation text); \
+             CREATE FUNCTION public.record(handler text, event jsonb) RETURNS void \
+               LANGUAGE sql AS $$ INSERT INTO public.calls (handler, event_id, event_type, \
+                 aggregate_version, stored, causation, correlation) \
+               SELECT handler, (event->>'id')::uuid, event->>'event_type', \
+                 (event->>'aggregate_version')::bigint, \
+                 EXISTS (SELECT 1 FROM domain_events.event e WHERE e.id = (event->>'id')::uuid \
+                          AND e.position = (event->>'position')::bigint), \
+                 event->'metadata'->>'causation_id', event->'metadata'->>'correlation_id' $$; \
+             CREATE FUNCTION public.first(event jsonb) RETURNS void LANGUAGE sql \
+               AS $$ SELECT public.record('first', event) $$; \
+             CREATE FUNCTION public.second(event jsonb) RETURNS void LANGUAGE sql \
+               AS $$ SELECT public.record('second', event) $$; \
+             CREATE FUNCTION public.third(event jsonb) RETURNS integer LANGUAGE plpgsql \
+               AS $$ BEGIN PERFORM public.record('third', event); RETURN NULL; END $$;",
+        )
+        .unwrap();
+    }
+
+    fn calls() -> String {
+        one::<String>("SELECT coalesce(string_agg(handler || ':' || event_type, ',' ORDER BY n), '') FROM public.calls")
+    }
+
+    #[pg_test]
+    fn registration_refuses_bad_input_and_writes_nothing() {
+        handler_setup();
+        Spi::run("CREATE FUNCTION public.wrong(event text) RETURNS void LANGUAGE sql AS 'SELECT 1'; \
+                  CREATE FUNCTION public.many(event jsonb) RETURNS SETOF int LANGUAGE sql AS 'SELECT 1'; \
+                  CREATE PROCEDURE public.proc(event jsonb) LANGUAGE sql AS 'SELECT 1'")
+            .unwrap();
+        let cases = [
+            ("'h', 'public.nope(jsonb)', '{*}'", "42883 function \"public.nope(jsonb)\" does not exist"),
+            ("'h', 'public.wrong(text)', '{*}'", "42P13 function public.wrong(text) cannot be a handler: it must take exactly one argument, of type jsonb"),
+            ("'h', 'public.many(jsonb)', '{*}'", "42P13 function public.many(jsonb) cannot be a handler: it returns a set"),
+            ("'h', 'public.proc(jsonb)', '{*}'", "42P13 function public.proc(jsonb) cannot be a handler: it is not a plain function (a procedure, aggregate or window function)"),
+            ("'h', 'public.first(jsonb)', '{Loan.}'", "22023 invalid events[1]: \"Loan.\" is not an event filter"),
+            ("'h', 'public.first(jsonb)', '{Loan.*,\"Lo an.*\"}'", "22023 invalid events[2]: \"Lo an\" contains the character ' '"),
+            ("'h', 'public.first(jsonb)', '{}'", "22023 invalid events: has 0 filters"),
+            ("'h', 'public.first(jsonb)', '{NULL}'", "22004 events[1] must not be null"),
+            ("'h', 'public.first(jsonb)', NULL", "22004 events must not be null"),
+            ("'h', 'public.first(jsonb)', '{*}', mode => 'later'", "22023 invalid mode: \"later\" is not a handler mode"),
+            ("'h', 'public.first(jsonb)', '{*}', log_level => 'debug'", "22023 invalid log_level: \"debug\" is not a log level"),
+            ("'bad name', 'public.first(jsonb)', '{*}'", "22023 invalid name: \"bad name\" contains the character ' '"),
+            ("NULL, 'public.first(jsonb)', '{*}'", "22004 name must not be null"),
+        ];
+        for (args, expected) in cases {
+            let got = outcome(&format!("SELECT domain_events.register_handler({args})"));
+            assert_eq!(got, expected, "{args}");
+        }
+        assert_eq!(count("SELECT count(*) FROM domain_events.handler"), 0);
+        Spi::run("SELECT domain_events.register_handler('audit', 'public.first(jsonb)', '{*}')")
+            .unwrap();
+        assert_eq!(
+            outcome(
+                "SELECT domain_events.register_handler('audit', 'public.second(jsonb)', '{*}')"
+            ),
+            "42710 a handler named \"audit\" is already registered"
+        );
+        assert_eq!(
+            one::<String>("SELECT format('%s %s %s %s %s %s', mode, function, events, priority, log_level, managed_by) FROM domain_events.handler"),
+            "sync first(jsonb) {*} 100 errors sql"
+        );
+        assert_eq!(
+            outcome("SELECT domain_events.enable_handler('nope')"),
+            "42704 no handler named \"nope\" is registered"
+        );
+        assert_eq!(
+            outcome("SELECT domain_events.unregister_handler('nope')"),
+            "42704 no handler named \"nope\" is registered"
+        );
+    }
+
+    #[pg_test]
+    fn sync_handlers_run_after_the_row_is_stored_in_priority_order_on_every_raising_path() {
+        handler_setup();
+        Spi::run(
+            "SELECT domain_events.register_handler('third', 'public.third(jsonb)', '{Loan.Funded}', priority => 5); \
+             SELECT domain_events.register_handler('second', 'public.second(jsonb)', '{*}', priority => 1); \
+             SELECT domain_events.register_handler('first', 'public.first(jsonb)', '{Loan.*}', priority => 1); \
+             SELECT domain_events.register_handler('later', 'public.first(jsonb)', '{Loan.*}', mode => 'async'); \
+             SELECT domain_events.register_handler('off', 'public.first(jsonb)', '{*}', enabled => false)",
+        )
+        .unwrap();
+        Spi::run("SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded')").unwrap();
+        assert_eq!(
+            calls(),
+            "first:Loan.Funded,second:Loan.Funded,third:Loan.Funded"
+        );
+        Spi::run("DELETE FROM public.calls").unwrap();
+        Spi::run("SELECT * FROM domain_events.raise_events('[{\"aggregate_type\": \"User\", \"aggregate_id\": \"7\", \"event_type\": \"User.Created\"}, {\"aggregate_type\": \"Loan\", \"aggregate_id\": \"1\", \"event_type\": \"Loan.Repaid\"}]')").unwrap();
+        assert_eq!(
+            calls(),
+            "second:User.Created,first:Loan.Repaid,second:Loan.Repaid"
+        );
+        Spi::run("DELETE FROM public.calls").unwrap();
+        Spi::run(
+            "CREATE TABLE public.loans (id bigint PRIMARY KEY, status text); \
+                  SELECT domain_events.track('public.loans', 'Loan'); \
+                  INSERT INTO public.loans VALUES (9, 'new')",
+        )
+        .unwrap();
+        assert_eq!(calls(), "first:Loan.Created,second:Loan.Created");
+        // Every handler saw its event's row, with the version it was stored at.
+        assert_eq!(
+            count("SELECT count(*) FROM public.calls WHERE NOT stored"),
+            0
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM public.calls WHERE aggregate_version IS NULL"),
+            0
+        );
+        // Imported history does not run them.
+        Spi::run("DELETE FROM public.calls").unwrap();
+        Spi::run("SELECT * FROM domain_events.import_events('[{\"aggregate_type\": \"Loan\", \"aggregate_id\": \"5\", \"event_type\": \"Loan.Funded\"}]')").unwrap();
+        assert_eq!(calls(), "");
+        // domain_events.enabled = off skips the raise and its handlers.
+        Spi::run("SET LOCAL domain_events.enabled = off").unwrap();
+        Spi::run("SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded')").unwrap();
+        assert_eq!(calls(), "");
+    }
+
+    #[pg_test]
+    fn a_failing_handler_aborts_the_raise_with_its_own_error_and_a_context_line() {
+        handler_setup();
+        Spi::run(
+            "CREATE FUNCTION public.require_amount(event jsonb) RETURNS void LANGUAGE plpgsql AS $$ \
+             BEGIN IF NOT (event->'payload' ? 'amount') THEN \
+               RAISE EXCEPTION 'Loan.Funded needs an amount' USING ERRCODE = 'check_violation', \
+                 DETAIL = 'payload has no amount', HINT = 'send the funded amount'; \
+             END IF; END $$; \
+             SELECT domain_events.register_handler('audit', 'public.first(jsonb)', '{*}', priority => 1); \
+             SELECT domain_events.register_handler('require_amount', 'public.require_amount(jsonb)', '{Loan.Funded}', priority => 2)",
+        )
+        .unwrap();
+        let got = failure(
+            "SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded', '{\"rate\": 7.5}')",
+        );
+        // (The detail may carry a Rust backtrace when the test cluster enables them.)
+        assert!(
+            got.starts_with("23514\nLoan.Funded needs an amount\npayload has no amount")
+                && got.contains("\nsend the funded amount\n"),
+            "{got}"
+        );
+        assert!(
+            got.contains("sync handler \"require_amount\" handling event ")
+                && got.contains(" (Loan.Funded, Loan 1 version 1)"),
+            "{got}"
+        );
+        // Nothing of the raise remains: not the event, not the stream head, not the audit row.
+        assert_eq!(count("SELECT count(*) FROM domain_events.event"), 0);
+        assert_eq!(count("SELECT count(*) FROM domain_events.aggregate"), 0);
+        assert_eq!(calls(), "");
+        assert_eq!(
+            outcome(
+                "SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded', '{\"amount\": 1}')"
+            ),
+            "ok"
+        );
+        // The same through a batch and through table capture.
+        let batch = failure("SELECT domain_events.raise_events('[{\"aggregate_type\": \"Loan\", \"aggregate_id\": \"2\", \"event_type\": \"Loan.Funded\"}]')");
+        assert!(
+            batch.starts_with("23514\nLoan.Funded needs an amount\n"),
+            "{batch}"
+        );
+        // A dropped function fails the raise clearly instead of skipping the handler.
+        Spi::run("DROP FUNCTION public.require_amount(jsonb)").unwrap();
+        let dropped = outcome(
+            "SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded', '{\"amount\": 1}')",
+        );
+        assert!(
+            dropped.starts_with(
+                "42883 sync handler \"require_amount\" cannot run: its function (OID "
+            ),
+            "{dropped}"
+        );
+    }
+
+    #[pg_test]
+    fn cascaded_events_carry_causation_and_correlation_and_stop_at_the_depth_limit() {
+        handler_setup();
+        Spi::run(
+            "CREATE FUNCTION public.schedule(event jsonb) RETURNS void LANGUAGE sql AS $$ \
+               SELECT domain_events.raise_event('Payment', event->>'aggregate_id', 'Payment.ScheduleCreated') $$; \
+             SELECT domain_events.register_handler('schedule', 'public.schedule(jsonb)', '{Loan.Funded}'); \
+             SELECT domain_events.register_handler('audit', 'public.first(jsonb)', '{Payment.*}')",
+        )
+        .unwrap();
+        let funded = one::<pgrx::Uuid>("SELECT id FROM domain_events.raise_event('Loan', '1', 'Loan.Funded', metadata => '{\"correlation_id\": \"req-7\"}')");
+        assert_eq!(
+            one::<String>("SELECT causation || ' ' || correlation FROM public.calls"),
+            format!("{funded} req-7")
+        );
+        Spi::run("DELETE FROM public.calls").unwrap();
+        let funded = one::<pgrx::Uuid>(
+            "SELECT id FROM domain_events.raise_event('Loan', '2', 'Loan.Funded')",
+        );
+        assert_eq!(
+            one::<String>("SELECT causation || ' ' || correlation FROM public.calls"),
+            format!("{funded} {funded}")
+        );
+        // A handler reacting to its own events recurses until the limit.
+        Spi::run(
+            "CREATE FUNCTION public.echo(event jsonb) RETURNS void LANGUAGE sql AS $$ \
+               SELECT domain_events.raise_event('Loop', '1', 'Loop.Again') $$; \
+             SELECT domain_events.register_handler('echo', 'public.echo(jsonb)', '{Loop.*}'); \
+             SET LOCAL domain_events.handler_max_depth = 3",
+        )
+        .unwrap();
+        let got = outcome("SELECT domain_events.raise_event('Loop', '1', 'Loop.Start')");
+        assert_eq!(
+            got,
+            "54001 sync handlers raised events 3 levels deep (domain_events.handler_max_depth = 3)"
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM domain_events.event WHERE aggregate_type = 'Loop'"),
+            0
+        );
+    }
+
+    #[pg_test]
+    fn registry_changes_take_effect_at_the_next_statement() {
+        handler_setup();
+        let raise =
+            || Spi::run("SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded')").unwrap();
+        raise();
+        Spi::run("SELECT domain_events.register_handler('first', 'public.first(jsonb)', '{*}')")
+            .unwrap();
+        raise();
+        assert!(one::<bool>("SELECT domain_events.disable_handler('first')"));
+        assert!(!one::<bool>(
+            "SELECT domain_events.disable_handler('first')"
+        ));
+        raise();
+        assert!(one::<bool>("SELECT domain_events.enable_handler('first')"));
+        raise();
+        Spi::run("SELECT domain_events.unregister_handler('first')").unwrap();
+        raise();
+        assert_eq!(calls(), "first:Loan.Funded,first:Loan.Funded");
+        // A rolled-back registration is gone again.
+        assert!(outcome(
+            "SELECT domain_events.register_handler('second', 'public.second(jsonb)', '{*}'), 1/0"
+        )
+        .starts_with("22012 "));
+        raise();
+        assert_eq!(calls(), "first:Loan.Funded,first:Loan.Funded");
+    }
+
+    #[pg_test]
+    fn executions_are_counted_even_when_their_transaction_rolls_back() {
+        handler_setup();
+        Spi::run(
+            "CREATE FUNCTION public.refuse(event jsonb) RETURNS void LANGUAGE plpgsql AS $$ \
+             BEGIN IF event->'payload'->>'ok' IS NULL THEN RAISE EXCEPTION 'refused %', event->>'aggregate_id'; END IF; END $$; \
+             SELECT domain_events.register_handler('refuse_counted', 'public.refuse(jsonb)', '{*}'); \
+             SELECT domain_events.register_handler('logged_all', 'public.first(jsonb)', '{*}', log_level => 'all')",
+        )
+        .unwrap();
+        // The failure rolls back its (sub)transaction; the counters keep it.
+        assert!(
+            outcome("SELECT domain_events.raise_event('Loan', 'L-9', 'Loan.Funded')")
+                .starts_with("P0001 refused L-9")
+        );
+        Spi::run("SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded', '{\"ok\": 1}')")
+            .unwrap();
+        assert_eq!(
+            one::<String>("SELECT format('%s %s %s %s %s', calls, successes, failures, last_error, last_error_at IS NOT NULL AND max_duration > '0' AND total_duration >= max_duration) FROM domain_events.handler_stats WHERE name = 'refuse_counted'"),
+            "2 1 1 refused L-9 t"
+        );
+        // log_level all: the successful execution is in the log, in the raising transaction.
+        assert_eq!(
+            one::<String>("SELECT format('%s %s %s %s', handler, mode, outcome, attempt) FROM domain_events.handler_log"),
+            "logged_all sync success 1"
+        );
+        Spi::run("SET LOCAL domain_events.handler_stats = off").unwrap();
+        Spi::run("SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded', '{\"ok\": 1}')")
+            .unwrap();
+        assert_eq!(
+            count("SELECT calls FROM domain_events.handler_stats WHERE name = 'refuse_counted'"),
+            2
+        );
+    }
 }

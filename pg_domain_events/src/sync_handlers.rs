@@ -1,0 +1,307 @@
+//! Sync handlers: called inside the raising transaction, after the events are stored.
+//!
+//! Every raising path (`raise_event`, `raise_events`, table capture) stores its events, then
+//! calls each enabled sync handler whose filter matches each event, event by event, in
+//! priority order. A handler gets the stored event as `jsonb` (id, position and versions
+//! included) and runs with the rights of the role that registered it and with the
+//! `search_path` of the raising function (`pg_catalog, pg_temp`): it names what it touches
+//! with their schema, or sets its own `search_path`.
+//!
+//! An error in a handler aborts the raise with the handler's own SQLSTATE, message, detail and
+//! hint, and a context line naming the handler and the event. A handler may raise events
+//! itself: they carry the triggering event's id as `causation_id` and its `correlation_id` (or
+//! its id), and `domain_events.handler_max_depth` bounds the cascade.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CString};
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+use serde_json::Value;
+
+use crate::errors;
+use crate::gucs;
+use crate::handler_registry::{LogLevel, SyncHandler};
+use crate::handler_stats::{self, Execution};
+use crate::rights;
+
+/// A stored event, as handlers receive it.
+pub struct StoredEvent {
+    /// Event id.
+    pub id: pgrx::Uuid,
+    /// Global position.
+    pub position: i64,
+    /// Aggregate type.
+    pub aggregate_type: String,
+    /// Aggregate id.
+    pub aggregate_id: String,
+    /// Version within its aggregate.
+    pub aggregate_version: i64,
+    /// Event type.
+    pub event_type: String,
+    /// Payload schema version.
+    pub event_version: i32,
+    /// Payload JSON text.
+    pub payload: String,
+    /// Metadata JSON text.
+    pub metadata: String,
+    /// Business time; `None` = the transaction's start.
+    pub occurred_at: Option<TimestampWithTimeZone>,
+    /// Server time.
+    pub recorded_at: TimestampWithTimeZone,
+}
+
+impl StoredEvent {
+    /// The event as the listener's handlers see it (same keys), as JSON text.
+    fn json(&self) -> String {
+        let text = |s: &str| serde_json::to_string(s).expect("a string serialises");
+        let time = |t: TimestampWithTimeZone| serde_json::to_string(&t).expect("a timestamp");
+        let occurred_at = self.occurred_at.unwrap_or_else(transaction_start);
+        // SAFETY: the transaction has an id: it just wrote the event.
+        let txid = unsafe { pg_sys::GetTopFullTransactionIdIfAny() }.value;
+        format!(
+            "{{\"id\":\"{}\",\"position\":{},\"aggregate_type\":{},\"aggregate_id\":{},\
+             \"aggregate_version\":{},\"event_type\":{},\"event_version\":{},\"payload\":{},\
+             \"metadata\":{},\"occurred_at\":{},\"recorded_at\":{},\"txid\":{}}}",
+            self.id,
+            self.position,
+            text(&self.aggregate_type),
+            text(&self.aggregate_id),
+            self.aggregate_version,
+            text(&self.event_type),
+            self.event_version,
+            self.payload,
+            self.metadata,
+            time(occurred_at),
+            time(self.recorded_at),
+            txid,
+        )
+    }
+}
+
+fn transaction_start() -> TimestampWithTimeZone {
+    // SAFETY: reads a backend global.
+    let micros = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    TimestampWithTimeZone::try_from(micros).expect("a finite transaction start")
+}
+
+/// An event whose handlers are running in this backend (innermost last).
+struct Cause {
+    event_id: String,
+    metadata: String,
+}
+
+thread_local! {
+    static CAUSES: RefCell<Vec<Cause>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Pops the innermost cause, also when a handler's error unwinds through.
+struct CauseGuard;
+
+impl Drop for CauseGuard {
+    fn drop(&mut self) {
+        CAUSES.with(|c| c.borrow_mut().pop());
+    }
+}
+
+/// Refuses to raise events deeper than `domain_events.handler_max_depth` handlers down.
+pub fn check_depth() {
+    let depth = CAUSES.with(|c| c.borrow().len());
+    let max = usize::try_from(gucs::HANDLER_MAX_DEPTH.get()).unwrap_or(0);
+    if depth > 0 && depth >= max {
+        let chain = CAUSES.with(|c| {
+            c.borrow()
+                .iter()
+                .map(|cause| cause.event_id.clone())
+                .collect::<Vec<_>>()
+                .join(" -> ")
+        });
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_STATEMENT_TOO_COMPLEX,
+            format!(
+                "sync handlers raised events {depth} levels deep (domain_events.handler_max_depth = {max})"
+            ),
+            format!("Causing events, outermost first: {chain}. Nothing of this raise was written."),
+            "A handler probably reacts to the events it raises itself; narrow its filter, or raise domain_events.handler_max_depth.",
+        );
+    }
+}
+
+/// For an event raised by a handler: `(causation_id, correlation_id)`, the triggering event's
+/// id and its correlation id (or, when it has none, its id).
+pub fn cascade_metadata() -> Option<(String, String)> {
+    CAUSES.with(|c| {
+        let causes = c.borrow();
+        let cause = causes.last()?;
+        let correlation = serde_json::from_str::<Value>(&cause.metadata)
+            .ok()
+            .and_then(|m| match m.get("correlation_id") {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            })
+            .unwrap_or_else(|| cause.event_id.clone());
+        Some((cause.event_id.clone(), correlation))
+    })
+}
+
+/// Calls the handlers wanting each event, event by event, in the handlers' order.
+pub fn run(handlers: &[SyncHandler], events: &[StoredEvent]) {
+    for event in events {
+        let mut argument: Option<pg_sys::Datum> = None;
+        for handler in handlers.iter().filter(|h| h.wants(&event.event_type)) {
+            let datum = *argument.get_or_insert_with(|| jsonb(&event.json()));
+            call(handler, event, datum);
+        }
+    }
+}
+
+fn jsonb(text: &str) -> pg_sys::Datum {
+    let text = CString::new(text).expect("JSON text has no NUL");
+    // SAFETY: jsonb_in takes a cstring; the result lives in the current memory context.
+    unsafe {
+        pgrx::direct_function_call::<pg_sys::Datum>(
+            pg_sys::jsonb_in,
+            &[text.as_c_str().into_datum()],
+        )
+    }
+    .expect("jsonb_in returns a value")
+}
+
+/// `FunctionCallInfoBaseData` with room for one argument (its flexible array member).
+#[repr(C)]
+struct OneArgumentCall {
+    base: pg_sys::FunctionCallInfoBaseData,
+    argument: pg_sys::NullableDatum,
+}
+
+fn call(handler: &SyncHandler, event: &StoredEvent, argument: pg_sys::Datum) {
+    if let Some(reason) = &handler.broken {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
+            format!("sync handler {:?} cannot run: {reason}", handler.name),
+            format!(
+                "It was called for event {} ({}). Nothing of this raise was written.",
+                event.id, event.event_type
+            ),
+            "Register it again with an existing function (unregister_handler, register_handler), or disable_handler() it.",
+        );
+    }
+    let flinfo = handler.function_info();
+    let _active = handler.enter();
+    CAUSES.with(|c| {
+        c.borrow_mut().push(Cause {
+            event_id: event.id.to_string(),
+            metadata: event.metadata.clone(),
+        })
+    });
+    let _cause = CauseGuard;
+    let started = Instant::now();
+    let started_at = (handler.log_level == LogLevel::All).then(now);
+    PgTryBuilder::new(AssertUnwindSafe(|| {
+        rights::as_role(handler.run_as, || {
+            let mut call = OneArgumentCall {
+                // SAFETY: all-zero is a valid (empty) call info; filled in below.
+                base: unsafe { std::mem::zeroed() },
+                argument: pg_sys::NullableDatum {
+                    value: argument,
+                    isnull: false,
+                },
+            };
+            call.base.flinfo = flinfo;
+            call.base.nargs = 1;
+            call.base.fncollation = pg_sys::InvalidOid;
+            // SAFETY: flinfo was set up by fmgr_info for this one-argument function; an
+            // ERROR inside becomes a Rust panic at the boundary.
+            unsafe {
+                let function = (*flinfo).fn_addr.expect("fmgr_info sets fn_addr");
+                pg_sys::ffi::pg_guard_ffi_boundary(|| function(&mut call.base));
+            }
+        });
+    }))
+    .catch_others({
+        let (handler, event) = (AssertUnwindSafe(handler), AssertUnwindSafe(event));
+        move |error: CaughtError| {
+            handler
+                .counter
+                .count(&handler.name, started.elapsed(), Some(message_of(&error)));
+            push_context_line(&handler, &event);
+            error.rethrow()
+        }
+    })
+    .execute();
+    let elapsed = started.elapsed();
+    handler.counter.count(&handler.name, elapsed, None);
+    if let Some(started_at) = started_at {
+        handler_stats::log_success(Execution {
+            handler: &handler.name,
+            event_id: event.id,
+            position: event.position,
+            event_type: &event.event_type,
+            started_at,
+            duration: elapsed,
+        });
+    }
+}
+
+fn now() -> TimestampWithTimeZone {
+    // SAFETY: reads the clock.
+    let micros = unsafe { pg_sys::GetCurrentTimestamp() };
+    TimestampWithTimeZone::try_from(micros).expect("a finite clock")
+}
+
+fn message_of(error: &CaughtError) -> &str {
+    match error {
+        CaughtError::PostgresError(report)
+        | CaughtError::ErrorReport(report)
+        | CaughtError::RustPanic {
+            ereport: report, ..
+        } => report.message(),
+    }
+}
+
+unsafe extern "C-unwind" {
+    /// Postgres' `errcontext_msg`; not in pgrx's bindings.
+    fn errcontext_msg(fmt: *const c_char, ...) -> std::ffi::c_int;
+}
+
+/// Error context callback: adds the line it was given.
+unsafe extern "C-unwind" fn context_line(line: *mut c_void) {
+    // SAFETY: called by errfinish with the NUL-terminated line stored below.
+    unsafe { errcontext_msg(c"%s".as_ptr(), line.cast::<c_char>()) };
+}
+
+/// Leaves a context line naming the handler and the event on Postgres' error context stack,
+/// for the ERROR being rethrown: it is reported when that ERROR leaves the extension, and the
+/// stack is reset by whoever catches it. (pgrx drops the context of an ERROR it catches, so
+/// the line is added on the way out rather than around the call.)
+fn push_context_line(handler: &SyncHandler, event: &StoredEvent) {
+    let line = CString::new(format!(
+        "sync handler \"{}\" handling event {} ({}, {} {} version {})",
+        handler.name,
+        event.id,
+        event.event_type,
+        event.aggregate_type,
+        event.aggregate_id,
+        event.aggregate_version
+    ))
+    .unwrap_or_else(|_| c"sync handler".to_owned());
+    // SAFETY: allocated in the top transaction's memory, which outlives the error's reporting;
+    // the callback record is linked in the way Postgres' own PG_TRY users do.
+    unsafe {
+        let context = pg_sys::TopTransactionContext;
+        let callback = pg_sys::MemoryContextAllocZero(
+            context,
+            std::mem::size_of::<pg_sys::ErrorContextCallback>(),
+        )
+        .cast::<pg_sys::ErrorContextCallback>();
+        (*callback).callback = Some(context_line);
+        (*callback).arg = pg_sys::MemoryContextStrdup(context, line.as_ptr()).cast();
+        (*callback).previous = pg_sys::error_context_stack;
+        pg_sys::error_context_stack = callback;
+    }
+}
