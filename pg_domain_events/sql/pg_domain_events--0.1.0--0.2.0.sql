@@ -325,3 +325,59 @@ GRANT SELECT ON domain_events.handler, domain_events.handler_log, domain_events.
     TO domain_events_reader, domain_events_admin;
 -- The listener records its async executions.
 GRANT INSERT ON domain_events.handler_log TO domain_events_listener;
+
+-- Async registry handlers (docs/handlers.md): the listener runs each one through
+-- run_async_handler(), which calls the registered function with the registering role's rights;
+-- the listener needs no right on the function or on what it touches.
+CREATE FUNCTION domain_events.run_async_handler("handler" text, "event" jsonb) RETURNS void
+VOLATILE PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'run_async_handler_wrapper';
+REVOKE ALL ON FUNCTION domain_events.run_async_handler(text, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION domain_events.run_async_handler(text, jsonb) TO domain_events_listener;
+
+-- The listener's TOML handlers, mirrored into the registry as listener-managed rows named
+-- '<subscription>/<handler>' (docs/handlers.md): operators see every handler in one place and
+-- pause any of them with disable_handler(). Called by each listener at start; it replaces the
+-- subscription's rows, keeping their enabled flag. Such rows are always async and never run
+-- in a writer's transaction (the table's checks).
+CREATE FUNCTION domain_events.mirror_listener_handlers("subscription" text, "handlers" jsonb)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path TO pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF subscription IS NULL OR subscription !~ '^[a-z0-9_$]{1,63}$' THEN
+        RAISE EXCEPTION 'invalid subscription: %', coalesce(pg_catalog.quote_literal(subscription), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A listener subscription name: lowercase letters, digits, _ and $.';
+    END IF;
+    IF pg_catalog.jsonb_typeof(handlers) IS DISTINCT FROM 'array' THEN
+        RAISE EXCEPTION 'invalid handlers: not a JSON array'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass [{"name": ..., "events": [...], "description": ...}, ...].';
+    END IF;
+    DELETE FROM domain_events.handler h
+     WHERE h.managed_by = 'listener'
+       AND pg_catalog.left(h.name, pg_catalog.length(subscription) + 1) = subscription || '/'
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.jsonb_array_elements(handlers) e
+                        WHERE subscription || '/' || (e->>'name') = h.name);
+    INSERT INTO domain_events.handler AS h
+           (name, mode, function, events, description, managed_by, run_as)
+    SELECT subscription || '/' || (e->>'name'), 'async',
+           pg_catalog.to_regprocedure((e->>'function') || '(jsonb)'),
+           ARRAY(SELECT pg_catalog.jsonb_array_elements_text(e->'events')),
+           e->>'description', 'listener', session_user::pg_catalog.regrole
+      FROM pg_catalog.jsonb_array_elements(handlers) e
+    ON CONFLICT (name) DO UPDATE
+       SET function = excluded.function, events = excluded.events,
+           description = excluded.description, updated_at = pg_catalog.now()
+     WHERE h.managed_by = 'listener'
+       AND (h.function, h.events, h.description)
+           IS DISTINCT FROM (excluded.function, excluded.events, excluded.description);
+END
+$$;
+REVOKE ALL ON FUNCTION domain_events.mirror_listener_handlers(text, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION domain_events.mirror_listener_handlers(text, jsonb) TO domain_events_listener;

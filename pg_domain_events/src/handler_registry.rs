@@ -46,6 +46,9 @@ pub enum HandlerError {
     /// A listener-managed handler cannot be unregistered from SQL (`55000`).
     #[error("handler {name:?} is managed by a listener's configuration")]
     ListenerManaged { name: String },
+    /// `run_async_handler` was given a name that is no async handler registered in SQL (`42704`).
+    #[error("no async handler named {name:?} is registered")]
+    NoAsyncHandler { name: String },
 }
 
 impl HandlerError {
@@ -54,7 +57,9 @@ impl HandlerError {
             HandlerError::Argument(inner) => inner.sqlstate(),
             HandlerError::Signature { .. } => PgSqlErrorCode::ERRCODE_INVALID_FUNCTION_DEFINITION,
             HandlerError::Duplicate { .. } => PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
-            HandlerError::NotFound { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            HandlerError::NotFound { .. } | HandlerError::NoAsyncHandler { .. } => {
+                PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT
+            }
             HandlerError::ListenerManaged { .. } => {
                 PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
             }
@@ -75,6 +80,9 @@ impl HandlerError {
             }
             HandlerError::ListenerManaged { .. } => {
                 "Remove it from the listener's TOML file; disable_handler() pauses it meanwhile."
+            }
+            HandlerError::NoAsyncHandler { .. } => {
+                "The listener calls the handlers registered with mode => 'async'; it stops calling an unregistered one within about a second."
             }
         }
     }
@@ -380,10 +388,13 @@ fn handler_changed<'a>(
     Ok(None)
 }
 
-/// One enabled sync handler as this backend runs it.
+/// One registered handler as this backend runs it: an enabled sync handler, or an async one
+/// the listener calls through `run_async_handler`.
 pub struct SyncHandler {
     /// Its name.
     pub name: String,
+    /// `sync` or `async`.
+    pub mode: &'static str,
     /// The function `f(event jsonb)`.
     pub function: pg_sys::Oid,
     /// Which event types it receives.
@@ -456,15 +467,18 @@ impl Drop for ActiveCall<'_> {
 thread_local! {
     /// This backend's copy of the enabled sync handlers, in the order they run.
     static SYNC_HANDLERS: RefCell<Rc<Vec<SyncHandler>>> = RefCell::new(Rc::new(Vec::new()));
+    /// This backend's copy of the async handlers registered in SQL.
+    static ASYNC_HANDLERS: RefCell<Rc<Vec<SyncHandler>>> = RefCell::new(Rc::new(Vec::new()));
 }
 
 fn oid_column(text: &str) -> pg_sys::Oid {
     pg_sys::Oid::from(text.parse::<u32>().expect("an OID column"))
 }
 
-fn load() -> Vec<SyncHandler> {
+/// Reads the handlers `query` selects ([`store::LOAD_SYNC_HANDLERS`]'s columns), of `mode`.
+fn load(query: &CStr, mode: &'static str) -> Vec<SyncHandler> {
     let mut handlers = Vec::new();
-    registry_cache::read_latest(store::LOAD_SYNC_HANDLERS, |columns| {
+    registry_cache::read_latest(query, |columns| {
         let column = |n: usize| columns[n].clone().expect("selected columns are NOT NULL");
         let function = oid_column(&column(1));
         let run_as = oid_column(&column(4));
@@ -504,6 +518,7 @@ fn load() -> Vec<SyncHandler> {
         };
         handlers.push(SyncHandler {
             name: column(0),
+            mode,
             function,
             filters,
             log_level: LogLevel::parse(&column(3)).expect("checked by the table"),
@@ -524,11 +539,24 @@ pub fn sync_handlers() -> Rc<Vec<SyncHandler>> {
         let handlers = if table == pg_sys::InvalidOid {
             Vec::new()
         } else {
-            load()
+            load(store::LOAD_SYNC_HANDLERS, "sync")
         };
         SYNC_HANDLERS.with(|h| *h.borrow_mut() = Rc::new(handlers));
     }
     SYNC_HANDLERS.with(|h| h.borrow().clone())
+}
+
+/// The async handlers registered in SQL, by name (byte order); brought up to date first.
+pub fn async_handlers() -> Rc<Vec<SyncHandler>> {
+    if let Some(table) = registry_cache::reload_needed(Registry::AsyncHandlers) {
+        let handlers = if table == pg_sys::InvalidOid {
+            Vec::new()
+        } else {
+            load(store::LOAD_ASYNC_HANDLERS, "async")
+        };
+        ASYNC_HANDLERS.with(|h| *h.borrow_mut() = Rc::new(handlers));
+    }
+    ASYNC_HANDLERS.with(|h| h.borrow().clone())
 }
 
 #[cfg(test)]

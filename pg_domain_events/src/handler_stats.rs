@@ -272,7 +272,7 @@ fn handler_counters() -> TableIterator<
     if !PRELOADED.load(Ordering::Relaxed) {
         return TableIterator::new(Vec::new());
     }
-    let names: Vec<String> = store::query_column(store::SYNC_HANDLER_NAMES, &[]);
+    let names: Vec<String> = store::query_column(store::COUNTED_HANDLER_NAMES, &[]);
     TableIterator::new(names.into_iter().map(counter_row).collect::<Vec<_>>())
 }
 
@@ -290,12 +290,15 @@ pub struct Execution<'a> {
     pub started_at: TimestampWithTimeZone,
     /// How long it ran.
     pub duration: Duration,
+    /// `sync` or `async`.
+    pub mode: &'static str,
 }
 
-/// Logs a successful sync execution (log level `all`), in the raising transaction.
+/// Logs a successful execution (log level `all`) in the current transaction: the raising one
+/// for a sync handler, the listener's (with its position) for an async one.
 pub fn log_success(execution: Execution<'_>) {
     store::run_with(
-        store::LOG_SYNC_SUCCESS,
+        store::LOG_SUCCESS,
         &[
             execution.handler.into(),
             execution.event_id.into(),
@@ -303,6 +306,7 @@ pub fn log_success(execution: Execution<'_>) {
             execution.event_type.into(),
             execution.started_at.into(),
             execution.duration.as_secs_f64().into(),
+            execution.mode.into(),
         ],
     );
 }

@@ -7,6 +7,7 @@
 use pgrx::prelude::*;
 
 mod api;
+mod async_handlers;
 mod capture;
 mod compatibility;
 mod contract;

@@ -21,28 +21,37 @@ use crate::partition;
 pub enum Registry {
     /// `domain_events.event_schema`.
     Schemas = 0,
-    /// `domain_events.handler`; its copy also holds looked-up functions, so it is also stale
-    /// when any function changes.
+    /// `domain_events.handler`'s sync handlers; their copy also holds looked-up functions, so
+    /// it is also stale when any function changes.
     Handlers = 1,
+    /// `domain_events.handler`'s async handlers (run by the listener), kept apart from the sync
+    /// ones so that each copy notices a change on its own.
+    AsyncHandlers = 2,
 }
 
-const REGISTRIES: usize = 2;
+const REGISTRIES: usize = 3;
 
 impl Registry {
     fn table(self) -> &'static str {
         match self {
             Registry::Schemas => "event_schema",
-            Registry::Handlers => "handler",
+            Registry::Handlers | Registry::AsyncHandlers => "handler",
         }
     }
 }
 
 thread_local! {
     /// The OID each copy was read from (`InvalidOid`: the table did not exist).
-    static TABLES: [Cell<pg_sys::Oid>; REGISTRIES] =
-        const { [Cell::new(pg_sys::InvalidOid), Cell::new(pg_sys::InvalidOid)] };
+    static TABLES: [Cell<pg_sys::Oid>; REGISTRIES] = const {
+        [
+            Cell::new(pg_sys::InvalidOid),
+            Cell::new(pg_sys::InvalidOid),
+            Cell::new(pg_sys::InvalidOid),
+        ]
+    };
     /// Set by the callbacks (and initially): the copy must be read again.
-    static STALE: [Cell<bool>; REGISTRIES] = const { [Cell::new(true), Cell::new(true)] };
+    static STALE: [Cell<bool>; REGISTRIES] =
+        const { [Cell::new(true), Cell::new(true), Cell::new(true)] };
     static WATCHING: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -68,7 +77,10 @@ unsafe extern "C-unwind" fn relation_invalidated(_arg: pg_sys::Datum, relid: pg_
 /// Syscache callback on `pg_proc`: a handler's function was replaced or dropped.
 #[pg_guard]
 unsafe extern "C-unwind" fn function_invalidated(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
-    STALE.with(|stale| stale[Registry::Handlers as usize].set(true));
+    STALE.with(|stale| {
+        stale[Registry::Handlers as usize].set(true);
+        stale[Registry::AsyncHandlers as usize].set(true);
+    });
 }
 
 /// Takes the invalidations that have arrived; `Some(oid)` when the copy of `registry` must be

@@ -93,12 +93,26 @@ pub const DROP_SCHEMA: &str =
 pub const LATEST_SCHEMA: &str = "SELECT schema::text FROM domain_events.event_schema \
      WHERE event_type = $1 ORDER BY event_version DESC LIMIT 1";
 
-/// Registers a handler unless one of its name exists; whether it was inserted.
+/// Registers a handler unless one of its name exists; whether it was inserted. An async one
+/// also gets its listener subscription `handler:<name>` (a notify-mode row starting at this
+/// transaction's snapshot, so the listener delivers every event committed after the
+/// registration, however soon it notices it) and loses any position left by an earlier handler
+/// of the same name.
 pub const REGISTER_HANDLER: &str = "WITH registered AS ( \
        INSERT INTO domain_events.handler \
            (name, mode, function, events, priority, enabled, description, log_level, run_as) \
        VALUES ($1, $2, $3::pg_catalog.regprocedure, $4, $5, $6, $7, $8, $9::pg_catalog.regrole) \
-       ON CONFLICT (name) DO NOTHING RETURNING 1) \
+       ON CONFLICT (name) DO NOTHING RETURNING 1), \
+     stale AS (DELETE FROM domain_events.subscription \
+       WHERE name = 'handler:' || $1 || '/' || $1 \
+         AND $2 = 'async' AND EXISTS (SELECT 1 FROM registered)), \
+     lane AS (INSERT INTO domain_events.subscription \
+           (name, mode, position, snapshot_prev, transition) \
+       SELECT 'handler:' || $1, 'notify', 0, pg_catalog.pg_current_snapshot(), 1 \
+       FROM registered WHERE $2 = 'async' \
+       ON CONFLICT (name) DO UPDATE SET mode = 'notify', position = 0, lsn = NULL, \
+         snapshot_prev = excluded.snapshot_prev, snapshot_cur = NULL, transition = 1, \
+         updated_at = pg_catalog.now()) \
      SELECT EXISTS (SELECT 1 FROM registered)";
 
 /// Sets a handler's `enabled` to `$2`; one row, whether that changed it, when it exists.
@@ -107,11 +121,17 @@ pub const SET_HANDLER_ENABLED: &str = "UPDATE domain_events.handler h \
      FROM (SELECT name, enabled FROM domain_events.handler WHERE name = $1 FOR UPDATE) old \
      WHERE h.name = old.name RETURNING old.enabled <> $2";
 
-/// Removes a handler registered in SQL; one row, who manages it, when it exists.
+/// Removes a handler registered in SQL, with its listener subscription (`handler:<name>`,
+/// its position row and dead letters); one row, who manages it, when it exists.
 pub const UNREGISTER_HANDLER: &str = "WITH target AS ( \
        SELECT name, managed_by FROM domain_events.handler WHERE name = $1 FOR UPDATE), \
      removed AS (DELETE FROM domain_events.handler h USING target t \
-       WHERE h.name = t.name AND t.managed_by = 'sql') \
+       WHERE h.name = t.name AND t.managed_by = 'sql'), \
+     lane AS (DELETE FROM domain_events.subscription s USING target t \
+       WHERE t.managed_by = 'sql' \
+         AND s.name IN ('handler:' || t.name, 'handler:' || t.name || '/' || t.name)), \
+     letters AS (DELETE FROM domain_events.dead_letter d USING target t \
+       WHERE t.managed_by = 'sql' AND d.subscription = 'handler:' || t.name) \
      SELECT managed_by FROM target";
 
 /// The enabled sync handlers in the order they run (ties by name, byte order).
@@ -120,14 +140,23 @@ pub const LOAD_SYNC_HANDLERS: &std::ffi::CStr = c"SELECT name, function::pg_cata
      FROM domain_events.handler WHERE mode = 'sync' AND enabled \
      ORDER BY priority, name COLLATE \"C\"";
 
-/// The names of the sync handlers, for their counters.
-pub const SYNC_HANDLER_NAMES: &str =
-    "SELECT name FROM domain_events.handler WHERE mode = 'sync' ORDER BY name";
+/// The async handlers registered in SQL (the listener runs them), in the columns of
+/// [`LOAD_SYNC_HANDLERS`]; disabled ones too: the listener pauses them, and an event it was
+/// already handling when one was disabled still completes.
+pub const LOAD_ASYNC_HANDLERS: &std::ffi::CStr = c"SELECT name, function::pg_catalog.oid, \
+     pg_catalog.array_to_string(events, ' '), log_level, run_as::pg_catalog.oid \
+     FROM domain_events.handler WHERE mode = 'async' AND managed_by = 'sql' \
+     ORDER BY name COLLATE \"C\"";
 
-/// Logs one successful sync execution.
-pub const LOG_SYNC_SUCCESS: &str = "INSERT INTO domain_events.handler_log \
+/// The names of the handlers the extension calls (sync ones, and async ones through
+/// `run_async_handler`), for their counters.
+pub const COUNTED_HANDLER_NAMES: &str =
+    "SELECT name FROM domain_events.handler WHERE managed_by = 'sql' ORDER BY name";
+
+/// Logs one successful execution (`$7`: its mode).
+pub const LOG_SUCCESS: &str = "INSERT INTO domain_events.handler_log \
        (handler, mode, event_id, position, event_type, started_at, duration, outcome) \
-     VALUES ($1, 'sync', $2, $3, $4, $5, pg_catalog.make_interval(secs => $6), 'success')";
+     VALUES ($1, $7, $2, $3, $4, $5, pg_catalog.make_interval(secs => $6), 'success')";
 
 /// Removes the log of executions older than the retention cut-off `$1`.
 pub const PRUNE_HANDLER_LOG: &str =

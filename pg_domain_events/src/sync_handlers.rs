@@ -160,7 +160,7 @@ pub fn run(handlers: &[SyncHandler], events: &[StoredEvent]) {
     }
 }
 
-fn jsonb(text: &str) -> pg_sys::Datum {
+pub(crate) fn jsonb(text: &str) -> pg_sys::Datum {
     let text = CString::new(text).expect("JSON text has no NUL");
     // SAFETY: jsonb_in takes a cstring; the result lives in the current memory context.
     unsafe {
@@ -179,11 +179,14 @@ struct OneArgumentCall {
     argument: pg_sys::NullableDatum,
 }
 
-fn call(handler: &SyncHandler, event: &StoredEvent, argument: pg_sys::Datum) {
+/// Calls `handler` with `event` (`argument`: its jsonb) as the registering role, counting the
+/// execution and logging it per the handler's log level; an ERROR gets a context line naming
+/// the handler and the event.
+pub(crate) fn call(handler: &SyncHandler, event: &StoredEvent, argument: pg_sys::Datum) {
     if let Some(reason) = &handler.broken {
         errors::raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION,
-            format!("sync handler {:?} cannot run: {reason}", handler.name),
+            format!("{} handler {:?} cannot run: {reason}", handler.mode, handler.name),
             format!(
                 "It was called for event {} ({}). Nothing of this raise was written.",
                 event.id, event.event_type
@@ -244,6 +247,7 @@ fn call(handler: &SyncHandler, event: &StoredEvent, argument: pg_sys::Datum) {
             event_type: &event.event_type,
             started_at,
             duration: elapsed,
+            mode: handler.mode,
         });
     }
 }
@@ -281,7 +285,8 @@ unsafe extern "C-unwind" fn context_line(line: *mut c_void) {
 /// the line is added on the way out rather than around the call.)
 fn push_context_line(handler: &SyncHandler, event: &StoredEvent) {
     let line = CString::new(format!(
-        "sync handler \"{}\" handling event {} ({}, {} {} version {})",
+        "{} handler \"{}\" handling event {} ({}, {} {} version {})",
+        handler.mode,
         handler.name,
         event.id,
         event.event_type,

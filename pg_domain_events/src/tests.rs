@@ -873,4 +873,95 @@ mod tests {
             2
         );
     }
+
+    #[pg_test]
+    fn run_async_handler_runs_a_registered_async_handler_for_the_listener() {
+        handler_setup();
+        Spi::run(
+            "SELECT domain_events.register_handler('later', 'public.first(jsonb)', '{Loan.*}', \
+               mode => 'async', log_level => 'all'); \
+             SELECT domain_events.register_handler('now', 'public.second(jsonb)', '{*}')",
+        )
+        .unwrap();
+        // The async one does not run in the raising transaction.
+        Spi::run("SELECT domain_events.raise_event('Loan', '1', 'Loan.Funded')").unwrap();
+        assert_eq!(calls(), "second:Loan.Funded");
+        // Its listener lane starts at the registration; sync handlers have none.
+        assert_eq!(
+            one::<String>("SELECT string_agg(name || ' ' || mode || ' ' || transition || ' ' || (snapshot_prev IS NOT NULL), ',') FROM domain_events.subscription"),
+            "handler:later notify 1 true"
+        );
+        // What the listener calls, with the event as it sends it.
+        let event = one::<String>(
+            "SELECT json_build_object('id', id, 'position', position, 'aggregate_type', \
+               aggregate_type, 'aggregate_id', aggregate_id, 'aggregate_version', \
+               aggregate_version, 'event_type', event_type, 'event_version', event_version, \
+               'payload', payload, 'metadata', metadata)::text FROM domain_events.event",
+        );
+        Spi::run_with_args(
+            "SELECT domain_events.run_async_handler('later', $1::jsonb)",
+            &[event.clone().into()],
+        )
+        .unwrap();
+        assert_eq!(calls(), "second:Loan.Funded,first:Loan.Funded");
+        assert_eq!(
+            count("SELECT count(*) FROM public.calls WHERE handler = 'first' AND stored"),
+            1
+        );
+        assert_eq!(
+            one::<String>("SELECT format('%s %s %s %s', handler, mode, outcome, attempt) FROM domain_events.handler_log"),
+            "later async success 1"
+        );
+        assert_eq!(
+            count("SELECT calls FROM domain_events.handler_stats WHERE name = 'later'"),
+            1
+        );
+        // A disabled one still completes the event the listener is handling.
+        Spi::run("SELECT domain_events.disable_handler('later')").unwrap();
+        Spi::run_with_args(
+            "SELECT domain_events.run_async_handler('later', $1::jsonb)",
+            &[event.into()],
+        )
+        .unwrap();
+        assert_eq!(
+            count("SELECT count(*) FROM public.calls WHERE handler = 'first'"),
+            2
+        );
+        // Only async handlers registered in SQL, and only events with the listener's keys.
+        assert_eq!(
+            outcome("SELECT domain_events.run_async_handler('now', '{}')"),
+            "42704 no async handler named \"now\" is registered"
+        );
+        assert_eq!(
+            outcome("SELECT domain_events.run_async_handler('nope', '{}')"),
+            "42704 no async handler named \"nope\" is registered"
+        );
+        assert_eq!(
+            outcome("SELECT domain_events.run_async_handler('later', '{\"id\": 1}')"),
+            "22023 invalid event: \"id\" is not a UUID"
+        );
+        assert_eq!(
+            outcome("SELECT domain_events.run_async_handler(NULL, '{}')"),
+            "22004 handler must not be null"
+        );
+        // Unregistering removes the lane: its subscription, position row and dead letters.
+        Spi::run(
+            "INSERT INTO domain_events.subscription (name, mode) VALUES ('handler:later/later', 'notify'); \
+             INSERT INTO domain_events.dead_letter (subscription, handler, event_id, position, error, attempts) \
+               SELECT 'handler:later', 'later', id, position, 'failed', 5 FROM domain_events.event",
+        )
+        .unwrap();
+        Spi::run("SELECT domain_events.unregister_handler('later')").unwrap();
+        assert_eq!(count("SELECT count(*) FROM domain_events.subscription"), 0);
+        assert_eq!(count("SELECT count(*) FROM domain_events.dead_letter"), 0);
+        // Registering the name again starts a fresh lane.
+        Spi::run(
+            "SELECT domain_events.register_handler('later', 'public.first(jsonb)', '{*}', mode => 'async')",
+        )
+        .unwrap();
+        assert_eq!(
+            count("SELECT count(*) FROM domain_events.subscription WHERE name = 'handler:later' AND position = 0"),
+            1
+        );
+    }
 }

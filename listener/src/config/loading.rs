@@ -9,6 +9,7 @@ use super::admin::AdminConfig;
 use super::handler::{self, HandlerConfig};
 use super::log::LogConfig;
 use super::overrides::{set, Overrides};
+use super::registry::RegistryConfig;
 use super::replication::{ReplicationConfig, SlotLostPolicy};
 use crate::delivery::dead_letter::DECODE_HANDLER;
 use crate::error::ConfigError;
@@ -16,7 +17,7 @@ use crate::postgres::database::DatabaseConfig;
 use crate::replication::subscription::Mode;
 
 /// Tables of the file that environment variables may override.
-const OVERRIDABLE: [&str; 4] = ["database", "replication", "log", "admin"];
+const OVERRIDABLE: [&str; 5] = ["database", "replication", "log", "admin", "registry"];
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -30,6 +31,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The admin HTTP server (health and metrics).
     pub admin: AdminConfig,
+    /// The async handlers registered in the database.
+    pub registry: RegistryConfig,
     /// Handlers, each `[[handlers]]` table one handler.
     pub handlers: Vec<HandlerConfig>,
 }
@@ -217,6 +220,7 @@ impl Config {
                 ));
             }
         }
+        self.registry.validate()?;
         let mut names = std::collections::HashSet::new();
         for handler in &self.handlers {
             handler.validate()?;

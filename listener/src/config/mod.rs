@@ -1,7 +1,7 @@
 //! Configuration: one TOML file, then `PGDE_*` environment overrides, then command-line flags.
 //!
-//! Every key of the `database`, `replication` and `log` tables can be overridden by the
-//! environment as `PGDE_<TABLE>_<KEY>` (e.g. `PGDE_DATABASE_PORT=5433`,
+//! Every key of the `database`, `replication`, `log`, `admin` and `registry` tables can be
+//! overridden by the environment as `PGDE_<TABLE>_<KEY>` (e.g. `PGDE_DATABASE_PORT=5433`,
 //! `PGDE_REPLICATION_SLOT=orders`) and on the command line with `--set table.key=value` or one of
 //! the dedicated flags. Secrets never come from the file or the command line: the password is
 //! read from `PGDE_PASSWORD`, else `PGPASSWORD`.
@@ -12,6 +12,7 @@ mod handler;
 mod loading;
 mod log;
 mod overrides;
+mod registry;
 mod replication;
 #[cfg(test)]
 mod tests;
@@ -25,6 +26,7 @@ pub use handler::HandlerConfig;
 pub use loading::Config;
 pub use log::{LogConfig, LogFormat};
 pub use overrides::Overrides;
+pub use registry::RegistryConfig;
 pub use replication::{ReplicationConfig, SlotLostPolicy};
 
 /// Loads one `[[handlers]]` table given as TOML text (its keys, without the header).

@@ -58,6 +58,9 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// How often a paused handler's waiting call looks whether it was resumed.
+const PAUSED_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
 type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>>;
 
 /// Calls `call` until it succeeds, retrying transient errors with the entry's backoff.
@@ -71,6 +74,12 @@ pub(crate) async fn call_with_retries<'a>(
 ) -> Attempt {
     let mut attempt = 1;
     loop {
+        while entry.paused.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::select! {
+                _ = tokio::time::sleep(PAUSED_CHECK) => {}
+                _ = cancel.cancelled() => return Attempt::Cancelled,
+            }
+        }
         let started = std::time::Instant::now();
         let result = CatchUnwind(call()).await;
         if event.is_some() {

@@ -65,6 +65,17 @@ impl Filter {
     }
 }
 
+impl std::fmt::Display for Filter {
+    /// As written in the configuration: `*`, `Prefix.*` or the event type.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Filter::All => f.write_str("*"),
+            Filter::Prefix(prefix) => write!(f, "{prefix}*"),
+            Filter::Exact(name) => f.write_str(name),
+        }
+    }
+}
+
 /// A filter that is neither `*`, `Prefix.*`, nor a plain event type.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid event filter {0:?}: use \"*\", \"Prefix.*\" or an exact event type")]

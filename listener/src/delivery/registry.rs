@@ -1,5 +1,6 @@
 //! The registry: handlers with their names, filters, retry policies and failure policies.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::delivery::handler::{Filter, Handler};
@@ -11,6 +12,9 @@ pub(crate) struct Registration {
     pub(crate) handler: Arc<dyn Handler>,
     pub(crate) retry: RetryPolicy,
     pub(crate) on_failure: OnFailure,
+    /// Disabled from SQL (`domain_events.disable_handler` on its registry row): its calls
+    /// wait, and with them the subscription's position, until it is enabled again.
+    pub(crate) paused: AtomicBool,
 }
 
 /// The handlers and their filters.
@@ -65,6 +69,7 @@ impl Registry {
                 ..retry
             },
             on_failure,
+            paused: AtomicBool::new(false),
         });
         self
     }
@@ -82,6 +87,24 @@ impl Registry {
     /// Names of the registered handlers, in registration order.
     pub fn names(&self) -> Vec<&str> {
         self.entries.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    /// The filters of handler `name`, as written in the configuration.
+    pub fn filters(&self, name: &str) -> Option<Vec<String>> {
+        self.entry(name)
+            .map(|r| r.filters.iter().map(Filter::to_string).collect())
+    }
+
+    /// Pauses (`true`) or resumes handler `name`: a paused handler's next call waits until it
+    /// is resumed, holding its event (and the subscription's position) where it is. Returns
+    /// whether that changed anything.
+    pub fn set_paused(&self, name: &str, paused: bool) -> bool {
+        self.entry(name)
+            .is_some_and(|r| r.paused.swap(paused, Ordering::Relaxed) != paused)
+    }
+
+    fn entry(&self, name: &str) -> Option<&Registration> {
+        self.entries.iter().find(|r| r.name == name)
     }
 
     /// Names of the handlers `event_type` is routed to, in registration order.

@@ -25,6 +25,8 @@ pub struct Listener {
     pub(super) registry: Arc<Registry>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) health: Health,
+    /// A lane of a registry handler (see `registry_lanes`): runs no lanes of its own.
+    pub(super) is_lane: bool,
 }
 
 impl Listener {
@@ -84,6 +86,7 @@ impl Listener {
             registry: Arc::new(registry),
             metrics: Arc::new(Metrics::new()),
             health: Health::default(),
+            is_lane: false,
         })
     }
 
@@ -130,7 +133,17 @@ impl Listener {
                 }
             }
         });
-        let result = self.run_sessions(&cancel, &abort).await;
+        // The registry's async handlers run beside the sessions, in lanes of their own, and
+        // stop with them (on shutdown, or when the main session ends with an error).
+        let lanes_stop = cancel.child_token();
+        let (result, ()) = tokio::join!(
+            async {
+                let result = self.run_sessions(&cancel, &abort).await;
+                lanes_stop.cancel();
+                result
+            },
+            self.run_registry_lanes(lanes_stop.clone()),
+        );
         stop.cancel();
         let _ = deadline.await;
         if let Some(admin) = admin {

@@ -19,15 +19,18 @@
 //! Files: `listener` (the `Listener`, its reconnect loop and the admin server), `session` (what
 //! every session shares: cancellation, the dispatcher's tasks, the shutdown deadline),
 //! `stream_session` (replication mode, with its checkpointer), `notify_session`,
-//! `recovery_session` (a lost slot), and `registry` (the built-in handlers from the
-//! configuration).
+//! `recovery_session` (a lost slot), `registry` (the built-in handlers from the
+//! configuration) and `registry_lanes` (the async handlers registered in the database, each in
+//! a notify-mode lane of its own).
 
 mod listener;
 mod notify_session;
 mod recovery_session;
 mod registry;
+mod registry_lanes;
 mod session;
 mod stream_session;
 
 pub use listener::Listener;
 pub use registry::{build_registry, registry_from_config, Purpose};
+pub use registry_lanes::{lane_subscription, LANE_PREFIX};

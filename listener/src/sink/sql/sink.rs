@@ -19,8 +19,8 @@ use crate::event::Event;
 /// touches dead letters: a replay is an operator's explicit "apply these again", at least once.
 pub struct SqlHandler {
     db: crate::postgres::database::DatabaseConfig,
-    /// `"schema"."function"`, quoted.
-    function: String,
+    /// What each event is applied with.
+    target: Target,
     handler: String,
     subscription: String,
     /// `mode` of the position row: the subscription's mode.
@@ -42,6 +42,26 @@ pub enum Delivery {
     /// Stored events replayed by `listener replay`: each one applied, in its own transaction,
     /// regardless of the handler's position, which is left as it is.
     Replay,
+}
+
+/// What a [`SqlHandler`] calls with each event.
+enum Target {
+    /// A configured function, `"schema"."function"` quoted.
+    Function(String),
+    /// An async handler of the database's registry, through `domain_events.run_async_handler`
+    /// (which runs it with the rights of the role that registered it).
+    Registered(RegisteredHandler),
+}
+
+/// An async handler of the registry, as its lane runs it.
+struct RegisteredHandler {
+    /// Log failed attempts to `domain_events.handler_log` (its `log_level` is not `off`).
+    log_failures: bool,
+    /// The attempt after which the dispatcher gives up (the last one is logged as
+    /// `dead_lettered`).
+    max_attempts: u32,
+    /// The event being retried and its attempts so far (one worker: attempts are sequential).
+    attempts: std::sync::Mutex<(uuid::Uuid, u32)>,
 }
 
 /// Why a `sql` handler's function name is not usable.
@@ -79,13 +99,60 @@ impl SqlHandler {
     ) -> Result<SqlHandler, FunctionNameError> {
         Ok(SqlHandler {
             db,
-            function: quote_function(function)?,
+            target: Target::Function(quote_function(function)?),
             handler: handler.into(),
             subscription: subscription.into(),
             mode: crate::replication::subscription::Mode::Replication,
             delivery: Delivery::Stream,
             client: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// The async registry handler `handler` (a row of `domain_events.handler`) for its lane,
+    /// subscription `subscription` (notify mode): each event is applied with
+    /// `domain_events.run_async_handler` exactly once; with `log_failures`, each failed
+    /// attempt is written to `domain_events.handler_log`.
+    pub fn registered(
+        db: crate::postgres::database::DatabaseConfig,
+        handler: impl Into<String>,
+        subscription: impl Into<String>,
+        log_failures: bool,
+        max_attempts: u32,
+    ) -> SqlHandler {
+        SqlHandler {
+            db,
+            target: Target::Registered(RegisteredHandler {
+                log_failures,
+                max_attempts,
+                attempts: std::sync::Mutex::new((uuid::Uuid::nil(), 0)),
+            }),
+            handler: handler.into(),
+            subscription: subscription.into(),
+            mode: crate::replication::subscription::Mode::Notify,
+            delivery: Delivery::Stream,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Calls the target with the event `json` on `client` (a connection or a transaction).
+    async fn call(
+        &self,
+        client: &impl tokio_postgres::GenericClient,
+        json: &str,
+    ) -> Result<(), tokio_postgres::Error> {
+        match &self.target {
+            Target::Function(function) => {
+                let call = format!("SELECT {function}($1::text::jsonb)");
+                client.execute(&call, &[&json]).await.map(|_| ())
+            }
+            Target::Registered(_) => client
+                .execute(
+                    "SELECT domain_events.run_async_handler($2, $1::text::jsonb)",
+                    &[&json, &self.handler],
+                )
+                .await
+                .map(|_| ()),
+        }
     }
 
     /// Records the position row under `mode` (`replication` by default).
@@ -116,11 +183,10 @@ impl SqlHandler {
         event: &Event,
         json: &str,
     ) -> Result<(), tokio_postgres::Error> {
-        let call = format!("SELECT {}($1::text::jsonb)", self.function);
         if self.delivery == Delivery::Replay {
             // One statement: its own transaction. The commit LSN is meaningless here (0/0 is
             // not a redrive), and the position row belongs to the stream.
-            return client.execute(&call, &[&json]).await.map(|_| ());
+            return self.call(client, json).await;
         }
         let row_name = self.position_row();
         let tx = client.transaction().await?;
@@ -153,7 +219,7 @@ impl SqlHandler {
                     return tx.rollback().await;
                 }
             }
-            tx.execute(&call, &[&json]).await?;
+            self.call(&tx, json).await?;
             return tx.commit().await;
         }
         let row = tx
@@ -172,7 +238,7 @@ impl SqlHandler {
             tracing::debug!(handler = %self.handler, event_id = %event.id, "already applied; skipping");
             return tx.rollback().await;
         }
-        tx.execute(&call, &[&json]).await?;
+        self.call(&tx, json).await?;
         tx.execute(
             "UPDATE domain_events.subscription \
              SET lsn = $2::text::pg_lsn, position = $3, updated_at = now() WHERE name = $1",
@@ -213,17 +279,98 @@ impl Handler for SqlHandler {
                 guard.insert((client, connection))
             }
         };
+        let started_at = chrono::Utc::now();
+        let started = std::time::Instant::now();
         match self.apply(client, event, &json).await {
             Ok(()) => Ok(()),
             Err(err) => {
-                if err.is_closed() || err.code().is_none() {
-                    // The connection is gone (or unusable): reconnect on the next attempt.
-                    *guard = None;
-                }
+                let lost = err.is_closed() || err.code().is_none();
+                let message = err
+                    .as_db_error()
+                    .map_or_else(|| err.to_string(), |e| e.message().to_string());
                 let err = crate::error::Error::sql("calling the sql handler's function")(err);
                 let transient = err.is_transient();
+                if lost {
+                    // The connection is gone (or unusable): reconnect on the next attempt.
+                    *guard = None;
+                } else if let Target::Registered(registered) = &self.target {
+                    let failure = Failure {
+                        started_at,
+                        duration: started.elapsed(),
+                        error: message,
+                        last: !transient,
+                    };
+                    self.log_failure(client, registered, event, failure).await;
+                }
                 Err(sql_failure(transient, "the function failed", err))
             }
+        }
+    }
+}
+
+/// A failed attempt of a registry handler, for `domain_events.handler_log`.
+struct Failure {
+    started_at: chrono::DateTime<chrono::Utc>,
+    duration: std::time::Duration,
+    error: String,
+    /// A definite error: the dispatcher does not retry it.
+    last: bool,
+}
+
+impl SqlHandler {
+    /// Counts the attempt and, when the handler logs errors, writes it to
+    /// `domain_events.handler_log` in a transaction of its own (the failed one rolled back):
+    /// `failure`, or `dead_lettered` for the last attempt (a definite error, or out of
+    /// attempts). The log is a record, not a
+    /// guarantee: a log row that cannot be written is reported and skipped.
+    async fn log_failure(
+        &self,
+        client: &tokio_postgres::Client,
+        registered: &RegisteredHandler,
+        event: &Event,
+        failure: Failure,
+    ) {
+        let attempt = {
+            let mut attempts = registered
+                .attempts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if attempts.0 != event.id {
+                *attempts = (event.id, 0);
+            }
+            attempts.1 += 1;
+            attempts.1
+        };
+        if !registered.log_failures {
+            return;
+        }
+        let outcome = if failure.last || attempt >= registered.max_attempts {
+            "dead_lettered"
+        } else {
+            "failure"
+        };
+        let logged = client
+            .execute(
+                "INSERT INTO domain_events.handler_log (handler, mode, event_id, position, \
+                 event_type, started_at, duration, outcome, attempt, error, subscription) \
+                 VALUES ($1, 'async', $2, $3, $4, $5, \
+                 pg_catalog.make_interval(secs => $6), $7, $8, $9, $10)",
+                &[
+                    &self.handler,
+                    &event.id,
+                    &event.position,
+                    &event.event_type,
+                    &failure.started_at,
+                    &failure.duration.as_secs_f64(),
+                    &outcome,
+                    &i32::try_from(attempt).unwrap_or(i32::MAX),
+                    &failure.error,
+                    &self.subscription,
+                ],
+            )
+            .await;
+        if let Err(err) = logged {
+            tracing::warn!(handler = %self.handler, error = %err, "cannot log a failed attempt");
         }
     }
 }
