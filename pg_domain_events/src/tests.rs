@@ -873,4 +873,39 @@ mod tests {
             2
         );
     }
+
+    #[pg_test]
+    fn raised_events_and_store_operations_are_counted_and_refused_ones_are_not() {
+        let raised = |event_type: &str| {
+            count(&format!(
+                "SELECT COALESCE(sum(events), 0)::bigint FROM domain_events.raise_stats \
+                 WHERE aggregate_type = 'Counted' AND event_type = '{event_type}'"
+            ))
+        };
+        let operations = || count("SELECT operations FROM domain_events.store_stats");
+        let before = operations();
+        Spi::run("SELECT domain_events.raise_event('Counted', '1', 'Counted.Opened')").unwrap();
+        Spi::run(
+            r#"SELECT * FROM domain_events.raise_events('[
+                {"aggregate_type": "Counted", "aggregate_id": "2", "event_type": "Counted.Opened", "payload": {}},
+                {"aggregate_type": "Counted", "aggregate_id": "2", "event_type": "Counted.Closed", "payload": {}},
+                {"aggregate_type": "Counted", "aggregate_id": "3", "event_type": "Counted.Opened", "payload": {}}]')"#,
+        )
+        .unwrap();
+        assert_eq!((raised("Counted.Opened"), raised("Counted.Closed")), (3, 1));
+        assert!(operations() >= before + 2);
+        // A refused statement stores nothing and counts nothing.
+        assert!(outcome(
+            "SELECT domain_events.raise_event('Counted', '1', 'Counted.Opened', expected_version => 7)"
+        )
+        .starts_with("40001"));
+        assert_eq!(raised("Counted.Opened"), 3);
+        // Cumulative buckets ending with +Inf, which holds every operation.
+        assert!(one::<bool>(
+            "SELECT bucket_le[cardinality(bucket_le)] = 'Infinity' \
+               AND bucket_operations[cardinality(bucket_operations)] = operations \
+               AND bucket_operations[1] <= bucket_operations[2] AND total_seconds > 0 \
+              FROM domain_events.store_stats"
+        ));
+    }
 }

@@ -130,8 +130,20 @@ impl Listener {
                 }
             }
         });
+        // The database figures are read only for a scraped listener: a connection of its own.
+        let figures_watch = admin.is_some().then(|| {
+            tokio::spawn(crate::service::figures_watch::run(
+                self.config.database.clone(),
+                Arc::clone(&self.metrics),
+                Duration::from_secs(self.config.replication.status_interval_secs.max(1)),
+                stop.clone(),
+            ))
+        });
         let result = self.run_sessions(&cancel, &abort).await;
         stop.cancel();
+        if let Some(figures_watch) = figures_watch {
+            let _ = figures_watch.await;
+        }
         let _ = deadline.await;
         if let Some(admin) = admin {
             match admin.await {

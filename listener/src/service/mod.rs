@@ -19,9 +19,10 @@
 //! Files: `listener` (the `Listener`, its reconnect loop and the admin server), `session` (what
 //! every session shares: cancellation, the dispatcher's tasks, the shutdown deadline),
 //! `stream_session` (replication mode, with its checkpointer), `notify_session`,
-//! `recovery_session` (a lost slot), and `registry` (the built-in handlers from the
-//! configuration).
+//! `recovery_session` (a lost slot), `registry` (the built-in handlers from the
+//! configuration), and `figures_watch` (what only the database knows, into the metrics).
 
+mod figures_watch;
 mod listener;
 mod notify_session;
 mod recovery_session;

@@ -227,7 +227,7 @@ fn publish_error(e: async_nats::jetstream::context::PublishError) -> HandlerErro
         PublishErrorKind::MaxPayloadExceeded => {
             HandlerError::definite("the event is larger than the server's max_payload")
         }
-        PublishErrorKind::TimedOut => HandlerError::transient("no publish ack in time"),
+        PublishErrorKind::TimedOut => HandlerError::timeout("no publish ack in time"),
         PublishErrorKind::StreamNotFound => {
             HandlerError::transient("no jetstream stream captures the subject")
         }
@@ -238,6 +238,10 @@ fn publish_error(e: async_nats::jetstream::context::PublishError) -> HandlerErro
 
 #[async_trait::async_trait]
 impl Handler for NatsSink {
+    fn target(&self) -> Option<String> {
+        Some(self.options.subject.as_str().to_string())
+    }
+
     async fn handle(&self, event: &Event) -> Result<(), HandlerError> {
         let payload = serde_json::to_vec(event).map_err(|e| {
             HandlerError::definite("cannot serialize the event as JSON").with_source(e)
