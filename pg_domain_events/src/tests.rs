@@ -908,4 +908,32 @@ mod tests {
               FROM domain_events.store_stats"
         ));
     }
+
+    #[pg_test]
+    fn a_traceparent_from_the_setting_or_metadata_is_stored_and_a_malformed_one_refused() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        Spi::run(&format!("SET LOCAL domain_events.traceparent = '{tp}'")).unwrap();
+        assert_eq!(
+            one::<String>("SELECT metadata->>'traceparent' FROM domain_events.event e JOIN domain_events.raise_event('Traced', '1', 'Traced.Done') r ON r.id = e.id"),
+            tp
+        );
+        // Metadata wins over the setting.
+        let own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+        assert_eq!(
+            one::<String>(&format!("SELECT metadata->>'traceparent' FROM domain_events.event e JOIN domain_events.raise_event('Traced', '2', 'Traced.Done', '{{}}', '{{\"traceparent\": \"{own}\"}}') r ON r.id = e.id")),
+            own
+        );
+        let before = count("SELECT count(*) FROM domain_events.event");
+        Spi::run("SET LOCAL domain_events.traceparent = '00-zz-00f067aa0ba902b7-01'").unwrap();
+        assert!(
+            outcome("SELECT domain_events.raise_event('Traced', '3', 'Traced.Done')")
+                .starts_with("22023 invalid domain_events.traceparent"),
+        );
+        Spi::run("RESET domain_events.traceparent").unwrap();
+        assert!(outcome(
+            r#"SELECT * FROM domain_events.raise_events('[{"aggregate_type": "Traced", "aggregate_id": "4", "event_type": "Traced.Done", "metadata": {"traceparent": 7}}]')"#
+        )
+        .starts_with("22023 invalid events[0].metadata.traceparent"));
+        assert_eq!(count("SELECT count(*) FROM domain_events.event"), before);
+    }
 }

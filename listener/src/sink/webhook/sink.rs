@@ -122,6 +122,9 @@ impl WebhookSink {
         put(EVENT_ID_HEADER, &event.id.to_string());
         put(EVENT_TYPE_HEADER, &event.event_type);
         put(AGGREGATE_TYPE_HEADER, &event.aggregate_type);
+        for (name, value) in crate::sink::trace_context::headers(event) {
+            put(name, &value);
+        }
         if let Some(secret) = &self.secret {
             put(SIGNATURE_HEADER, &signature(secret, body));
         }
