@@ -170,3 +170,16 @@ if $with_kafka && [ "$(tansu --version 2>/dev/null | awk '{print $2}')" != "$TAN
     echo "setup: installing the tansu broker $TANSU_VERSION for the Kafka tests (about 13 minutes, once)"
     cargo install tansu --version "=$TANSU_VERSION" --locked --features dynostore --quiet
 fi
+
+# Prometheus and promtool for the alert rules' unit tests and the end-to-end monitoring test:
+# Debian's `prometheus` package, downloaded and unpacked into .pg/prometheus/ (not installed,
+# so that no Prometheus service starts on the machine). Tests find them there.
+if [ ! -x "$ROOT/.pg/prometheus/usr/bin/promtool" ]; then
+    echo "setup: unpacking Debian's prometheus package into .pg/prometheus (once)"
+    prom_deb="$(mktemp -d)"
+    (cd "$prom_deb" && apt-get download -qq prometheus 2>/dev/null \
+        || { as_root apt-get update -qq && apt-get download -qq prometheus; })
+    mkdir -p "$ROOT/.pg/prometheus"
+    dpkg -x "$prom_deb"/prometheus_*.deb "$ROOT/.pg/prometheus"
+    rm -rf "$prom_deb"
+fi

@@ -44,6 +44,10 @@ for major in "${MAJORS[@]}"; do
         --features "pg$major" --quiet -- -D warnings
 done
 
+echo "== alert rules: promtool unit tests"
+.pg/prometheus/usr/bin/promtool check rules deploy/prometheus/alerts.yml
+.pg/prometheus/usr/bin/promtool test rules deploy/prometheus/alerts.test.yml
+
 STATE="$(scripts/cluster.sh state-dir)"
 running=""
 trap '[ -z "$running" ] || PGDE_PG="$running" scripts/cluster.sh stop immediate || true' EXIT

@@ -333,6 +333,8 @@ impl ConfigError {
 #[error("{message}")]
 pub struct HandlerError {
     retry: Retry,
+    /// A transient error that is a timeout, told apart in `handler_errors_total`.
+    timed_out: bool,
     message: String,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
@@ -343,8 +345,17 @@ impl HandlerError {
     pub fn transient(message: impl Into<String>) -> HandlerError {
         HandlerError {
             retry: Retry::Transient,
+            timed_out: false,
             message: message.into(),
             source: None,
+        }
+    }
+
+    /// A call that took too long (a transient failure): retried with backoff.
+    pub fn timeout(message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            timed_out: true,
+            ..HandlerError::transient(message)
         }
     }
 
@@ -352,6 +363,7 @@ impl HandlerError {
     pub fn definite(message: impl Into<String>) -> HandlerError {
         HandlerError {
             retry: Retry::Definite,
+            timed_out: false,
             message: message.into(),
             source: None,
         }
@@ -369,6 +381,11 @@ impl HandlerError {
     /// Whether the dispatcher may retry.
     pub fn is_transient(&self) -> bool {
         self.retry == Retry::Transient
+    }
+
+    /// Whether the failure is a timeout ([`HandlerError::timeout`]).
+    pub fn is_timeout(&self) -> bool {
+        self.timed_out
     }
 }
 

@@ -350,3 +350,24 @@ END
 $$;
 REVOKE ALL ON FUNCTION domain_events.mirror_listener_handlers(text, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION domain_events.mirror_listener_handlers(text, jsonb) TO domain_events_listener;
+
+-- Raise-side figures (0.2.0): events stored per aggregate and event type, and the duration of
+-- store operations, counted in shared memory (shared_preload_libraries = 'pg_domain_events')
+-- at statement time: events of transactions that roll back afterwards count too, and no writer
+-- waits for another to count. Without preloading the views are empty / zero. The listener
+-- exports them as metrics; postgres_exporter users can query them directly.
+CREATE VIEW domain_events.raise_stats AS
+SELECT c.aggregate_type, c.event_type, c.events
+  FROM domain_events.raise_counters() c;
+COMMENT ON VIEW domain_events.raise_stats IS
+    'Events stored per aggregate type and event type in this database since server start (needs shared_preload_libraries).';
+CREATE VIEW domain_events.store_stats AS
+SELECT c.operations, c.total_seconds, c.bucket_le, c.bucket_operations
+  FROM domain_events.store_counters() c;
+COMMENT ON VIEW domain_events.store_stats IS
+    'Store operations (raise_event, raise_events, capture statements) in this database since server start: count, total seconds, cumulative counts per duration bucket (needs shared_preload_libraries).';
+REVOKE ALL ON FUNCTION domain_events.raise_counters(), domain_events.store_counters() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION domain_events.raise_counters(), domain_events.store_counters()
+    TO domain_events_reader, domain_events_admin;
+GRANT SELECT ON domain_events.raise_stats, domain_events.store_stats
+    TO domain_events_reader, domain_events_admin;

@@ -381,3 +381,39 @@ END
 $$;
 REVOKE ALL ON FUNCTION domain_events.mirror_listener_handlers(text, jsonb) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION domain_events.mirror_listener_handlers(text, jsonb) TO domain_events_listener;
+
+-- ---------------------------------------------------------------------------------------------
+-- Raise-side figures: domain_events.raise_stats (events stored per aggregate and event type)
+-- and domain_events.store_stats (store operations and their durations), counted in shared
+-- memory by raise_counters() and store_counters(), readable by domain_events_reader.
+-- ---------------------------------------------------------------------------------------------
+CREATE FUNCTION domain_events.raise_counters()
+RETURNS TABLE ("aggregate_type" text, "event_type" text, "events" bigint)
+STABLE STRICT PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'raise_counters_wrapper';
+
+CREATE FUNCTION domain_events.store_counters()
+RETURNS TABLE ("operations" bigint, "total_seconds" double precision,
+               "bucket_le" double precision[], "bucket_operations" bigint[])
+STABLE STRICT PARALLEL UNSAFE
+SET search_path TO pg_catalog, pg_temp
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'store_counters_wrapper';
+
+CREATE VIEW domain_events.raise_stats AS
+SELECT c.aggregate_type, c.event_type, c.events
+  FROM domain_events.raise_counters() c;
+COMMENT ON VIEW domain_events.raise_stats IS
+    'Events stored per aggregate type and event type in this database since server start (needs shared_preload_libraries).';
+CREATE VIEW domain_events.store_stats AS
+SELECT c.operations, c.total_seconds, c.bucket_le, c.bucket_operations
+  FROM domain_events.store_counters() c;
+COMMENT ON VIEW domain_events.store_stats IS
+    'Store operations (raise_event, raise_events, capture statements) in this database since server start: count, total seconds, cumulative counts per duration bucket (needs shared_preload_libraries).';
+REVOKE ALL ON FUNCTION domain_events.raise_counters(), domain_events.store_counters() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION domain_events.raise_counters(), domain_events.store_counters()
+    TO domain_events_reader, domain_events_admin;
+GRANT SELECT ON domain_events.raise_stats, domain_events.store_stats
+    TO domain_events_reader, domain_events_admin;

@@ -12,6 +12,7 @@ use crate::gucs::{self, EventsEnabled};
 use crate::handler_registry::{self, SyncHandler};
 use crate::json_arg::JsonbText;
 use crate::partition;
+use crate::raise_stats;
 use crate::store::{self, Stored};
 use crate::sync_handlers::{self, StoredEvent};
 
@@ -160,6 +161,8 @@ fn store_events(events: Vec<NewEvent>, handlers: &[SyncHandler]) -> Vec<StoredRo
                 .then(|| e.clone())
         })
         .collect();
+    let started = std::time::Instant::now();
+    let tally = raise_stats::Tally::of(&events);
     let mut months = BTreeSet::new();
     for event in &events {
         months.insert(match event.recorded_at {
@@ -207,6 +210,9 @@ fn store_events(events: Vec<NewEvent>, handlers: &[SyncHandler]) -> Vec<StoredRo
                 .report();
             }
         }
+    }
+    if let Some(tally) = tally {
+        tally.record(started.elapsed());
     }
     if handled.iter().any(Option::is_some) {
         let events: Vec<StoredEvent> = stored

@@ -51,7 +51,7 @@ pub struct Arguments<'a> {
 
 /// Metadata an event gets unless it carries the key itself: inside a sync handler the
 /// triggering event's ids, otherwise the session's settings.
-fn session_metadata() -> [(&'static str, Option<String>); 3] {
+fn session_metadata() -> [(&'static str, Option<String>); 4] {
     let (causation, correlation) = match sync_handlers::cascade_metadata() {
         Some((causation, correlation)) => (Some(causation), Some(correlation)),
         None => (
@@ -63,6 +63,7 @@ fn session_metadata() -> [(&'static str, Option<String>); 3] {
         ("actor", gucs::text(&gucs::ACTOR)),
         ("correlation_id", correlation),
         ("causation_id", causation),
+        (validation::TRACEPARENT, gucs::text(&gucs::TRACEPARENT)),
     ]
 }
 

@@ -78,6 +78,8 @@ pub static ACTOR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::n
 pub static CORRELATION_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// Default `metadata.causation_id` of raised events.
 pub static CAUSATION_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// Default `metadata.traceparent` (W3C trace context) of raised events, checked when used.
+pub static TRACEPARENT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// Registers the settings; called from `_PG_init`. Postmaster-level settings exist only when
 /// the library is preloaded: Postgres refuses to define them in a running server.
@@ -195,6 +197,11 @@ pub fn init(preloading: bool) {
             c"domain_events.causation_id",
             &CAUSATION_ID,
             c"Default metadata.causation_id of raised events.",
+        ),
+        (
+            c"domain_events.traceparent",
+            &TRACEPARENT,
+            c"Default metadata.traceparent (W3C trace context) of raised events.",
         ),
     ] {
         GucRegistry::define_string_guc(

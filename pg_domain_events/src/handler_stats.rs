@@ -109,6 +109,11 @@ pub fn init_shared_memory() {
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
+/// Whether the library was preloaded, so that the counters' shared memory exists.
+pub fn preloaded() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
+
 /// FNV-1a: the same in every process, whatever the Rust version.
 fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {

@@ -21,6 +21,7 @@ mod json_arg;
 mod maintenance;
 mod partition;
 mod pg_major;
+mod raise_stats;
 mod registry_cache;
 mod rights;
 mod store;
@@ -41,6 +42,7 @@ pub extern "C-unwind" fn _PG_init() {
     if preloading {
         maintenance::register();
         handler_stats::init_shared_memory();
+        raise_stats::init_shared_memory();
     }
 }
 

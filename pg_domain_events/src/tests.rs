@@ -963,5 +963,64 @@ mod tests {
             count("SELECT count(*) FROM domain_events.subscription WHERE name = 'handler:later' AND position = 0"),
             1
         );
+    fn raised_events_and_store_operations_are_counted_and_refused_ones_are_not() {
+        let raised = |event_type: &str| {
+            count(&format!(
+                "SELECT COALESCE(sum(events), 0)::bigint FROM domain_events.raise_stats \
+                 WHERE aggregate_type = 'Counted' AND event_type = '{event_type}'"
+            ))
+        };
+        let operations = || count("SELECT operations FROM domain_events.store_stats");
+        let before = operations();
+        Spi::run("SELECT domain_events.raise_event('Counted', '1', 'Counted.Opened')").unwrap();
+        Spi::run(
+            r#"SELECT * FROM domain_events.raise_events('[
+                {"aggregate_type": "Counted", "aggregate_id": "2", "event_type": "Counted.Opened", "payload": {}},
+                {"aggregate_type": "Counted", "aggregate_id": "2", "event_type": "Counted.Closed", "payload": {}},
+                {"aggregate_type": "Counted", "aggregate_id": "3", "event_type": "Counted.Opened", "payload": {}}]')"#,
+        )
+        .unwrap();
+        assert_eq!((raised("Counted.Opened"), raised("Counted.Closed")), (3, 1));
+        assert!(operations() >= before + 2);
+        // A refused statement stores nothing and counts nothing.
+        assert!(outcome(
+            "SELECT domain_events.raise_event('Counted', '1', 'Counted.Opened', expected_version => 7)"
+        )
+        .starts_with("40001"));
+        assert_eq!(raised("Counted.Opened"), 3);
+        // Cumulative buckets ending with +Inf, which holds every operation.
+        assert!(one::<bool>(
+            "SELECT bucket_le[cardinality(bucket_le)] = 'Infinity' \
+               AND bucket_operations[cardinality(bucket_operations)] = operations \
+               AND bucket_operations[1] <= bucket_operations[2] AND total_seconds > 0 \
+              FROM domain_events.store_stats"
+        ));
+    }
+
+    #[pg_test]
+    fn a_traceparent_from_the_setting_or_metadata_is_stored_and_a_malformed_one_refused() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        Spi::run(&format!("SET LOCAL domain_events.traceparent = '{tp}'")).unwrap();
+        let stored = |id: &str| {
+            one::<String>(&format!("SELECT metadata->>'traceparent' FROM domain_events.event WHERE aggregate_type = 'Traced' AND aggregate_id = '{id}'"))
+        };
+        Spi::run("SELECT domain_events.raise_event('Traced', '1', 'Traced.Done')").unwrap();
+        assert_eq!(stored("1"), tp);
+        // Metadata wins over the setting.
+        let own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+        Spi::run(&format!("SELECT domain_events.raise_event('Traced', '2', 'Traced.Done', '{{}}', '{{\"traceparent\": \"{own}\"}}')")).unwrap();
+        assert_eq!(stored("2"), own);
+        let before = count("SELECT count(*) FROM domain_events.event");
+        Spi::run("SET LOCAL domain_events.traceparent = '00-zz-00f067aa0ba902b7-01'").unwrap();
+        assert!(
+            outcome("SELECT domain_events.raise_event('Traced', '3', 'Traced.Done')")
+                .starts_with("22023 invalid domain_events.traceparent"),
+        );
+        Spi::run("RESET domain_events.traceparent").unwrap();
+        assert!(outcome(
+            r#"SELECT * FROM domain_events.raise_events('[{"aggregate_type": "Traced", "aggregate_id": "4", "event_type": "Traced.Done", "metadata": {"traceparent": 7}}]')"#
+        )
+        .starts_with("22023 invalid events[0].metadata.traceparent"));
+        assert_eq!(count("SELECT count(*) FROM domain_events.event"), before);
     }
 }

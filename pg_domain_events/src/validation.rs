@@ -20,6 +20,44 @@ pub const DOCUMENTED_METADATA_KEYS: [&str; 5] = [
     "source",
 ];
 
+/// The metadata key (and `domain_events.traceparent` setting) carrying the W3C trace context
+/// of the code that raised the event.
+pub const TRACEPARENT: &str = "traceparent";
+const TRACEPARENT_HINT: &str = "A W3C traceparent is version-traceid-parentid-flags in lowercase hex, e.g. 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01, as OpenTelemetry's propagators write it.";
+
+/// Checks a W3C `traceparent` (Trace Context level 1): `00-<32 hex>-<16 hex>-<2 hex>`, lowercase,
+/// trace and parent ids not all zeros; a later version may append `-…` fields, `ff` is invalid.
+pub fn check_traceparent(field: &str, value: &str) -> Result<(), EventError> {
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let parts: Vec<&str> = value.splitn(5, '-').collect();
+    let reason = match parts.as_slice() {
+        [version, trace, parent, flags, rest @ ..] => {
+            if !hex(version, 2) || *version == "ff" {
+                Some("has an invalid version")
+            } else if *version == "00" && !rest.is_empty() {
+                Some("has fields after the flags, which version 00 does not allow")
+            } else if !hex(trace, 32) || trace.bytes().all(|b| b == b'0') {
+                Some("has an invalid trace id (32 lowercase hex digits, not all zero)")
+            } else if !hex(parent, 16) || parent.bytes().all(|b| b == b'0') {
+                Some("has an invalid parent id (16 lowercase hex digits, not all zero)")
+            } else if !hex(flags, 2) {
+                Some("has invalid flags (2 lowercase hex digits)")
+            } else {
+                None
+            }
+        }
+        _ => Some("is not version-traceid-parentid-flags"),
+    };
+    match reason {
+        None => Ok(()),
+        Some(reason) => Err(EventError::invalid(field, reason, TRACEPARENT_HINT)),
+    }
+}
+
 const NAME_HINT: &str = "Names are dot-separated segments of ASCII letters, digits, '_' or '-', each starting with a letter, at most 100 characters: e.g. Loan, Loan.StatusChanged, ticket.created.";
 
 /// Checks an aggregate type or event type name.
@@ -140,6 +178,22 @@ pub fn metadata_text(
             }
         }
     }
+    match map.get(TRACEPARENT) {
+        Some(Value::String(value)) => check_traceparent(&format!("{field}.{TRACEPARENT}"), value)?,
+        Some(other) => {
+            return Err(EventError::invalid(
+                format!("{field}.{TRACEPARENT}"),
+                format!("must be a string, got {}", json_kind(other)),
+                TRACEPARENT_HINT,
+            ))
+        }
+        None => {
+            if let Some((_, Some(value))) = session_defaults.iter().find(|(k, _)| *k == TRACEPARENT)
+            {
+                check_traceparent("domain_events.traceparent", value)?;
+            }
+        }
+    }
     let missing: Vec<(&str, &String)> = session_defaults
         .iter()
         .filter_map(|(key, value)| value.as_ref().map(|v| (*key, v)))
@@ -184,6 +238,27 @@ pub fn check_event_version(field: &str, version: i64) -> Result<i32, EventError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traceparents_follow_w3c_trace_context() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert!(check_traceparent("t", ok).is_ok());
+        // A later version may append fields.
+        assert!(check_traceparent("t", &format!("01{}-extra", &ok[2..])).is_ok());
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+        ] {
+            assert!(check_traceparent("t", bad).is_err(), "{bad:?}");
+        }
+    }
     use serde_json::json;
 
     #[test]

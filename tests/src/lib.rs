@@ -11,6 +11,7 @@ pub mod cluster_support;
 pub mod kafka_support;
 pub mod listener_support;
 pub mod nats_support;
+pub mod prometheus_support;
 pub mod sink_support;
 pub mod store_support;
 pub mod upgrade_support;

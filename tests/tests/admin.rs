@@ -105,81 +105,105 @@ async fn admin_metrics_count_events_outcomes_and_stay_per_listener() {
         port,
         None,
         &[
-            ("events_received_total", &funded, 3.0),
+            ("pg_domain_events_events_received_total", &funded, 3.0),
             (
-                "events_received_total",
+                "pg_domain_events_events_received_total",
                 &[("event_type", "Loan.Rejected")],
                 1.0,
             ),
             (
-                "events_handled_total",
+                "pg_domain_events_events_handled_total",
                 &[("handler", "collector"), ("outcome", "ok")],
                 4.0,
             ),
             (
-                "events_handled_total",
+                "pg_domain_events_events_handled_total",
                 &[("handler", "flaky"), ("outcome", "ok")],
                 4.0,
             ),
             (
-                "events_handled_total",
+                "pg_domain_events_events_handled_total",
                 &[("handler", "flaky"), ("outcome", "retried")],
                 4.0,
             ),
             (
-                "events_handled_total",
+                "pg_domain_events_events_handled_total",
                 &[("handler", "flaky"), ("outcome", "dead_lettered")],
                 0.0,
             ),
             (
-                "events_handled_total",
+                "pg_domain_events_events_handled_total",
                 &[("handler", "refuses"), ("outcome", "dead_lettered")],
                 1.0,
             ),
             (
-                "events_handled_total",
+                "pg_domain_events_events_handled_total",
                 &[("handler", "refuses"), ("outcome", "ok")],
                 0.0,
             ),
-            ("dead_letters_total", &[("handler", "refuses")], 1.0),
-            ("dead_letters_total", &[("handler", "flaky")], 0.0),
+            (
+                "pg_domain_events_dead_letters_total",
+                &[("handler", "refuses")],
+                1.0,
+            ),
+            (
+                "pg_domain_events_dead_letters_total",
+                &[("handler", "flaky")],
+                0.0,
+            ),
             // Every call is timed: two per event for the flaky handler.
             (
-                "handler_duration_seconds_count",
+                "pg_domain_events_handler_duration_seconds_count",
                 &[("handler", "flaky")],
                 8.0,
             ),
             (
-                "handler_duration_seconds_count",
+                "pg_domain_events_handler_duration_seconds_count",
                 &[("handler", "collector")],
                 4.0,
             ),
-            ("reconnects_total", &[], 0.0),
+            ("pg_domain_events_reconnects_total", &[], 0.0),
+            // Every failed call, by why: the flaky handler's first calls, the refusal.
+            (
+                "pg_domain_events_handler_errors_total",
+                &[("handler", "flaky"), ("error_type", "transient")],
+                4.0,
+            ),
+            (
+                "pg_domain_events_handler_errors_total",
+                &[("handler", "refuses"), ("error_type", "definite")],
+                1.0,
+            ),
         ],
         SCRAPE_WAIT,
     )
     .await;
     assert!(
-        text.contains("# TYPE handler_duration_seconds histogram"),
+        text.contains("# TYPE pg_domain_events_handler_duration_seconds histogram"),
         "{text}"
     );
     // Explicit buckets, cumulative: a 30 s bucket holds every call.
     assert_eq!(
         sample(
             &text,
-            "handler_duration_seconds_bucket",
+            "pg_domain_events_handler_duration_seconds_bucket",
             &[("handler", "flaky"), ("le", "30")]
         ),
         Some(8.0),
         "{text}"
     );
-    let lag = sample(&text, "handler_lag_seconds", &[("handler", "collector")])
-        .expect("handler_lag_seconds");
+    let lag = sample(
+        &text,
+        "pg_domain_events_handler_lag_seconds",
+        &[("handler", "collector")],
+    )
+    .expect("pg_domain_events_handler_lag_seconds");
     assert!((0.0..60.0).contains(&lag), "handler lag {lag}");
-    let confirmed = sample(&text, "transactions_confirmed_total", &[]).expect("confirmed");
+    let confirmed =
+        sample(&text, "pg_domain_events_transactions_confirmed_total", &[]).expect("confirmed");
     assert!(confirmed >= 2.0, "transactions confirmed {confirmed}");
     assert!(
-        sample(&text, "replication_lag_bytes", &[]).is_some(),
+        sample(&text, "pg_domain_events_replication_lag_bytes", &[]).is_some(),
         "{text}"
     );
     // Only the two event types seen, no id anywhere in a label.
@@ -189,9 +213,9 @@ async fn admin_metrics_count_events_outcomes_and_stay_per_listener() {
         other_port,
         None,
         &[
-            ("events_received_total", &funded, 1.0),
+            ("pg_domain_events_events_received_total", &funded, 1.0),
             (
-                "events_handled_total",
+                "pg_domain_events_events_handled_total",
                 &[("handler", "collector"), ("outcome", "ok")],
                 1.0,
             ),
@@ -203,7 +227,7 @@ async fn admin_metrics_count_events_outcomes_and_stay_per_listener() {
     assert_eq!(
         sample(
             &other_text,
-            "events_received_total",
+            "pg_domain_events_events_received_total",
             &[("event_type", "Loan.Rejected")]
         ),
         None
@@ -263,7 +287,8 @@ async fn admin_health_follows_the_replication_session() {
     assert_eq!(wait_health(port, None, 200, SLOT_WAIT).await, "streaming\n");
     // One reconnect, or more if the old walsender still held the slot for a moment.
     let (_, text) = wait_get(port, "/metrics", None, SCRAPE_WAIT).await;
-    let reconnects = sample(&text, "reconnects_total", &[]).expect("reconnects_total");
+    let reconnects = sample(&text, "pg_domain_events_reconnects_total", &[])
+        .expect("pg_domain_events_reconnects_total");
     assert!(reconnects >= 1.0, "{text}");
 
     // And streams again.
@@ -316,7 +341,7 @@ async fn admin_binary_token_and_slot_wal_warning() {
         port,
         Some(token),
         &[(
-            "events_received_total",
+            "pg_domain_events_events_received_total",
             &[("event_type", "Loan.Funded")],
             2.0,
         )],
@@ -324,7 +349,7 @@ async fn admin_binary_token_and_slot_wal_warning() {
     )
     .await;
     assert!(
-        text.contains("events_handled_total{handler=\"stdout\",outcome=\"ok\"} 2"),
+        text.contains("pg_domain_events_events_handled_total{handler=\"stdout\",outcome=\"ok\"} 2"),
         "{text}"
     );
 
@@ -332,7 +357,8 @@ async fn admin_binary_token_and_slot_wal_warning() {
     let deadline = std::time::Instant::now() + SCRAPE_WAIT;
     loop {
         let (_, text) = wait_get(port, "/metrics", Some(token), SCRAPE_WAIT).await;
-        let retained = sample(&text, "slot_retained_wal_bytes", &[]).unwrap_or(0.0);
+        let retained =
+            sample(&text, "pg_domain_events_slot_retained_wal_bytes", &[]).unwrap_or(0.0);
         let warned = child.stderr().contains(
             "the replication slot retains more WAL than replication.slot_wal_warning_bytes",
         );

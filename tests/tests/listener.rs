@@ -718,7 +718,8 @@ async fn reconnects(port: u16) -> f64 {
     let (status, text) =
         e2e::admin_support::wait_get(port, "/metrics", None, Duration::from_secs(10)).await;
     assert_eq!(status, 200, "{text}");
-    e2e::admin_support::sample(&text, "reconnects_total", &[]).expect("reconnects_total")
+    e2e::admin_support::sample(&text, "pg_domain_events_reconnects_total", &[])
+        .expect("pg_domain_events_reconnects_total")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

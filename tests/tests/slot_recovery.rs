@@ -206,7 +206,8 @@ async fn lost_slot_while_streaming_is_recovered_without_a_gap() {
 async fn slot_recoveries(port: u16) -> f64 {
     let (status, text) = e2e::admin_support::wait_get(port, "/metrics", None, WAIT).await;
     assert_eq!(status, 200, "{text}");
-    e2e::admin_support::sample(&text, "slot_recoveries_total", &[]).expect("slot_recoveries_total")
+    e2e::admin_support::sample(&text, "pg_domain_events_slot_recoveries_total", &[])
+        .expect("pg_domain_events_slot_recoveries_total")
 }
 
 /// With `on_slot_lost = "stop"` the binary stops on the lost slot and names the gap-free

@@ -66,6 +66,26 @@ async fn events_are_signed_and_arrive_in_aggregate_order() {
             .await,
         );
     }
+    // Raised inside a trace: the receiver gets its W3C trace context as a header.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    db.client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL domain_events.traceparent = '{traceparent}'; \
+             SELECT domain_events.raise_event('Loan', 'traced', 'Loan.Traced', \
+             '{{\"secret\": \"not for logs\"}}'); COMMIT"
+        ))
+        .await
+        .expect("a traced raise");
+    let traced: uuid::Uuid = db
+        .client
+        .query_one(
+            "SELECT id FROM domain_events.event WHERE aggregate_id = 'traced'",
+            &[],
+        )
+        .await
+        .expect("the traced event")
+        .get(0);
+    ids.push(traced);
     receiver.wait_delivered(&ids, Duration::from_secs(60)).await;
     run.terminate();
     let status = run.wait_exit(Duration::from_secs(30)).await.expect("exits");
@@ -73,6 +93,10 @@ async fn events_are_signed_and_arrive_in_aggregate_order() {
 
     let requests = receiver.requests();
     assert_eq!(requests.len(), ids.len(), "one request per event");
+    for r in &requests {
+        let expected = (r.event_id == traced.to_string()).then_some(traceparent);
+        assert_eq!(r.headers.get("traceparent").map(String::as_str), expected);
+    }
     let mut versions: HashMap<(String, String), Vec<i64>> = HashMap::new();
     for r in &requests {
         assert_eq!(r.signature_ok, Some(true), "bad signature: {:?}", r.headers);
@@ -96,7 +120,7 @@ async fn events_are_signed_and_arrive_in_aggregate_order() {
             .or_default()
             .push(r.event["aggregate_version"].as_i64().unwrap());
     }
-    assert_eq!(versions.len(), 5);
+    assert_eq!(versions.len(), 6);
     for (aggregate, seen) in versions {
         let expected: Vec<i64> = (1..=seen.len() as i64).collect();
         assert_eq!(seen, expected, "{aggregate:?} out of order");

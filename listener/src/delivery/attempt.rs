@@ -12,7 +12,7 @@ use tracing::warn;
 use crate::delivery::registry::Registration;
 use crate::error::{report, HandlerError};
 use crate::event::Event;
-use crate::ops::metrics::{HandlerMetrics, Outcome as Counted};
+use crate::ops::metrics::{ErrorType, HandlerMetrics, Outcome as Counted};
 
 /// Whether a retry loop finished or was interrupted by shutdown.
 pub(crate) enum Outcome {
@@ -85,11 +85,24 @@ pub(crate) async fn call_with_retries<'a>(
         if event.is_some() {
             metrics.call_took(started.elapsed());
         }
-        let err = match result {
+        let (err, error_type) = match result {
             Ok(Ok(())) => return Attempt::Succeeded,
-            Ok(Err(err)) => err,
-            Err(panic) => HandlerError::definite(format!("handler panicked: {panic}")),
+            Ok(Err(err)) => {
+                let error_type = if err.is_timeout() {
+                    ErrorType::Timeout
+                } else if err.is_transient() {
+                    ErrorType::Transient
+                } else {
+                    ErrorType::Definite
+                };
+                (err, error_type)
+            }
+            Err(panic) => (
+                HandlerError::definite(format!("handler panicked: {panic}")),
+                ErrorType::Panic,
+            ),
         };
+        metrics.error(error_type);
         if !err.is_transient() || attempt >= entry.retry.max_attempts {
             return Attempt::Failed {
                 attempts: attempt,

@@ -102,9 +102,9 @@ impl Dispatcher {
             .registry
             .entries
             .iter()
-            .map(|e| metrics.handler(&e.name))
+            .map(|e| metrics.handler(&e.name, e.handler.target().as_deref()))
             .collect();
-        self.worker.decode_metrics = metrics.handler(DECODE_HANDLER);
+        self.worker.decode_metrics = metrics.handler(DECODE_HANDLER, None);
         self.confirmed = metrics.transactions_confirmed.clone();
         self.metrics = Some(metrics);
         self

@@ -41,6 +41,13 @@ pub trait Handler: Send + Sync + 'static {
     async fn flush(&self) -> Result<(), HandlerError> {
         Ok(())
     }
+
+    /// Where the handler publishes, the `target` label of
+    /// `pg_domain_events_events_published_total`: a host, or a subject or topic *template*
+    /// (bounded, never a name rendered per event). `None`, the default: it publishes nowhere.
+    fn target(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Which events a handler receives, matched against [`Event::event_type`].

@@ -24,9 +24,9 @@ pub(crate) struct Worker {
     /// Per handler: `(id, position)` of the events it handled in the current transaction, to be
     /// flushed (and dead-lettered if the flush fails for good). `Some` once touched.
     pub(crate) touched: Vec<Option<Vec<(Uuid, i64)>>>,
-    /// Per handler: `recorded_at` of the latest event it handled in the current transaction,
-    /// for `handler_lag_seconds` once flushed.
-    pub(crate) latest: Vec<Option<chrono::DateTime<chrono::Utc>>>,
+    /// Per handler: `recorded_at` of the events it handled in the current transaction, still
+    /// counted in its lag until flushed.
+    pub(crate) unflushed: Vec<Vec<chrono::DateTime<chrono::Utc>>>,
     /// Per handler, in registry order.
     pub(crate) metrics: Arc<[HandlerMetrics]>,
     /// Dead letters of undecodable rows.
@@ -54,13 +54,13 @@ pub(crate) enum Report {
 impl Worker {
     pub(crate) fn new(registry: Arc<Registry>, dead_letters: Arc<dyn DeadLetterSink>) -> Worker {
         let touched = vec![None; registry.entries.len()];
-        let latest = vec![None; registry.entries.len()];
+        let unflushed = vec![Vec::new(); registry.entries.len()];
         let metrics = vec![HandlerMetrics::default(); registry.entries.len()].into();
         Worker {
             registry,
             dead_letters,
             touched,
-            latest,
+            unflushed,
             metrics,
             decode_metrics: HandlerMetrics::default(),
         }
@@ -265,6 +265,7 @@ impl Worker {
             }
             let handler = &entry.handler;
             let metrics = &self.metrics[index];
+            metrics.started(event.recorded_at);
             match call_with_retries(entry, metrics, cancel, Some(event), || {
                 handler.handle(event)
             })
@@ -274,13 +275,13 @@ impl Worker {
                     self.touched[index]
                         .get_or_insert_with(Vec::new)
                         .push((event.id, event.position));
-                    let latest = &mut self.latest[index];
-                    *latest = Some(latest.map_or(event.recorded_at, |t| t.max(event.recorded_at)));
+                    self.unflushed[index].push(event.recorded_at);
                 }
                 Attempt::Cancelled => return Ok(Outcome::Cancelled),
                 Attempt::Failed { attempts, error } => {
                     self.give_up(entry, event.id, event.position, attempts, error)
                         .await?;
+                    metrics.finished(event.recorded_at);
                 }
             }
         }
@@ -339,14 +340,12 @@ impl Worker {
                 continue;
             };
             let handler = &entry.handler;
-            let latest = self.latest[index].take();
+            let unflushed = std::mem::take(&mut self.unflushed[index]);
             let metrics = self.metrics[index].clone();
             match call_with_retries(entry, &metrics, cancel, None, || handler.flush()).await {
                 Attempt::Succeeded => {
                     metrics.outcome(Counted::Ok, handled.len() as u64);
-                    if let Some(recorded_at) = latest {
-                        metrics.finished(recorded_at);
-                    }
+                    unflushed.into_iter().for_each(|at| metrics.finished(at));
                 }
                 Attempt::Cancelled => return Ok(Outcome::Cancelled),
                 Attempt::Failed { attempts, error } => {
@@ -372,6 +371,7 @@ impl Worker {
                         )
                         .await?;
                     }
+                    unflushed.into_iter().for_each(|at| metrics.finished(at));
                 }
             }
         }

@@ -8,68 +8,54 @@
 //! key lookup per event except the event type's counter, cached here). The admin server renders
 //! the recorder with [`Metrics::render`].
 //!
-//! Labels are limited to `event_type`, `handler` and `outcome`: never ids, which would make the
-//! series unbounded.
+//! Every name starts with [`PREFIX`]. Labels are event types, handler names, configured targets
+//! and closed sets (`outcome`, `error_type`, `status`): never ids, which would make the series
+//! unbounded.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use ::metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder};
+use ::metrics::{Counter, Gauge, Key, Label, Level, Metadata, Recorder};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 
-/// `events_received_total{event_type}`.
-pub const EVENTS_RECEIVED: &str = "events_received_total";
-/// `events_handled_total{handler,outcome}`.
-pub const EVENTS_HANDLED: &str = "events_handled_total";
-/// `handler_duration_seconds{handler}` (histogram).
-pub const HANDLER_DURATION: &str = "handler_duration_seconds";
-/// `handler_lag_seconds{handler}`.
-pub const HANDLER_LAG: &str = "handler_lag_seconds";
-/// `dead_letters_total{handler}`.
-pub const DEAD_LETTERS: &str = "dead_letters_total";
-/// `replication_lag_bytes`.
-pub const REPLICATION_LAG: &str = "replication_lag_bytes";
-/// `slot_retained_wal_bytes`.
-pub const SLOT_RETAINED_WAL: &str = "slot_retained_wal_bytes";
-/// `reconnects_total`.
-pub const RECONNECTS: &str = "reconnects_total";
-/// `slot_recoveries_total`.
-pub const SLOT_RECOVERIES: &str = "slot_recoveries_total";
-/// `transactions_confirmed_total`.
-pub const TRANSACTIONS_CONFIRMED: &str = "transactions_confirmed_total";
+use crate::ops::database_figures::DatabaseFigures;
+pub use crate::ops::handler_metrics::{ErrorType, HandlerMetrics, Outcome};
+use crate::ops::handler_metrics::{LagGauge, Pending, Published};
+
+/// The prefix of every series, by Prometheus convention (the exporter's name).
+pub const PREFIX: &str = "pg_domain_events_";
+/// `pg_domain_events_events_received_total{event_type}`.
+pub const EVENTS_RECEIVED: &str = "pg_domain_events_events_received_total";
+/// `pg_domain_events_events_handled_total{handler,outcome}`.
+pub const EVENTS_HANDLED: &str = "pg_domain_events_events_handled_total";
+/// `pg_domain_events_events_published_total{handler,target,status}`.
+pub const EVENTS_PUBLISHED: &str = "pg_domain_events_events_published_total";
+/// `pg_domain_events_handler_duration_seconds{handler}` (histogram).
+pub const HANDLER_DURATION: &str = "pg_domain_events_handler_duration_seconds";
+/// `pg_domain_events_handler_lag_seconds{handler}`.
+pub const HANDLER_LAG: &str = "pg_domain_events_handler_lag_seconds";
+/// `pg_domain_events_handler_errors_total{handler,error_type}`.
+pub const HANDLER_ERRORS: &str = "pg_domain_events_handler_errors_total";
+/// `pg_domain_events_dead_letters_total{handler}`.
+pub const DEAD_LETTERS: &str = "pg_domain_events_dead_letters_total";
+/// `pg_domain_events_replication_lag_bytes`.
+pub const REPLICATION_LAG: &str = "pg_domain_events_replication_lag_bytes";
+/// `pg_domain_events_slot_retained_wal_bytes`.
+pub const SLOT_RETAINED_WAL: &str = "pg_domain_events_slot_retained_wal_bytes";
+/// `pg_domain_events_reconnects_total`.
+pub const RECONNECTS: &str = "pg_domain_events_reconnects_total";
+/// `pg_domain_events_slot_recoveries_total`.
+pub const SLOT_RECOVERIES: &str = "pg_domain_events_slot_recoveries_total";
+/// `pg_domain_events_transactions_confirmed_total`.
+pub const TRANSACTIONS_CONFIRMED: &str = "pg_domain_events_transactions_confirmed_total";
 
 /// Upper bounds of the `handler_duration_seconds` buckets: from sub-millisecond in-process
 /// handlers to webhooks near their timeout.
 pub const DURATION_BUCKETS: [f64; 15] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
-
-/// Values of the `outcome` label of `events_handled_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Handled and flushed: the event counts towards its transaction's acknowledgement.
-    Ok,
-    /// One more call after a transient failure (counted per retry, not per event).
-    Retried,
-    /// Given up on and recorded in `domain_events.dead_letter`.
-    DeadLettered,
-    /// Given up on by a handler with `on_failure = "block"`: the listener stops.
-    Failed,
-}
-
-impl Outcome {
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::Retried => "retried",
-            Outcome::DeadLettered => "dead_lettered",
-            Outcome::Failed => "failed",
-        }
-    }
-}
 
 static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
 
@@ -78,6 +64,11 @@ pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     received: Mutex<HashMap<String, Counter>>,
+    /// Per handler name: the gauge of its lag and the events of its current session it waits
+    /// on (a new session replaces them: what an ended one left unfinished is delivered again).
+    lags: Mutex<HashMap<String, LagGauge>>,
+    /// What only the database knows, last read from it.
+    database: Mutex<Option<DatabaseFigures>>,
     /// `replication_lag_bytes`.
     pub replication_lag: Gauge,
     /// `slot_retained_wal_bytes`.
@@ -121,6 +112,14 @@ impl Metrics {
             "Handler outcomes: ok (handled and flushed), retried (one per retry), dead_lettered, failed (blocking handler gave up).",
         );
         describe_counter(
+            HANDLER_ERRORS,
+            "Failed handler calls (handle or flush), by error_type: transient, definite, panic, timeout.",
+        );
+        describe_counter(
+            EVENTS_PUBLISHED,
+            "Events published by handlers with a target (webhook host, subject or topic template): ok once flushed, error per failed call.",
+        );
+        describe_counter(
             DEAD_LETTERS,
             "Dead letters recorded, by handler (decode: rows that could not be decoded).",
         );
@@ -144,7 +143,7 @@ impl Metrics {
         recorder.describe_gauge(
             HANDLER_LAG.into(),
             Some(::metrics::Unit::Seconds),
-            "Time from recorded_at to the moment the handler finished its latest event.".into(),
+            "Now minus recorded_at of the oldest event the handler started and has not finished; 0 when none waits.".into(),
         );
         recorder.describe_gauge(
             REPLICATION_LAG.into(),
@@ -167,6 +166,8 @@ impl Metrics {
             transactions_confirmed: counter(TRANSACTIONS_CONFIRMED),
             handle: recorder.handle(),
             received: Mutex::new(HashMap::new()),
+            lags: Mutex::new(HashMap::new()),
+            database: Mutex::new(None),
             recorder,
         }
     }
@@ -188,39 +189,64 @@ impl Metrics {
         }
     }
 
-    /// The handles of handler `name`, registered once per session.
-    pub fn handler(&self, name: &str) -> HandlerMetrics {
-        let labelled = |metric: &'static str, outcome: Option<Outcome>| {
+    /// The handles of handler `name`, registered once per session. `target`: where the
+    /// handler publishes (a webhook host, a subject or topic template), when it does.
+    pub fn handler(&self, name: &str, target: Option<&str>) -> HandlerMetrics {
+        let key = |metric: &'static str, extra: &[(&'static str, &str)]| {
             let mut labels = vec![Label::new("handler", name.to_string())];
-            if let Some(outcome) = outcome {
-                labels.push(Label::new("outcome", outcome.as_str()));
-            }
+            labels.extend(
+                extra
+                    .iter()
+                    .map(|&(label, value)| Label::new(label, value.to_string())),
+            );
             Key::from_parts(metric, labels)
         };
-        let handled = |o: Outcome| {
+        let counter = |metric: &'static str, extra: &[(&'static str, &str)]| {
             self.recorder
-                .register_counter(&labelled(EVENTS_HANDLED, Some(o)), &METADATA)
+                .register_counter(&key(metric, extra), &METADATA)
         };
-        HandlerMetrics {
-            ok: handled(Outcome::Ok),
-            retried: handled(Outcome::Retried),
-            dead_lettered: handled(Outcome::DeadLettered),
-            failed: handled(Outcome::Failed),
-            dead_letters: self
+        let pending = Arc::new(Pending::default());
+        let lag = LagGauge {
+            gauge: self
                 .recorder
-                .register_counter(&labelled(DEAD_LETTERS, None), &METADATA),
+                .register_gauge(&key(HANDLER_LAG, &[]), &METADATA),
+            pending: Arc::clone(&pending),
+        };
+        self.lags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), lag);
+        HandlerMetrics {
+            outcomes: Outcome::ALL.map(|o| counter(EVENTS_HANDLED, &[("outcome", o.as_str())])),
+            errors: ErrorType::ALL.map(|t| counter(HANDLER_ERRORS, &[("error_type", t.as_str())])),
+            published: target.map(|target| Published {
+                ok: counter(EVENTS_PUBLISHED, &[("target", target), ("status", "ok")]),
+                error: counter(EVENTS_PUBLISHED, &[("target", target), ("status", "error")]),
+            }),
+            dead_letters: counter(DEAD_LETTERS, &[]),
             duration: self
                 .recorder
-                .register_histogram(&labelled(HANDLER_DURATION, None), &METADATA),
-            lag: self
-                .recorder
-                .register_gauge(&labelled(HANDLER_LAG, None), &METADATA),
+                .register_histogram(&key(HANDLER_DURATION, &[]), &METADATA),
+            pending,
         }
     }
 
     /// The metrics in the Prometheus text format.
     pub fn render(&self) -> String {
-        self.handle.render()
+        let now = chrono::Utc::now();
+        for lag in self.lags.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            lag.update(now);
+        }
+        let mut text = self.handle.render();
+        if let Some(figures) = &*self.database.lock().unwrap_or_else(|e| e.into_inner()) {
+            figures.render(&mut text);
+        }
+        text
+    }
+
+    /// Replaces the database figures rendered with the listener's own.
+    pub fn set_database_figures(&self, figures: DatabaseFigures) {
+        *self.database.lock().unwrap_or_else(|e| e.into_inner()) = Some(figures);
     }
 
     /// Folds recorded histogram samples into their buckets, so that memory stays bounded when
@@ -230,101 +256,45 @@ impl Metrics {
     }
 }
 
-/// The handles of one handler.
-#[derive(Debug, Clone)]
-pub struct HandlerMetrics {
-    ok: Counter,
-    retried: Counter,
-    dead_lettered: Counter,
-    failed: Counter,
-    dead_letters: Counter,
-    duration: Histogram,
-    lag: Gauge,
-}
-
-impl Default for HandlerMetrics {
-    /// Handles that record nothing (a dispatcher without metrics).
-    fn default() -> HandlerMetrics {
-        HandlerMetrics {
-            ok: Counter::noop(),
-            retried: Counter::noop(),
-            dead_lettered: Counter::noop(),
-            failed: Counter::noop(),
-            dead_letters: Counter::noop(),
-            duration: Histogram::noop(),
-            lag: Gauge::noop(),
-        }
-    }
-}
-
-impl HandlerMetrics {
-    /// Counts `n` events with `outcome`; a dead letter also counts in `dead_letters_total`.
-    pub fn outcome(&self, outcome: Outcome, n: u64) {
-        match outcome {
-            Outcome::Ok => self.ok.increment(n),
-            Outcome::Retried => self.retried.increment(n),
-            Outcome::DeadLettered => {
-                self.dead_lettered.increment(n);
-                self.dead_letters.increment(n);
-            }
-            Outcome::Failed => self.failed.increment(n),
-        }
-    }
-
-    /// A dead letter recorded outside the normal flow (an undecodable row, or a failed
-    /// redelivery of one): counted in `dead_letters_total` only.
-    pub fn dead_letter(&self) {
-        self.dead_letters.increment(1);
-    }
-
-    /// Records the duration of one call.
-    pub fn call_took(&self, elapsed: std::time::Duration) {
-        self.duration.record(elapsed.as_secs_f64());
-    }
-
-    /// The handler finished (handled and flushed) an event recorded at `recorded_at`.
-    pub fn finished(&self, recorded_at: chrono::DateTime<chrono::Utc>) {
-        let lag = (chrono::Utc::now() - recorded_at)
-            .num_microseconds()
-            .unwrap_or(0);
-        self.lag.set(lag.max(0) as f64 / 1e6);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn renders_labelled_series_and_explicit_buckets() {
+    fn renders_prefixed_labelled_series_and_explicit_buckets() {
         let metrics = Metrics::new();
         metrics.event_received("Loan.Funded");
         metrics.event_received("Loan.Funded");
-        let handler = metrics.handler("stdout");
+        let handler = metrics.handler("hook", Some("example.com:443"));
         handler.outcome(Outcome::Ok, 2);
         handler.outcome(Outcome::DeadLettered, 1);
+        handler.error(ErrorType::Timeout);
         handler.call_took(std::time::Duration::from_millis(3));
+        handler.started(chrono::Utc::now() - chrono::Duration::seconds(75));
         let text = metrics.render();
-        assert!(
-            text.contains("events_received_total{event_type=\"Loan.Funded\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains("events_handled_total{handler=\"stdout\",outcome=\"ok\"} 2"),
-            "{text}"
-        );
-        assert!(
-            text.contains("dead_letters_total{handler=\"stdout\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("handler_duration_seconds_bucket{handler=\"stdout\",le=\"0.005\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("handler_duration_seconds_count{handler=\"stdout\"} 1"),
-            "{text}"
-        );
+        for line in [
+            "pg_domain_events_events_received_total{event_type=\"Loan.Funded\"} 2",
+            "pg_domain_events_events_handled_total{handler=\"hook\",outcome=\"ok\"} 2",
+            "pg_domain_events_dead_letters_total{handler=\"hook\"} 1",
+            "pg_domain_events_handler_errors_total{handler=\"hook\",error_type=\"timeout\"} 1",
+            "pg_domain_events_handler_errors_total{handler=\"hook\",error_type=\"panic\"} 0",
+            "pg_domain_events_events_published_total{handler=\"hook\",target=\"example.com:443\",status=\"ok\"} 2",
+            "pg_domain_events_events_published_total{handler=\"hook\",target=\"example.com:443\",status=\"error\"} 1",
+            "pg_domain_events_handler_duration_seconds_bucket{handler=\"hook\",le=\"0.005\"} 1",
+            "pg_domain_events_handler_duration_seconds_count{handler=\"hook\"} 1",
+            "pg_domain_events_handler_lag_seconds{handler=\"hook\"} 75",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        for series in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            assert!(series.starts_with(PREFIX), "{series}");
+        }
+        // A handler without a target publishes nothing.
+        metrics.handler("stdout", None).outcome(Outcome::Ok, 1);
+        assert!(!metrics.render().contains("handler=\"stdout\",target"));
         // Two recorders do not share series.
         assert!(!Metrics::new().render().contains("Loan.Funded"));
     }

@@ -2,5 +2,7 @@
 //! behind `listener status` and `listener slot drop`.
 
 pub mod admin;
+pub mod database_figures;
+pub mod handler_metrics;
 pub mod metrics;
 pub mod operations;

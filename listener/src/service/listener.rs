@@ -133,6 +133,15 @@ impl Listener {
                 }
             }
         });
+        // The database figures are read only for a scraped listener: a connection of its own.
+        let figures_watch = admin.is_some().then(|| {
+            tokio::spawn(crate::service::figures_watch::run(
+                self.config.database.clone(),
+                Arc::clone(&self.metrics),
+                Duration::from_secs(self.config.replication.status_interval_secs.max(1)),
+                stop.clone(),
+            ))
+        });
         // The registry's async handlers run beside the sessions, in lanes of their own, and
         // stop with them (on shutdown, or when the main session ends with an error).
         let lanes_stop = cancel.child_token();
@@ -145,6 +154,9 @@ impl Listener {
             self.run_registry_lanes(lanes_stop.clone()),
         );
         stop.cancel();
+        if let Some(figures_watch) = figures_watch {
+            let _ = figures_watch.await;
+        }
         let _ = deadline.await;
         if let Some(admin) = admin {
             match admin.await {

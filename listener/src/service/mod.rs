@@ -20,9 +20,11 @@
 //! every session shares: cancellation, the dispatcher's tasks, the shutdown deadline),
 //! `stream_session` (replication mode, with its checkpointer), `notify_session`,
 //! `recovery_session` (a lost slot), `registry` (the built-in handlers from the
-//! configuration) and `registry_lanes` (the async handlers registered in the database, each in
-//! a notify-mode lane of its own).
+//! configuration), `registry_lanes` (the async handlers registered in the database, each in a
+//! notify-mode lane of its own) and `figures_watch` (what only the database knows, into the
+//! metrics).
 
+mod figures_watch;
 mod listener;
 mod notify_session;
 mod recovery_session;

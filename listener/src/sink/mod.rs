@@ -5,6 +5,7 @@
 
 mod config;
 mod template;
+pub(crate) mod trace_context;
 
 pub mod kafka;
 pub mod nats;

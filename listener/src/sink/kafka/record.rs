@@ -31,7 +31,10 @@ pub fn record(event: &Event) -> Result<Record, HandlerError> {
         ),
         ("content-type".to_string(), b"application/json".to_vec()),
     ]);
-    for (key, value) in trace_ids(event) {
+    for (key, value) in trace_ids(event)
+        .into_iter()
+        .chain(crate::sink::trace_context::headers(event))
+    {
         headers.insert(key.to_string(), value.into_bytes());
     }
     Ok(Record {

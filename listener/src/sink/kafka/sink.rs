@@ -147,7 +147,7 @@ impl KafkaSink {
         match tokio::time::timeout(self.options.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(classify(what, e)),
-            Err(_) => Err(HandlerError::transient(format!(
+            Err(_) => Err(HandlerError::timeout(format!(
                 "{what}: no answer from the broker within {:?}",
                 self.options.timeout
             ))),
@@ -343,7 +343,7 @@ impl KafkaSink {
                 }
                 Err(_) => {
                     produced.reset = true;
-                    HandlerError::transient(format!(
+                    HandlerError::timeout(format!(
                         "produce to {} [{partition}]: no ack within {:?}",
                         route.topic, self.options.timeout
                     ))
@@ -502,6 +502,10 @@ fn classify(what: &str, e: KafkaError) -> HandlerError {
 
 #[async_trait::async_trait]
 impl Handler for KafkaSink {
+    fn target(&self) -> Option<String> {
+        Some(self.options.topic.as_str().to_string())
+    }
+
     async fn handle(&self, event: &Event) -> Result<(), HandlerError> {
         let topic = self
             .options

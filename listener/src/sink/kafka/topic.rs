@@ -57,6 +57,11 @@ impl TopicTemplate {
         })
     }
 
+    /// The template as written (a bounded metric label, unlike the rendered names).
+    pub fn as_str(&self) -> &str {
+        &self.template
+    }
+
     /// The topic of `event`; an error when the rendered name is longer than Kafka allows (or is
     /// `.` / `..`), which no retry can cure.
     pub fn render(&self, event: &Event) -> Result<String, TopicError> {

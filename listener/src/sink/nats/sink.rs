@@ -22,6 +22,8 @@ struct Pending {
     subject: String,
     payload: Bytes,
     id: String,
+    /// `traceparent` / `tracestate` headers from the event's metadata.
+    trace: Vec<(&'static str, String)>,
     /// `None`: not in flight (its last attempt failed): publish again.
     ack: Option<PublishAckFuture>,
     failures: u32,
@@ -124,10 +126,13 @@ impl NatsSink {
         context: &jetstream::Context,
         pending: &Pending,
     ) -> Result<PublishAckFuture, HandlerError> {
-        let message = jetstream::message::PublishMessage::build()
+        let mut message = jetstream::message::PublishMessage::build()
             .payload(pending.payload.clone())
             .message_id(&pending.id)
             .header("Content-Type", "application/json");
+        for (name, value) in &pending.trace {
+            message = message.header(*name, value.as_str());
+        }
         context
             .send_publish(pending.subject.clone(), message)
             .await
@@ -227,7 +232,7 @@ fn publish_error(e: async_nats::jetstream::context::PublishError) -> HandlerErro
         PublishErrorKind::MaxPayloadExceeded => {
             HandlerError::definite("the event is larger than the server's max_payload")
         }
-        PublishErrorKind::TimedOut => HandlerError::transient("no publish ack in time"),
+        PublishErrorKind::TimedOut => HandlerError::timeout("no publish ack in time"),
         PublishErrorKind::StreamNotFound => {
             HandlerError::transient("no jetstream stream captures the subject")
         }
@@ -238,6 +243,10 @@ fn publish_error(e: async_nats::jetstream::context::PublishError) -> HandlerErro
 
 #[async_trait::async_trait]
 impl Handler for NatsSink {
+    fn target(&self) -> Option<String> {
+        Some(self.options.subject.as_str().to_string())
+    }
+
     async fn handle(&self, event: &Event) -> Result<(), HandlerError> {
         let payload = serde_json::to_vec(event).map_err(|e| {
             HandlerError::definite("cannot serialize the event as JSON").with_source(e)
@@ -248,6 +257,7 @@ impl Handler for NatsSink {
             subject: self.options.subject.render(event),
             payload: Bytes::from(payload),
             id: event.id.to_string(),
+            trace: crate::sink::trace_context::headers(event),
             ack: None,
             failures: 0,
         };

@@ -50,6 +50,11 @@ impl SubjectTemplate {
         })
     }
 
+    /// The template as written (a bounded metric label, unlike the rendered names).
+    pub fn as_str(&self) -> &str {
+        &self.template
+    }
+
     /// The subject of `event`.
     pub fn render(&self, event: &Event) -> String {
         let mut subject = String::with_capacity(self.template.len() + 32);

@@ -122,6 +122,9 @@ impl WebhookSink {
         put(EVENT_ID_HEADER, &event.id.to_string());
         put(EVENT_TYPE_HEADER, &event.event_type);
         put(AGGREGATE_TYPE_HEADER, &event.aggregate_type);
+        for (name, value) in crate::sink::trace_context::headers(event) {
+            put(name, &value);
+        }
         if let Some(secret) = &self.secret {
             put(SIGNATURE_HEADER, &signature(secret, body));
         }
@@ -138,6 +141,15 @@ fn is_transient_status(status: StatusCode) -> bool {
 
 #[async_trait::async_trait]
 impl Handler for WebhookSink {
+    /// `host:port`: the path may hold ids, the host does not.
+    fn target(&self) -> Option<String> {
+        let host = self.url.host_str()?;
+        Some(match self.url.port_or_known_default() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_string(),
+        })
+    }
+
     async fn handle(&self, event: &Event) -> Result<(), HandlerError> {
         let body = serde_json::to_vec(event).map_err(|e| {
             HandlerError::definite("cannot serialize the event as JSON").with_source(e)
@@ -162,6 +174,8 @@ impl Handler for WebhookSink {
                 };
                 if e.is_builder() {
                     HandlerError::definite(message).with_source(e.without_url())
+                } else if e.is_timeout() {
+                    HandlerError::timeout(message).with_source(e.without_url())
                 } else {
                     HandlerError::transient(message).with_source(e.without_url())
                 }

@@ -1,0 +1,69 @@
+//! The W3C trace context an event carries (`metadata.traceparent`, set by the raising code or
+//! `domain_events.traceparent`, and `metadata.tracestate`), passed on by the publishing sinks as
+//! `traceparent` / `tracestate` headers (HTTP, NATS, Kafka), so that a consumer's spans join the
+//! trace of the code that raised the event.
+
+use crate::event::Event;
+
+/// The header (and metadata key) of the trace parent.
+pub const TRACEPARENT: &str = "traceparent";
+/// The header (and metadata key) of vendor trace state.
+pub const TRACESTATE: &str = "tracestate";
+
+/// The event's `traceparent` and `tracestate` that are strings of visible ASCII (the extension
+/// checks `traceparent`; anything else could not be a header value); absent ones give none.
+pub fn headers(event: &Event) -> Vec<(&'static str, String)> {
+    #[derive(serde::Deserialize)]
+    struct Context {
+        #[serde(default)]
+        traceparent: Option<serde_json::Value>,
+        #[serde(default)]
+        tracestate: Option<serde_json::Value>,
+    }
+    let Ok(context) = serde_json::from_str::<Context>(event.metadata.get()) else {
+        return Vec::new();
+    };
+    [
+        (TRACEPARENT, context.traceparent),
+        (TRACESTATE, context.tracestate),
+    ]
+    .into_iter()
+    .filter_map(|(key, value)| match value? {
+        serde_json::Value::String(s)
+            if !s.is_empty() && s.bytes().all(|b| (0x20..0x7f).contains(&b)) =>
+        {
+            Some((key, s))
+        }
+        _ => None,
+    })
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event_with(metadata: &str) -> Event {
+        crate::event::sample(serde_json::json!({
+            "metadata": serde_json::from_str::<serde_json::Value>(metadata).unwrap(),
+        }))
+    }
+
+    #[test]
+    fn passes_on_string_trace_context_only() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let event = event_with(&format!(
+            r#"{{"traceparent": "{tp}", "tracestate": "a=b"}}"#
+        ));
+        assert_eq!(
+            headers(&event),
+            vec![
+                (TRACEPARENT, tp.to_string()),
+                (TRACESTATE, "a=b".to_string())
+            ]
+        );
+        assert!(headers(&event_with(r#"{"traceparent": 7}"#)).is_empty());
+        assert!(headers(&event_with(r#"{"traceparent": "a\nb"}"#)).is_empty());
+        assert!(headers(&event_with("{}")).is_empty());
+    }
+}
