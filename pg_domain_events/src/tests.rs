@@ -873,4 +873,6 @@ mod tests {
             2
         );
     }
+
+    include!("tests/outbox.rs");
 }
