@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::admin_support::free_port;
 
 /// The element reference key of the W3C protocol.
-const ELEMENT: &str = "element-6066-11e4-a5c7-4b2dc36cbc43";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// A browser session; the driver and the browser end with it.
 pub struct Browser {
@@ -94,6 +94,11 @@ impl Browser {
     pub async fn goto(&self, url: &str) {
         self.command(reqwest::Method::POST, "/url", Some(json!({"url": url})))
             .await;
+    }
+
+    /// Forgets every cookie (signs out of the console).
+    pub async fn clear_cookies(&self) {
+        self.command(reqwest::Method::DELETE, "/cookie", None).await;
     }
 
     /// The elements matching `css`.

@@ -94,7 +94,7 @@ async fn view(
     role: Role,
     q: Option<&str>,
 ) -> Result<(View, String), (View, ApiError)> {
-    let p = Params::parse(q, &PAGE_PARAMS).map_err(|e| (View::Events, e))?;
+    let p = Params::parse_form(q, &PAGE_PARAMS).map_err(|e| (View::Events, e))?;
     let name = p
         .choice("view", &View::NAMES, "events")
         .map_err(|e| (View::Events, e))?;

@@ -24,6 +24,19 @@ impl Params {
     pub fn parse(raw: Option<&str>, allowed: &[&str]) -> Result<Params, ApiError> {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
             .map_err(|e| ApiError::bad("query", format!("cannot be decoded: {e}")))?;
+        Params::from_pairs(pairs, allowed)
+    }
+
+    /// As [`Params::parse`] for the page's filter forms, which submit their empty fields too:
+    /// an empty value is no value.
+    pub fn parse_form(raw: Option<&str>, allowed: &[&str]) -> Result<Params, ApiError> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or(""))
+            .map_err(|e| ApiError::bad("query", format!("cannot be decoded: {e}")))?;
+        let given = pairs.into_iter().filter(|(_, v)| !v.is_empty()).collect();
+        Params::from_pairs(given, allowed)
+    }
+
+    fn from_pairs(pairs: Vec<(String, String)>, allowed: &[&str]) -> Result<Params, ApiError> {
         let mut values = HashMap::new();
         for (name, value) in pairs {
             if !allowed.contains(&name.as_str()) {
