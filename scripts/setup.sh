@@ -49,6 +49,9 @@ if ! command -v python3 >/dev/null 2>&1; then
 elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     missing+=(python3-venv)
 fi
+# The operator console's browser test: headless Chromium driven through chromedriver.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     as_root apt-get update -qq
@@ -163,6 +166,16 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "setup: installing cargo-nextest (once)"
     cargo install cargo-nextest --locked --quiet
+fi
+
+# schemathesis, run by the test command against the operator console's OpenAPI document, in a
+# virtualenv of its own under .pg/.
+SCHEMATHESIS_VERSION=4.32.5
+if [ "$("$ROOT/.pg/schemathesis/bin/schemathesis" --version 2>/dev/null | awk '{print $NF}')" != "$SCHEMATHESIS_VERSION" ]; then
+    echo "setup: installing schemathesis $SCHEMATHESIS_VERSION into .pg/schemathesis (once)"
+    python3 -m venv "$ROOT/.pg/schemathesis"
+    "$ROOT/.pg/schemathesis/bin/pip" install --quiet --disable-pip-version-check \
+        "schemathesis==$SCHEMATHESIS_VERSION"
 fi
 
 # The in-memory storage engine needs the dynostore feature.

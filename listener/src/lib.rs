@@ -11,6 +11,7 @@
 // Grouped by path: following committed events, delivering them, operating the listener,
 // and what all of them share (connections, configuration, the event model, errors).
 pub mod config;
+pub mod console;
 pub mod delivery;
 pub mod error;
 pub mod event;

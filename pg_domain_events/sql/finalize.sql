@@ -371,3 +371,148 @@ GRANT EXECUTE ON FUNCTION domain_events.raise_counters(), domain_events.store_co
     TO domain_events_reader, domain_events_admin;
 GRANT SELECT ON domain_events.raise_stats, domain_events.store_stats
     TO domain_events_reader, domain_events_admin;
+
+-- The outbox of a subscription (0.2.0, docs/console.md): stored events with their delivery
+-- status for that subscription's listener. Positions are taken at insert, not at commit, so
+-- "position <= the subscription's position" is not "delivered": a transaction that held a lower
+-- position and committed later would be shown delivered before it was. Status comes from the
+-- snapshots the listener records instead: a transaction visible in a snapshot every event of
+-- which was handled is delivered; the transition being delivered counts up to its position.
+CREATE INDEX dead_letter_position_idx ON domain_events.dead_letter (subscription, position);
+
+CREATE FUNCTION domain_events.outbox(
+    subscription text, status text DEFAULT 'pending', max_entries integer DEFAULT 100,
+    after_position bigint DEFAULT NULL)
+RETURNS TABLE (
+    "position" bigint, id uuid, aggregate_type text, aggregate_id text,
+    aggregate_version bigint, event_type text, event_version integer, payload jsonb,
+    metadata jsonb, occurred_at timestamptz, recorded_at timestamptz, entry_status text,
+    handler text, last_error text, attempts integer, last_failed_at timestamptz,
+    redrive_requested_at timestamptz)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $outbox$
+DECLARE
+    sub domain_events.subscription;
+    -- Every transaction visible in done is delivered; so is every one visible in also.
+    done pg_snapshot;
+    also pg_snapshot;
+    -- The transition being delivered: visible in cur and at most cur_position.
+    cur pg_snapshot;
+    cur_position bigint;
+    -- A recovering subscription's catch-up delivers transaction ids below this one only.
+    below xid8;
+BEGIN
+    IF outbox.status IS NULL OR outbox.status NOT IN ('pending', 'delivered', 'dead_lettered', 'all') THEN
+        RAISE EXCEPTION 'invalid outbox status "%"', outbox.status
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'status must be pending, delivered, dead_lettered or all.',
+                  HINT = 'pending: committed and not yet handled by the subscription''s listener.';
+    END IF;
+    IF outbox.max_entries IS NULL OR outbox.max_entries < 1 OR outbox.max_entries > 10000 THEN
+        RAISE EXCEPTION 'invalid max_entries %', COALESCE(outbox.max_entries::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'max_entries must be between 1 and 10000.',
+                  HINT = 'Page through longer lists with after_position (the last position of the previous page).';
+    END IF;
+    SELECT * INTO sub FROM domain_events.subscription s WHERE s.name = outbox.subscription;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'subscription "%" does not exist', outbox.subscription
+            USING ERRCODE = 'undefined_object',
+                  DETAIL = 'A listener creates its subscription row when it first starts.',
+                  HINT = 'SELECT name FROM domain_events.subscription lists the subscriptions.';
+    END IF;
+    IF sub.mode = 'notify' OR sub.recovery_started_at IS NOT NULL THEN
+        -- Snapshot transitions (notify mode, or a replication subscription catching up after
+        -- losing its slot): snapshot_prev was delivered, snapshot_cur up to position.
+        done := sub.snapshot_prev;
+        cur := sub.snapshot_cur;
+        cur_position := sub.position;
+        below := sub.recovery_until;
+    ELSE
+        -- Replication: the delivered snapshot, and the pending one once the confirmed LSN
+        -- passed the WAL position read after it (the listener promotes it at its next save).
+        done := sub.delivered_snapshot;
+        IF sub.pending_lsn <= sub.lsn THEN
+            also := sub.pending_snapshot;
+        END IF;
+    END IF;
+
+    RETURN QUERY EXECUTE $query$
+        SELECT x.position, x.id, x.aggregate_type, x.aggregate_id, x.aggregate_version,
+               x.event_type, x.event_version, x.payload, x.metadata, x.occurred_at,
+               x.recorded_at, x.state, d.handler, d.error, d.attempts, d.last_failed_at,
+               d.redrive_requested_at
+          FROM (
+            SELECT e.*,
+                   CASE WHEN EXISTS (SELECT 1 FROM domain_events.dead_letter l
+                                      WHERE l.subscription = $1 AND l.position = e.position
+                                        AND l.event_id = e.id)
+                        THEN 'dead_lettered'
+                        WHEN ($6 IS NULL OR e.txid < $6)
+                             AND (COALESCE(pg_visible_in_snapshot(e.txid, $2), false)
+                                  OR COALESCE(pg_visible_in_snapshot(e.txid, $3), false)
+                                  OR (COALESCE(pg_visible_in_snapshot(e.txid, $4), false)
+                                      AND e.position <= $5))
+                        THEN 'delivered'
+                        ELSE 'pending'
+                   END AS state
+              FROM domain_events.event e
+             WHERE e.position > COALESCE($8, 0)
+               -- Pending means not visible in done: its id is at least done's xmin.
+               AND ($7 <> 'pending' OR e.txid >= COALESCE(pg_snapshot_xmin($2), '0'::xid8))
+               AND ($7 <> 'dead_lettered' OR e.position IN (
+                       SELECT l.position FROM domain_events.dead_letter l WHERE l.subscription = $1))
+          ) x
+          LEFT JOIN LATERAL (
+            SELECT l.handler, l.error, l.attempts, l.last_failed_at, l.redrive_requested_at
+              FROM domain_events.dead_letter l
+             WHERE x.state = 'dead_lettered' AND l.subscription = $1
+               AND l.position = x.position AND l.event_id = x.id
+             ORDER BY l.last_failed_at DESC, l.handler
+             LIMIT 1
+          ) d ON true
+         WHERE $7 = 'all' OR x.state = $7
+         ORDER BY x.position
+         LIMIT $9
+    $query$
+    USING outbox.subscription, done, also, cur, cur_position, below, outbox.status,
+          outbox.after_position, outbox.max_entries;
+END
+$outbox$;
+COMMENT ON FUNCTION domain_events.outbox(text, text, integer, bigint) IS
+    'Stored events with their status for a subscription (pending, delivered, dead_lettered, or all), in position order after after_position; pending is exact: a transaction is delivered once the listener handled it, whatever its position.';
+REVOKE ALL ON FUNCTION domain_events.outbox(text, text, integer, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION domain_events.outbox(text, text, integer, bigint) TO domain_events_reader;
+
+-- The operator console's role (docs/console.md): it reads what domain_events_reader reads and
+-- writes nothing, except a redrive request for one dead letter through
+-- redrive_dead_letter(). Roles are cluster-wide: another database may have created it already.
+DO $console_role$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'domain_events_console') THEN
+        BEGIN
+            CREATE ROLE domain_events_console NOLOGIN;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN
+            NULL;
+        END;
+    END IF;
+END
+$console_role$;
+GRANT domain_events_reader TO domain_events_console;
+
+CREATE FUNCTION domain_events.redrive_dead_letter(subscription text, event_id uuid)
+RETURNS integer
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH requested AS (
+        UPDATE domain_events.dead_letter d
+           SET redrive_requested_at = pg_catalog.now()
+         WHERE d.subscription = $1 AND d.event_id = $2
+        RETURNING 1
+    )
+    SELECT pg_catalog.count(*)::integer FROM requested
+$$;
+COMMENT ON FUNCTION domain_events.redrive_dead_letter(text, uuid) IS
+    'Marks the dead letters of one event of a subscription for redelivery (as redrive(), with the extension owner''s rights, for roles that may not update dead_letter); returns how many.';
+REVOKE ALL ON FUNCTION domain_events.redrive_dead_letter(text, uuid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION domain_events.redrive_dead_letter(text, uuid) TO domain_events_console;

@@ -1023,4 +1023,5 @@ mod tests {
         .starts_with("22023 invalid events[0].metadata.traceparent"));
         assert_eq!(count("SELECT count(*) FROM domain_events.event"), before);
     }
+    include!("tests/outbox.rs");
 }

@@ -7,7 +7,9 @@
 use tokio_postgres::{Client, NoTls};
 
 pub mod admin_support;
+pub mod browser_support;
 pub mod cluster_support;
+pub mod console_support;
 pub mod kafka_support;
 pub mod listener_support;
 pub mod nats_support;

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::admin::AdminConfig;
+use super::console::ConsoleConfig;
 use super::handler::{self, HandlerConfig};
 use super::log::LogConfig;
 use super::overrides::{set, Overrides};
@@ -33,6 +34,9 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The async handlers registered in the database.
     pub registry: RegistryConfig,
+    /// The operator console on the admin server (left out of `print-config` while unset).
+    #[serde(skip_serializing_if = "ConsoleConfig::is_unset")]
+    pub console: ConsoleConfig,
     /// Handlers, each `[[handlers]]` table one handler.
     pub handlers: Vec<HandlerConfig>,
 }
@@ -221,6 +225,7 @@ impl Config {
             }
         }
         self.registry.validate()?;
+        self.console.validate(self.admin.address().is_some())?;
         let mut names = std::collections::HashSet::new();
         for handler in &self.handlers {
             handler.validate()?;

@@ -8,6 +8,7 @@
 
 mod admin;
 mod args;
+mod console;
 mod handler;
 mod loading;
 mod log;
@@ -22,6 +23,7 @@ pub use crate::postgres::database::DatabaseConfig;
 pub use crate::replication::subscription::Mode;
 pub use admin::AdminConfig;
 pub use args::ConfigArgs;
+pub use console::ConsoleConfig;
 pub use handler::HandlerConfig;
 pub use loading::Config;
 pub use log::{LogConfig, LogFormat};

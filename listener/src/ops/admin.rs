@@ -79,7 +79,8 @@ struct AdminState {
 ///
 /// `token`: when `Some`, both endpoints answer 401 unless the request carries
 /// `Authorization: Bearer <token>`. `shutdown` is the listener's own cancellation token, so that
-/// `/health` says "shutting down" while the last transaction is finished.
+/// `/health` says "shutting down" while the last transaction is finished. `console`: more
+/// routes served alongside (the operator console), with their own authentication.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     health: Health,
@@ -87,6 +88,7 @@ pub async fn serve(
     token: Option<String>,
     shutdown: CancellationToken,
     stop: CancellationToken,
+    console: Option<Router>,
 ) -> std::io::Result<()> {
     let state = AdminState {
         health,
@@ -94,10 +96,13 @@ pub async fn serve(
         token: token.map(|t| digest(t.as_bytes())),
         shutdown,
     };
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/health", get(health_endpoint))
         .route("/metrics", get(metrics_endpoint))
         .with_state(state);
+    if let Some(console) = console {
+        app = app.merge(console);
+    }
     if let Ok(addr) = listener.local_addr() {
         info!(addr = %addr, "admin HTTP server listening");
     }

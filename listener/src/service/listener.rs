@@ -198,6 +198,8 @@ impl Listener {
                 }
             },
         };
+        let console = crate::console::router(&self.config, |name| std::env::var(name).ok())
+            .map_err(Error::Config)?;
         let socket = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| config_error("admin.listen", format!("cannot listen on {addr}: {e}")))?;
@@ -208,6 +210,7 @@ impl Listener {
             token,
             cancel.clone(),
             stop.clone(),
+            console,
         ))))
     }
 

@@ -1,0 +1,12 @@
+//! What the console's routes share.
+
+use super::auth::Tokens;
+use super::db::Db;
+
+/// The console's tokens and connections.
+pub struct Console {
+    /// The configured tokens.
+    pub tokens: Tokens,
+    /// The console's connections.
+    pub db: Db,
+}

@@ -1,0 +1,334 @@
+//! End-to-end tests of the operator console's API over real HTTP, served by a running listener
+//! that connects as a role granted `domain_events_console`: every route for every role, what
+//! each role sees, parameter errors, the security headers and cross-site POSTs, and that the
+//! console's role can read but not write.
+
+use e2e::console_support::*;
+use e2e::TestDb;
+use serde_json::{json, Value};
+
+/// One aggregate with two versions, and a dead letter of a subscription no listener serves
+/// (a redrive request on it stays, so it can be asked for again).
+async fn seed(db: &TestDb) -> (Value, String) {
+    let ids: Vec<uuid::Uuid> = db
+        .client
+        .query(
+            "SELECT id FROM domain_events.raise_events($1)",
+            &[&json!([
+                {"aggregate_type": "Loan", "aggregate_id": "42", "event_type": "Loan.Created",
+                 "payload": {"amount": 100}, "metadata": {"actor": "dev-1"}},
+                {"aggregate_type": "Loan", "aggregate_id": "42", "event_type": "Loan.Funded",
+                 "payload": {"amount": 100, "rate": 7.5}},
+                {"aggregate_type": "Card", "aggregate_id": "7", "event_type": "Card.Issued"},
+            ])],
+        )
+        .await
+        .expect("raise_events")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    db.client
+        .execute(
+            "INSERT INTO domain_events.dead_letter (subscription, handler, event_id, position, error, attempts) \
+             SELECT 'ghost', 'mailer', id, position, 'smtp down', 3 FROM domain_events.event WHERE id = $1",
+            &[&ids[1]],
+        )
+        .await
+        .expect("dead letter");
+    let redrive = json!({"subscription": "ghost", "event_id": ids[1].to_string()});
+    (redrive, ids[1].to_string())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_route_answers_each_role_as_the_table_says() {
+    let db = TestDb::new().await;
+    let (redrive, _) = seed(&db).await;
+    let console = ConsoleUnderTest::start(&db).await;
+    let outbox = format!(
+        "/api/subscriptions/{}/outbox?status=all",
+        console.subscription
+    );
+    let body = redrive.to_string();
+    // (method, path, body, lowest role allowed: 0 viewer, 1 developer, 2 operator)
+    let routes: Vec<(&str, &str, Option<&str>, usize)> = vec![
+        ("GET", "/api/events", None, 0),
+        ("GET", "/api/events?event_type=Loan.Funded&limit=1", None, 0),
+        ("GET", "/api/aggregates/Loan/42", None, 0),
+        ("GET", "/api/event-types", None, 0),
+        ("GET", "/api/subscriptions", None, 0),
+        ("GET", "/api/handlers", None, 0),
+        ("GET", &outbox, None, 1),
+        ("GET", "/api/dead-letters", None, 1),
+        ("GET", "/api/dead-letters?subscription=ghost", None, 1),
+        ("POST", "/api/dead-letters/redrive", Some(&body), 2),
+    ];
+    let callers = [
+        (None, None),
+        (Some("not-a-token"), None),
+        (Some(VIEWER), Some(0)),
+        (Some(DEVELOPER), Some(1)),
+        (Some(OPERATOR), Some(2)),
+    ];
+    let json_type = [("content-type", "application/json")];
+    for (method, path, body, lowest) in &routes {
+        for (token, rank) in callers {
+            let expected = match rank {
+                None => 401,
+                Some(rank) if rank < *lowest => 403,
+                Some(_) => 200,
+            };
+            let (status, _, text) = console.call(method, path, token, &json_type, *body).await;
+            assert_eq!(status, expected, "{method} {path} with {token:?}: {text}");
+            let error: Value = serde_json::from_str(&text).expect("JSON body");
+            if expected != 200 {
+                assert!(error["error"].is_string(), "{text}");
+            }
+        }
+    }
+    // The document itself needs no token.
+    let (status, doc) = console.get_json("/api/openapi.json", None).await;
+    assert_eq!(status, 200);
+    let documented: Vec<&String> = doc["paths"].as_object().expect("paths").keys().collect();
+    assert_eq!(documented.len(), 9, "{documented:?}");
+    console.stop(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_viewer_sees_no_payloads_or_metadata_and_a_developer_does() {
+    let db = TestDb::new().await;
+    seed(&db).await;
+    let console = ConsoleUnderTest::start(&db).await;
+    for path in ["/api/events?aggregate_type=Loan", "/api/aggregates/Loan/42"] {
+        let (_, viewer) = console.get_json(path, Some(VIEWER)).await;
+        let items = viewer["items"].as_array().expect("items");
+        assert_eq!(items.len(), 2, "{viewer}");
+        for item in items {
+            assert!(
+                item.get("payload").is_none() && item.get("metadata").is_none(),
+                "{item}"
+            );
+            assert_eq!(item["aggregate_id"], "42");
+        }
+        let (_, developer) = console.get_json(path, Some(DEVELOPER)).await;
+        assert_eq!(developer["items"][0]["payload"], json!({"amount": 100}));
+        assert_eq!(developer["items"][0]["metadata"]["actor"], "dev-1");
+        assert_eq!(developer["items"][1]["payload"]["rate"], 7.5);
+    }
+    let (_, viewer) = console.get_json("/api/handlers", Some(VIEWER)).await;
+    assert!(viewer["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .all(|h| h.get("last_error").is_none()));
+    console.stop(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pages_follow_the_cursor_and_bad_parameters_are_named() {
+    let db = TestDb::new().await;
+    seed(&db).await;
+    let console = ConsoleUnderTest::start(&db).await;
+    let (_, first) = console.get_json("/api/events?limit=2", Some(VIEWER)).await;
+    assert_eq!(first["items"].as_array().expect("items").len(), 2);
+    let next = first["next"]
+        .as_i64()
+        .expect("a next cursor on a full page");
+    let (_, second) = console
+        .get_json(
+            &format!("/api/events?limit=2&after_position={next}"),
+            Some(VIEWER),
+        )
+        .await;
+    assert_eq!(second["items"].as_array().expect("items").len(), 1);
+    assert_eq!(second["next"], Value::Null);
+    let (_, history) = console
+        .get_json("/api/aggregates/Loan/42?after_version=1", Some(VIEWER))
+        .await;
+    assert_eq!(history["items"][0]["aggregate_version"], 2);
+
+    let sub = &console.subscription;
+    for (path, parameter) in [
+        ("/api/events?limit=0".to_string(), "limit"),
+        ("/api/events?limit=501".to_string(), "limit"),
+        ("/api/events?limit=ten".to_string(), "limit"),
+        ("/api/events?from=yesterday".to_string(), "from"),
+        ("/api/events?to=10000-01-01T00:00:00Z".to_string(), "to"),
+        (
+            "/api/events?after_position=1e3".to_string(),
+            "after_position",
+        ),
+        ("/api/events?event_type=a%00b".to_string(), "event_type"),
+        ("/api/events?aggregate_type=".to_string(), "aggregate_type"),
+        (
+            "/api/events?order=position;DROP%20TABLE%20x".to_string(),
+            "order",
+        ),
+        ("/api/events?limit=1&limit=2".to_string(), "limit"),
+        (
+            format!("/api/subscriptions/{sub}/outbox?status=sent"),
+            "status",
+        ),
+        ("/api/dead-letters?after_id=-".to_string(), "after_id"),
+        (
+            "/api/aggregates/Loan/42?after_version=x".to_string(),
+            "after_version",
+        ),
+        (
+            "/api/aggregates/Loan/a%00?limit=1".to_string(),
+            "aggregate_id",
+        ),
+    ] {
+        let (status, error) = console.get_json(&path, Some(OPERATOR)).await;
+        assert_eq!(
+            (status, error["parameter"].as_str()),
+            (400, Some(parameter)),
+            "{path}: {error}"
+        );
+        assert_eq!(error["error"], "bad_parameter");
+    }
+    let (status, error) = console
+        .get_json("/api/subscriptions/nope/outbox", Some(DEVELOPER))
+        .await;
+    assert_eq!((status, error["error"].as_str()), (404, Some("not_found")));
+    console.stop(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_carry_security_headers_and_cross_site_posts_are_refused() {
+    let db = TestDb::new().await;
+    let (redrive, _) = seed(&db).await;
+    let console = ConsoleUnderTest::start(&db).await;
+    let (_, headers, _) = console
+        .call("GET", "/api/events", Some(VIEWER), &[], None)
+        .await;
+    let csp = headers["content-security-policy"].to_str().expect("CSP");
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["x-frame-options"], "DENY");
+    let (_, headers, _) = console.call("GET", "/api/events", None, &[], None).await;
+    assert_eq!(headers["x-frame-options"], "DENY", "401s carry them too");
+
+    let body = redrive.to_string();
+    let url = format!("http://127.0.0.1:{}", console.port);
+    for headers in [
+        vec![("content-type", "application/x-www-form-urlencoded")],
+        vec![("content-type", "text/plain")],
+        vec![
+            ("content-type", "application/json"),
+            ("origin", "http://evil.example"),
+        ],
+        vec![
+            ("content-type", "application/json"),
+            ("sec-fetch-site", "cross-site"),
+        ],
+    ] {
+        let (status, _, text) = console
+            .call(
+                "POST",
+                "/api/dead-letters/redrive",
+                Some(OPERATOR),
+                &headers,
+                Some(&body),
+            )
+            .await;
+        assert_eq!(status, 403, "{headers:?}: {text}");
+        assert!(text.contains("cross_site"), "{text}");
+    }
+    let same_origin = [
+        ("content-type", "application/json"),
+        ("origin", url.as_str()),
+        ("sec-fetch-site", "same-origin"),
+    ];
+    let (status, _, text) = console
+        .call(
+            "POST",
+            "/api/dead-letters/redrive",
+            Some(OPERATOR),
+            &same_origin,
+            Some(&body),
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    console.stop(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_console_role_reads_and_redrives_but_writes_nothing() {
+    let db = TestDb::new().await;
+    let (_, event_id) = seed(&db).await;
+    let console = ConsoleUnderTest::start(&db).await;
+    let client = console.connect_as_console(&db).await;
+    // Every table of the schema, partitions included.
+    let tables: Vec<String> = db
+        .client
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'domain_events' AND c.relkind IN ('r', 'p') ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("tables")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(tables.len() >= 8, "{tables:?}");
+    for table in &tables {
+        for statement in [
+            format!("INSERT INTO {table} DEFAULT VALUES"),
+            format!(
+                "UPDATE {table} SET {} = {0}",
+                first_column(&db, table).await
+            ),
+            format!("DELETE FROM {table}"),
+            format!("TRUNCATE {table}"),
+        ] {
+            let err = client
+                .batch_execute(&statement)
+                .await
+                .expect_err(&statement);
+            assert_eq!(e2e::sqlstate(&err), "42501", "{statement}: {err}");
+        }
+    }
+    for function in [
+        "SELECT domain_events.redrive('ghost')",
+        "SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created')",
+        "SELECT domain_events.maintain()",
+    ] {
+        let err = client.batch_execute(function).await.expect_err(function);
+        assert_eq!(e2e::sqlstate(&err), "42501", "{function}: {err}");
+    }
+    // It reads, and it may ask for one event's redrive.
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM domain_events.event", &[])
+        .await
+        .expect("reads")
+        .get(0);
+    assert_eq!(n, 3);
+    let id: uuid::Uuid = event_id.parse().expect("uuid");
+    let marked: i32 = client
+        .query_one(
+            "SELECT domain_events.redrive_dead_letter('ghost', $1)",
+            &[&id],
+        )
+        .await
+        .expect("redrive_dead_letter")
+        .get(0);
+    assert_eq!(marked, 1);
+    console.stop(&db).await;
+}
+
+async fn first_column(db: &TestDb, table: &str) -> String {
+    db.client
+        .query_one(
+            "SELECT quote_ident(attname) FROM pg_attribute WHERE attrelid = $1::text::regclass \
+             AND attnum > 0 AND NOT attisdropped ORDER BY attnum LIMIT 1",
+            &[&table],
+        )
+        .await
+        .expect("a column")
+        .get(0)
+}
