@@ -963,6 +963,9 @@ mod tests {
             count("SELECT count(*) FROM domain_events.subscription WHERE name = 'handler:later' AND position = 0"),
             1
         );
+    }
+
+    #[pg_test]
     fn raised_events_and_store_operations_are_counted_and_refused_ones_are_not() {
         let raised = |event_type: &str| {
             count(&format!(
@@ -1023,5 +1026,6 @@ mod tests {
         .starts_with("22023 invalid events[0].metadata.traceparent"));
         assert_eq!(count("SELECT count(*) FROM domain_events.event"), before);
     }
+
     include!("tests/outbox.rs");
 }

@@ -385,10 +385,7 @@ async fn the_listeners_own_handlers_are_in_the_registry_and_pause_when_disabled_
     for loan in 0..3 {
         raise(&db.client, &format!("L-{loan}"), "Loan.Funded", "{}").await;
     }
-    running
-        .collector
-        .wait_for(3, Duration::from_secs(20))
-        .await;
+    running.collector.wait_for(3, Duration::from_secs(20)).await;
 
     // Disabled from SQL: it waits, holding its event, while events keep coming.
     db.client
@@ -414,10 +411,7 @@ async fn the_listeners_own_handlers_are_in_the_registry_and_pause_when_disabled_
         .execute("SELECT domain_events.enable_handler($1)", &[&row])
         .await
         .unwrap();
-    running
-        .collector
-        .wait_for(8, Duration::from_secs(20))
-        .await;
+    running.collector.wait_for(8, Duration::from_secs(20)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let events = running.collector.events();
     let ids: std::collections::HashSet<_> = events.iter().map(|e| e.id).collect();
