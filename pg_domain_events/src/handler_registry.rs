@@ -535,28 +535,40 @@ fn load(query: &CStr, mode: &'static str) -> Vec<SyncHandler> {
 /// The enabled sync handlers in the order they run (priority, then name); brought up to date
 /// first (cheap when nothing changed: no table is read).
 pub fn sync_handlers() -> Rc<Vec<SyncHandler>> {
-    if let Some(table) = registry_cache::reload_needed(Registry::Handlers) {
-        let handlers = if table == pg_sys::InvalidOid {
-            Vec::new()
-        } else {
-            load(store::LOAD_SYNC_HANDLERS, "sync")
-        };
-        SYNC_HANDLERS.with(|h| *h.borrow_mut() = Rc::new(handlers));
-    }
-    SYNC_HANDLERS.with(|h| h.borrow().clone())
+    current(
+        Registry::Handlers,
+        store::LOAD_SYNC_HANDLERS,
+        "sync",
+        &SYNC_HANDLERS,
+    )
 }
 
 /// The async handlers registered in SQL, by name (byte order); brought up to date first.
 pub fn async_handlers() -> Rc<Vec<SyncHandler>> {
-    if let Some(table) = registry_cache::reload_needed(Registry::AsyncHandlers) {
+    current(
+        Registry::AsyncHandlers,
+        store::LOAD_ASYNC_HANDLERS,
+        "async",
+        &ASYNC_HANDLERS,
+    )
+}
+
+/// This backend's `copy` of the handlers `query` selects, read again when `registry` changed.
+fn current(
+    registry: Registry,
+    query: &CStr,
+    mode: &'static str,
+    copy: &'static std::thread::LocalKey<RefCell<Rc<Vec<SyncHandler>>>>,
+) -> Rc<Vec<SyncHandler>> {
+    if let Some(table) = registry_cache::reload_needed(registry) {
         let handlers = if table == pg_sys::InvalidOid {
             Vec::new()
         } else {
-            load(store::LOAD_ASYNC_HANDLERS, "async")
+            load(query, mode)
         };
-        ASYNC_HANDLERS.with(|h| *h.borrow_mut() = Rc::new(handlers));
+        copy.with(|h| *h.borrow_mut() = Rc::new(handlers));
     }
-    ASYNC_HANDLERS.with(|h| h.borrow().clone())
+    copy.with(|h| h.borrow().clone())
 }
 
 #[cfg(test)]
