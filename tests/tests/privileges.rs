@@ -9,11 +9,13 @@ use e2e::{connect, TestDb};
 
 /// Every `SECURITY DEFINER` function the extension installs. A new one must be added here, on
 /// purpose, after checking that it pins `search_path`.
-const SECURITY_DEFINER: [&str; 10] = [
+const SECURITY_DEFINER: [&str; 11] = [
     "domain_events.aggregate_version(text,text)",
     "domain_events.check_schema_compatibility(text,jsonb)",
     "domain_events.drop_schema(text,integer)",
     "domain_events.import_events(jsonb)",
+    // The listener writes its own handlers' registry rows (managed_by = 'listener') only.
+    "domain_events.mirror_listener_handlers(text,jsonb)",
     "domain_events.raise_event(text,bigint,text,jsonb,jsonb,bigint,timestamp with time zone,integer)",
     "domain_events.raise_event(text,text,text,jsonb,jsonb,bigint,timestamp with time zone,integer)",
     "domain_events.raise_event(text,uuid,text,jsonb,jsonb,bigint,timestamp with time zone,integer)",

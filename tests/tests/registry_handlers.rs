@@ -90,6 +90,14 @@ async fn billing_setup(db: &TestDb, admin: &str) {
         .expect("billing set-up");
 }
 
+/// Drops what [`billing_setup`] made (its grants would keep the admin role from being dropped).
+async fn drop_billing(db: &TestDb) {
+    db.client
+        .batch_execute("DROP TABLE public.invoice; DROP FUNCTION public.open_invoice(jsonb)")
+        .await
+        .expect("drop the billing objects");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registered_async_handler_runs_after_commit_as_its_registrant_and_pauses_when_disabled() {
     let db = TestDb::new().await;
@@ -233,6 +241,7 @@ async fn a_registered_async_handler_runs_after_commit_as_its_registrant_and_paus
     );
     running.stop().await.expect("the listener stops cleanly");
     drop(admin_client);
+    drop_billing(&db).await;
     for role in [admin, listener_role] {
         drop_role(&db, &role).await;
     }
@@ -297,7 +306,12 @@ async fn a_failing_async_registry_handler_is_retried_logged_and_dead_lettered() 
         ]
     );
     running.stop().await.expect("the listener stops cleanly");
+    admin_client
+        .batch_execute("SELECT domain_events.unregister_handler('billing')")
+        .await
+        .unwrap();
     drop(admin_client);
+    drop_billing(&db).await;
     drop_role(&db, &admin).await;
 }
 
