@@ -111,6 +111,10 @@ pub struct ReplicationConnection {
     pub(super) streaming: bool,
 }
 
+/// How long a slot that another session is creating is waited for (its creation waits for the
+/// transactions running at the time to end).
+const SLOT_CREATION_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl ReplicationConnection {
     /// Runs one statement with the simple query protocol and returns its rows as text.
     pub async fn simple_query(
@@ -199,9 +203,27 @@ impl ReplicationConnection {
             crate::replication::retention::INVALIDATION_REASON,
             postgres_protocol::escape::escape_literal(slot)
         );
-        let rows = self
-            .simple_query(&query, "looking up the replication slot")
-            .await?;
+        // A slot another listener is creating shows as logical with no plugin yet until its
+        // CREATE_REPLICATION_SLOT finishes: wait for it rather than call it foreign.
+        let deadline = tokio::time::Instant::now() + SLOT_CREATION_WAIT;
+        let rows = loop {
+            let rows = self
+                .simple_query(&query, "looking up the replication slot")
+                .await?;
+            let being_created = rows.first().is_some_and(|row| {
+                row.get(2).cloned().flatten().as_deref() == Some("logical")
+                    && row
+                        .first()
+                        .cloned()
+                        .flatten()
+                        .unwrap_or_default()
+                        .is_empty()
+            });
+            if !being_created || tokio::time::Instant::now() >= deadline {
+                break rows;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
         let Some(row) = rows.first() else {
             return Ok(None);
         };
