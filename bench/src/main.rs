@@ -11,6 +11,7 @@ mod capture;
 mod contracts;
 mod handlers;
 mod kafka;
+mod per_row;
 mod pipeline;
 mod replay;
 mod sinks;
@@ -29,6 +30,9 @@ enum Command {
     /// raise_events / raise_event against plain INSERT and PL/pgSQL: batch throughput and
     /// single-event commit latency.
     Store(store::StoreArgs),
+    /// Per-row raising: raise_event called once per row of a query (LATERAL), against a plain
+    /// INSERT … SELECT of the same rows and the PL/pgSQL raise_event called the same way.
+    PerRow(per_row::PerRowArgs),
     /// Table capture: a single-row UPDATE on a tracked table against the same UPDATE on an
     /// untracked one.
     Capture(capture::CaptureArgs),
@@ -57,6 +61,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Store(args) => store::run(args).await,
+        Command::PerRow(args) => per_row::run(args).await,
         Command::Capture(args) => capture::run(args).await,
         Command::Contracts(args) => contracts::run(args).await,
         Command::Handlers(args) => handlers::run(args).await,

@@ -304,9 +304,9 @@ pub async fn drop_database(cluster_dsn: &str, dbname: &str) -> anyhow::Result<()
         .context("drop the bench database")
 }
 
-/// Creates the fresh database with the extension and both baselines.
-async fn prepare_database(args: &StoreArgs) -> anyhow::Result<Client> {
-    let client = fresh_database(&args.cluster.dsn, DATABASE).await?;
+/// Creates the fresh database `dbname` with the extension and both baselines.
+pub(crate) async fn prepare_database(cluster_dsn: &str, dbname: &str) -> anyhow::Result<Client> {
+    let client = fresh_database(cluster_dsn, dbname).await?;
     client
         .batch_execute(include_str!("../sql/plain_baseline.sql"))
         .await
@@ -495,7 +495,7 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
     if args.aggregates == 0 || args.aggregates > args.batch_size {
         bail!("aggregates must be between 1 and the batch size");
     }
-    let client = prepare_database(&args).await?;
+    let client = prepare_database(&args.cluster.dsn, DATABASE).await?;
     let server: String = client.query_one("SHOW server_version", &[]).await?.get(0);
     let settings: String = client
         .query_one(

@@ -10,7 +10,7 @@ use crate::errors::{EventError, OrReport};
 use crate::event::{self, Arguments, NewEvent};
 use crate::gucs::{self, EventsEnabled};
 use crate::handler_registry::{self, SyncHandler};
-use crate::json_arg::JsonbText;
+use crate::jsonb::Jsonb;
 use crate::partition;
 use crate::raise_stats;
 use crate::store::{self, Stored};
@@ -28,8 +28,8 @@ fn raise_event(
     aggregate_type: Option<&str>,
     aggregate_id: Option<&str>,
     event_type: Option<&str>,
-    payload: default!(Option<JsonbText>, "'{}'"),
-    metadata: default!(Option<JsonbText>, "'{}'"),
+    payload: default!(Option<Jsonb>, "'{}'"),
+    metadata: default!(Option<Jsonb>, "'{}'"),
     expected_version: default!(Option<i64>, "NULL"),
     occurred_at: default!(Option<TimestampWithTimeZone>, "now()"),
     event_version: default!(Option<i32>, 1),
@@ -45,17 +45,12 @@ fn raise_event(
     if let Some(rows) = short_circuit() {
         return TableIterator::new(rows);
     }
-    let payload = payload.map(|j| j.parse("payload")).transpose().or_report();
-    let metadata = metadata
-        .map(|j| j.parse("metadata"))
-        .transpose()
-        .or_report();
     let event = NewEvent::from_arguments(Arguments {
         aggregate_type,
         aggregate_id,
         event_type,
-        payload: payload.as_ref(),
-        metadata: metadata.as_ref(),
+        payload,
+        metadata,
         expected_version,
         occurred_at,
         event_version,
@@ -68,7 +63,7 @@ fn raise_event(
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn raise_events(
-    events: Option<JsonbText>,
+    events: Option<Jsonb>,
 ) -> TableIterator<
     'static,
     (
@@ -81,20 +76,15 @@ fn raise_events(
     if let Some(rows) = short_circuit() {
         return TableIterator::new(rows);
     }
-    let events = events
-        .ok_or_else(|| EventError::null("events"))
-        .and_then(|j| j.parse("events"))
-        .or_report();
-    TableIterator::new(append(
-        NewEvent::from_json_batch(&events, false).or_report(),
-    ))
+    let events = events.ok_or_else(|| EventError::null("events")).or_report();
+    TableIterator::new(append(NewEvent::from_batch(events, false).or_report()))
 }
 
 /// Imports history (items may carry `recorded_at`); for migrations, owner only.
 #[pg_extern(volatile, security_definer, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn import_events(
-    events: Option<JsonbText>,
+    events: Option<Jsonb>,
 ) -> TableIterator<
     'static,
     (
@@ -107,13 +97,10 @@ fn import_events(
     if let Some(rows) = short_circuit() {
         return TableIterator::new(rows);
     }
-    let events = events
-        .ok_or_else(|| EventError::null("events"))
-        .and_then(|j| j.parse("events"))
-        .or_report();
+    let events = events.ok_or_else(|| EventError::null("events")).or_report();
     // History is imported as it was: sync handlers do not run for it.
     TableIterator::new(store_events(
-        NewEvent::from_json_batch(&events, true).or_report(),
+        NewEvent::from_batch(events, true).or_report(),
         &[],
     ))
 }

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::errors::{EventError, OrReport};
 use crate::handler_registry::{self, HandlerError};
+use crate::jsonb::Jsonb;
 use crate::sync_handlers::{self, StoredEvent};
 
 /// Runs the async handler `handler` with `event` (the listener's event JSON). Disabled
@@ -35,7 +36,7 @@ fn run_async_handler(handler: Option<&str>, event: Option<pgrx::JsonB>) {
     };
     let stored = stored_event(&event).or_report();
     let text = serde_json::to_string(&event).expect("a JSON value serialises");
-    sync_handlers::call(handler, &stored, sync_handlers::jsonb(&text));
+    sync_handlers::call(handler, &stored, Jsonb::parse(&text).datum());
 }
 
 /// The fields of the listener's event JSON a call needs (for the context line of an error,
@@ -80,14 +81,16 @@ fn stored_event(event: &Value) -> Result<StoredEvent, EventError> {
         aggregate_version: number("aggregate_version")?,
         event_type: text("event_type")?,
         event_version: number("event_version")? as i32,
-        payload: event
-            .get("payload")
-            .map(Value::to_string)
-            .unwrap_or_default(),
-        metadata: event
-            .get("metadata")
-            .map(Value::to_string)
-            .unwrap_or_else(|| "{}".to_string()),
+        payload: Jsonb::parse(
+            &event
+                .get("payload")
+                .map_or_else(|| "{}".to_string(), Value::to_string),
+        ),
+        metadata: Jsonb::parse(
+            &event
+                .get("metadata")
+                .map_or_else(|| "{}".to_string(), Value::to_string),
+        ),
         occurred_at: None,
         recorded_at: now,
     })

@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 use crate::api;
 use crate::errors::{EventError, OrReport};
 use crate::event::NewEvent;
+use crate::jsonb::Jsonb;
 use crate::rights;
 use crate::store;
 use crate::validation;
@@ -202,7 +203,8 @@ fn capture_row_change<'a>(
         rights::require_execute(rights.raise_events, c"raise_events");
         // Validation reads the schema registry, which only the owner may read.
         rights::as_extension_owner(rights.owner, || {
-            let events = NewEvent::from_json_batch(&Value::Array(events), false).or_report();
+            let events = Jsonb::parse(&Value::Array(events).to_string());
+            let events = NewEvent::from_batch(events, false).or_report();
             api::append(events)
         });
     }

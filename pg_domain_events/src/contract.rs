@@ -209,13 +209,14 @@ impl Contracts {
     }
 
     /// Checks one payload against the schema of its event type and version. `field` names
-    /// the payload in an error (`payload`, `events[3].payload`).
+    /// the payload in an error (`payload`, `events[3].payload`); `payload` reads it, only when
+    /// a schema is there to check it.
     pub fn check(
         &self,
-        field: impl FnOnce() -> String,
+        field: &str,
         event_type: &str,
         event_version: i32,
-        payload: &Value,
+        payload: impl FnOnce() -> Result<Value, EventError>,
     ) -> Result<(), EventError> {
         if self.mode == SchemaValidation::Off {
             return Ok(());
@@ -237,7 +238,7 @@ impl Contracts {
         });
         match validator {
             None if self.mode == SchemaValidation::Strict => Err(EventError::SchemaRequired {
-                field: field(),
+                field: field.to_string(),
                 event_type: event_type.to_string(),
                 event_version,
             }),
@@ -247,11 +248,14 @@ impl Contracts {
                 reason,
                 "The registry was changed by hand; drop and register the schema again.",
             )),
-            Some(Ok(validator)) if validator.is_valid(payload) => Ok(()),
             Some(Ok(validator)) => {
-                let (failures, total) = failures(&validator, payload);
+                let payload = payload()?;
+                if validator.is_valid(&payload) {
+                    return Ok(());
+                }
+                let (failures, total) = failures(&validator, &payload);
                 Err(EventError::SchemaViolation {
-                    field: field(),
+                    field: field.to_string(),
                     event_type: event_type.to_string(),
                     event_version,
                     failures,

@@ -10,9 +10,10 @@ use serde_json::{Map, Value};
 use crate::contract::Contracts;
 use crate::errors::EventError;
 use crate::gucs;
+use crate::jsonb::{self, Jsonb, Node};
 use crate::store::BatchColumns;
 use crate::sync_handlers;
-use crate::validation;
+use crate::validation::{self, Shape};
 
 /// One event to append, validated.
 #[derive(Clone)]
@@ -23,10 +24,10 @@ pub struct NewEvent {
     pub aggregate_id: String,
     /// Event type name.
     pub event_type: String,
-    /// Payload JSON text (an object).
-    pub payload: String,
-    /// Metadata JSON text (an object, session defaults merged).
-    pub metadata: String,
+    /// Payload (an object).
+    pub payload: Jsonb,
+    /// Metadata (an object, session defaults merged).
+    pub metadata: Jsonb,
     /// Version the aggregate must be at before this event.
     pub expected_version: Option<i64>,
     /// Business time; `None` = `now()`.
@@ -42,8 +43,8 @@ pub struct Arguments<'a> {
     pub aggregate_type: Option<&'a str>,
     pub aggregate_id: Option<&'a str>,
     pub event_type: Option<&'a str>,
-    pub payload: Option<&'a Value>,
-    pub metadata: Option<&'a Value>,
+    pub payload: Option<Jsonb>,
+    pub metadata: Option<Jsonb>,
     pub expected_version: Option<i64>,
     pub occurred_at: Option<TimestampWithTimeZone>,
     pub event_version: Option<i32>,
@@ -111,15 +112,24 @@ impl NewEvent {
             validation::check_expected_version("expected_version", expected)?;
         }
         check_occurred_at("occurred_at", occurred_at)?;
-        let payload_text = validation::payload_text("payload", payload, max_payload_bytes())?;
-        let metadata = validation::metadata_text("metadata", metadata, &session_metadata())?;
+        check_depth("payload", &payload)?;
+        check_depth("metadata", &metadata)?;
+        let payload_node = payload.root();
+        check_payload("payload", payload_node, max_payload_bytes())?;
+        let metadata = with_session_metadata("metadata", metadata, &session_metadata())?;
         let event_version = validation::check_event_version("event_version", event_version.into())?;
-        Contracts::current().check(|| "payload".to_string(), event_type, event_version, payload)?;
+        check_contract(
+            &Contracts::current(),
+            "payload",
+            event_type,
+            event_version,
+            payload_node,
+        )?;
         Ok(NewEvent {
             aggregate_type: aggregate_type.to_string(),
             aggregate_id: aggregate_id.to_string(),
             event_type: event_type.to_string(),
-            payload: payload_text,
+            payload,
             metadata,
             expected_version: args.expected_version,
             occurred_at: Some(occurred_at),
@@ -130,42 +140,51 @@ impl NewEvent {
 
     /// Validates the JSON array given to `raise_events` (or `import_events`, which also
     /// accepts `recorded_at`; or table capture), payloads against their registered schemas.
-    pub fn from_json_batch(
-        events: &Value,
-        allow_recorded_at: bool,
-    ) -> Result<Vec<NewEvent>, EventError> {
-        let Value::Array(items) = events else {
+    pub fn from_batch(events: Jsonb, allow_recorded_at: bool) -> Result<Vec<NewEvent>, EventError> {
+        check_depth("events", &events)?;
+        let Node::Array(items) = events.root() else {
             return Err(EventError::invalid(
                 "events",
-                format!("must be a JSON array of event objects, got {}", validation::json_kind(events)),
+                format!("must be a JSON array of event objects, got {}", events.root().kind()),
                 "Pass e.g. '[{\"aggregate_type\": \"Loan\", \"aggregate_id\": \"42\", \"event_type\": \"Loan.Funded\"}]'.",
             ));
         };
         let max_bytes = max_payload_bytes();
         let session = session_metadata();
         let contracts = Contracts::current();
-        items
-            .iter()
-            .enumerate()
-            .map(|(n, item)| {
-                Self::from_json_item(n, item, allow_recorded_at, max_bytes, &session, &contracts)
+        // What an absent payload or metadata stands for (each event's own copy is not needed:
+        // nothing writes to it).
+        let empty = Jsonb::parse("{}");
+        (0..items.len())
+            .map(|n| {
+                Self::from_item(
+                    n,
+                    items.element(n),
+                    Context {
+                        allow_recorded_at,
+                        max_bytes,
+                        session: &session,
+                        contracts: &contracts,
+                        empty,
+                    },
+                )
             })
             .collect()
     }
 
-    fn from_json_item(
-        n: usize,
-        item: &Value,
-        allow_recorded_at: bool,
-        max_bytes: usize,
-        session: &[(&str, Option<String>)],
-        contracts: &Contracts,
-    ) -> Result<NewEvent, EventError> {
+    fn from_item(n: usize, item: Node, context: Context<'_>) -> Result<NewEvent, EventError> {
+        let Context {
+            allow_recorded_at,
+            max_bytes,
+            session,
+            contracts,
+            empty,
+        } = context;
         let field = |key: &str| format!("events[{n}].{key}");
-        let Value::Object(map) = item else {
+        let Node::Object(map) = item else {
             return Err(EventError::invalid(
                 format!("events[{n}]"),
-                format!("must be an object, got {}", validation::json_kind(item)),
+                format!("must be an object, got {}", item.kind()),
                 "Each element describes one event: aggregate_type, aggregate_id, event_type, payload, ...",
             ));
         };
@@ -180,59 +199,83 @@ impl NewEvent {
             "event_version",
             "recorded_at",
         ];
-        if let Some(key) = map
-            .keys()
-            .find(|k| !KEYS.contains(&k.as_str()) || (!allow_recorded_at && *k == "recorded_at"))
-        {
+        let known = KEYS
+            .iter()
+            .filter(|k| allow_recorded_at || **k != "recorded_at")
+            .filter(|k| map.get(k).is_some())
+            .count();
+        if known != map.len() {
+            // The error path names the key; only it lists them.
+            let key = map
+                .keys()
+                .into_iter()
+                .find(|k| !KEYS.contains(&k.as_str()) || (!allow_recorded_at && k == "recorded_at"))
+                .unwrap_or_default();
             return Err(EventError::invalid(
                 format!("events[{n}]"),
                 format!("has the unknown key {key:?}"),
                 "Known keys: aggregate_type, aggregate_id, event_type, payload, metadata, expected_version, occurred_at, event_version.",
             ));
         }
-        let required_text = |key: &str| -> Result<&str, EventError> {
+        let required_text = |key: &str| -> Result<String, EventError> {
             match map.get(key) {
                 None => Err(EventError::invalid(
                     field(key),
                     "is missing",
                     "Each event needs aggregate_type, aggregate_id and event_type.",
                 )),
-                Some(Value::Null) => Err(EventError::null(field(key))),
-                Some(Value::String(s)) => Ok(s.as_str()),
+                Some(Node::Null) => Err(EventError::null(field(key))),
+                Some(node @ Node::String(..)) => Ok(node.as_str().unwrap_or_default().to_string()),
                 Some(other) => Err(EventError::invalid(
                     field(key),
-                    format!("must be a string, got {}", validation::json_kind(other)),
+                    format!("must be a string, got {}", other.kind()),
                     "Names and ids are strings.",
                 )),
             }
         };
         let aggregate_type = required_text("aggregate_type")?;
-        validation::check_name(&field("aggregate_type"), aggregate_type)?;
+        validation::check_name(&field("aggregate_type"), &aggregate_type)?;
         let event_type = required_text("event_type")?;
-        validation::check_name(&field("event_type"), event_type)?;
-        let aggregate_id = match map.get("aggregate_id") {
-            Some(Value::Number(num)) if num.is_i64() || num.is_u64() => num.to_string(),
-            _ => required_text("aggregate_id")?.to_string(),
+        validation::check_name(&field("event_type"), &event_type)?;
+        let aggregate_id = match map.get("aggregate_id").and_then(Node::as_integer_text) {
+            Some(number) => number,
+            None => required_text("aggregate_id")?,
         };
         validation::check_aggregate_id(&field("aggregate_id"), &aggregate_id)?;
-        let optional = |key: &str| map.get(key).filter(|v| !v.is_null());
-        let empty = Value::Object(Map::new());
-        let payload_value = optional("payload").unwrap_or(&empty);
-        let payload = validation::payload_text(&field("payload"), payload_value, max_bytes)?;
-        let metadata = validation::metadata_text(
-            &field("metadata"),
-            optional("metadata").unwrap_or(&empty),
-            session,
-        )?;
+        let optional = |key: &str| map.get(key).filter(|v| !matches!(v, Node::Null));
+        let payload = match optional("payload") {
+            Some(node) => {
+                check_payload(&field("payload"), node, max_bytes)?;
+                let Node::Object(payload) = node else {
+                    unreachable!("checked to be an object")
+                };
+                payload.to_jsonb()
+            }
+            None => empty,
+        };
+        let metadata = match optional("metadata") {
+            Some(Node::Object(c)) => c.to_jsonb(),
+            Some(other) => {
+                return Err(EventError::invalid(
+                    field("metadata"),
+                    format!("must be a JSON object, got {}", other.kind()),
+                    "Pass metadata as an object such as {\"actor\": \"user-1\"}.",
+                ))
+            }
+            None => empty,
+        };
+        let metadata = with_session_metadata(&field("metadata"), metadata, session)?;
         let integer = |key: &str| -> Result<Option<i64>, EventError> {
             match optional(key) {
                 None => Ok(None),
-                Some(Value::Number(num)) if num.is_i64() => Ok(num.as_i64()),
-                Some(other) => Err(EventError::invalid(
-                    field(key),
-                    format!("must be an integer, got {other}"),
-                    "Versions are whole numbers.",
-                )),
+                Some(node) => match node.as_i64() {
+                    Some(value) => Ok(Some(value)),
+                    None => Err(EventError::invalid(
+                        field(key),
+                        format!("must be an integer, got {}", node.text()),
+                        "Versions are whole numbers.",
+                    )),
+                },
             }
         };
         let expected_version = integer("expected_version")?;
@@ -249,16 +292,17 @@ impl NewEvent {
         let recorded_at = optional("recorded_at")
             .map(|v| timestamp(&field("recorded_at"), v))
             .transpose()?;
-        contracts.check(
-            || field("payload"),
-            event_type,
+        check_contract(
+            contracts,
+            &field("payload"),
+            &event_type,
             event_version,
-            payload_value,
+            payload.root(),
         )?;
         Ok(NewEvent {
-            aggregate_type: aggregate_type.to_string(),
+            aggregate_type,
             aggregate_id,
-            event_type: event_type.to_string(),
+            event_type,
             payload,
             metadata,
             expected_version,
@@ -269,16 +313,87 @@ impl NewEvent {
     }
 }
 
-/// Parses an RFC 3339 / ISO 8601 timestamp string with Postgres' own `timestamptz` input.
-fn timestamp(field: &str, value: &Value) -> Result<TimestampWithTimeZone, EventError> {
-    let hint = "Use an RFC 3339 timestamp such as \"2026-11-23T10:15:00Z\".";
-    let Value::String(text) = value else {
+/// What every item of one batch is checked with.
+#[derive(Clone, Copy)]
+struct Context<'a> {
+    allow_recorded_at: bool,
+    max_bytes: usize,
+    session: &'a [(&'a str, Option<String>)],
+    contracts: &'a Contracts,
+    empty: Jsonb,
+}
+
+/// How deep a `jsonb` argument may nest (the JSON parser's limit when arguments were parsed
+/// as text, kept as the documented rule).
+const MAX_DEPTH: usize = 128;
+
+/// Refuses an argument nested deeper than [`MAX_DEPTH`].
+fn check_depth(field: &str, document: &Jsonb) -> Result<(), EventError> {
+    if document.nests_deeper_than(MAX_DEPTH) {
         return Err(EventError::invalid(
             field,
-            format!(
-                "must be a timestamp string, got {}",
-                validation::json_kind(value)
-            ),
+            format!("is nested too deeply; documents may nest at most {MAX_DEPTH} levels deep"),
+            "Flatten the document, or store it elsewhere and put a reference in the event.",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a payload: an object whose JSON text (as Postgres prints it) fits the size limit.
+fn check_payload(field: &str, payload: Node, max_bytes: usize) -> Result<(), EventError> {
+    validation::check_payload(field, payload.kind(), || payload.text().len(), max_bytes)
+}
+
+/// Checks a payload against its registered schema, if the registry has one to check.
+fn check_contract(
+    contracts: &Contracts,
+    field: &str,
+    event_type: &str,
+    event_version: i32,
+    payload: Node,
+) -> Result<(), EventError> {
+    contracts.check(field, event_type, event_version, || payload.to_value(field))
+}
+
+/// Checks metadata and adds the session defaults for the keys it does not carry.
+fn with_session_metadata(
+    field: &str,
+    metadata: Jsonb,
+    session: &[(&str, Option<String>)],
+) -> Result<Jsonb, EventError> {
+    let root = metadata.root();
+    let lookup = |key: &str| {
+        let Node::Object(map) = root else {
+            return None;
+        };
+        map.get(key).map(|node| match node {
+            Node::String(..) => Shape::String(node.as_str().unwrap_or_default()),
+            Node::Number(_) => Shape::Number,
+            other => Shape::Other(other.kind()),
+        })
+    };
+    let missing = validation::check_metadata(field, root.kind(), lookup, session)?;
+    if missing.is_empty() {
+        return Ok(metadata);
+    }
+    let defaults: Map<String, Value> = missing
+        .into_iter()
+        .map(|(key, value)| (key.to_string(), Value::String(value.clone())))
+        .collect();
+    // The event's own keys win: they are the right operand.
+    Ok(jsonb::concat(
+        Jsonb::parse(&Value::Object(defaults).to_string()),
+        metadata,
+    ))
+}
+
+/// Parses an RFC 3339 / ISO 8601 timestamp string with Postgres' own `timestamptz` input.
+fn timestamp(field: &str, value: Node) -> Result<TimestampWithTimeZone, EventError> {
+    let hint = "Use an RFC 3339 timestamp such as \"2026-11-23T10:15:00Z\".";
+    let Some(text) = value.as_str() else {
+        return Err(EventError::invalid(
+            field,
+            format!("must be a timestamp string, got {}", value.kind()),
             hint,
         ));
     };
@@ -294,7 +409,7 @@ fn timestamp(field: &str, value: &Value) -> Result<TimestampWithTimeZone, EventE
             | "epoch"
             | "allballs"
     );
-    let cstr = CString::new(text.as_str())
+    let cstr = CString::new(text)
         .map_err(|_| EventError::invalid(field, "contains a NUL character", hint))?;
     if is_keyword || !text.chars().next().is_some_and(|c| c.is_ascii_digit()) {
         return Err(EventError::invalid(

@@ -49,7 +49,7 @@ pub enum SchemaValidation {
 
 /// Whether raising records events.
 pub static ENABLED: GucSetting<EventsEnabled> = GucSetting::<EventsEnabled>::new(EventsEnabled::On);
-/// Largest accepted payload, in bytes of its JSON text.
+/// Largest accepted payload, in bytes of its JSON text as Postgres prints it.
 pub static MAX_PAYLOAD_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 /// How payloads are checked against `domain_events.event_schema`.
 pub static SCHEMA_VALIDATION: GucSetting<SchemaValidation> =
@@ -104,7 +104,7 @@ pub fn init(preloading: bool) {
     );
     GucRegistry::define_int_guc(
         c"domain_events.max_payload_bytes",
-        c"Largest event payload accepted, in bytes of its JSON text.",
+        c"Largest event payload accepted, in bytes of its JSON text (octet_length(payload::text)).",
         c"Larger payloads are rejected with SQLSTATE 22023 and nothing is written.",
         &MAX_PAYLOAD_BYTES,
         2,

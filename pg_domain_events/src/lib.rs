@@ -18,6 +18,7 @@ mod handler_registry;
 mod handler_stats;
 mod immutability;
 mod json_arg;
+mod jsonb;
 mod maintenance;
 mod partition;
 mod pg_major;

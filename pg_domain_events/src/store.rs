@@ -10,6 +10,8 @@ use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::PgOid;
 
+use crate::jsonb::{self, Jsonb};
+
 /// Appends a batch (multi-argument `unnest` only exists unqualified, as `ROWS FROM` sugar;
 /// every caller pins `search_path` to `pg_catalog, pg_temp`): upserts the stream heads (one row per aggregate, in sorted order so that
 /// concurrent batches lock heads in the same order and cannot deadlock), then inserts the
@@ -27,10 +29,10 @@ INSERT INTO domain_events.event
     (id, aggregate_type, aggregate_id, aggregate_version, event_type, event_version,
      payload, metadata, occurred_at, recorded_at)
 SELECT e.id, e.t, e.i, head.version - e.n + e.k, e.et, e.ev,
-       e.p::jsonb, e.m::jsonb,
+       e.p, e.m,
        COALESCE(e.o, pg_catalog.now()), COALESCE(e.r, pg_catalog.now())
   FROM unnest($4::uuid[], $5::text[], $6::text[], $7::bigint[], $8::bigint[],
-                         $9::text[], $10::int[], $11::text[], $12::text[],
+                         $9::text[], $10::int[], $11::jsonb[], $12::jsonb[],
                          $13::timestamptz[], $14::timestamptz[])
        WITH ORDINALITY AS e(id, t, i, k, n, et, ev, p, m, o, r, ord)
   JOIN head ON head.aggregate_type = e.t AND head.aggregate_id = e.i
@@ -51,7 +53,7 @@ WITH head AS (
 INSERT INTO domain_events.event
     (id, aggregate_type, aggregate_id, aggregate_version, event_type, event_version,
      payload, metadata, occurred_at, recorded_at)
-SELECT $3, $1, $2, head.version, $4, $5, $6::jsonb, $7::jsonb,
+SELECT $3, $1, $2, head.version, $4, $5, $6, $7,
        COALESCE($8, pg_catalog.now()), pg_catalog.now()
   FROM head
 RETURNING id, position, aggregate_version, recorded_at
@@ -322,10 +324,10 @@ pub struct BatchColumns {
     pub event_types: Vec<String>,
     /// Per event: payload schema version.
     pub event_versions: Vec<i32>,
-    /// Per event: payload JSON text.
-    pub payloads: Vec<String>,
-    /// Per event: metadata JSON text.
-    pub metadata: Vec<String>,
+    /// Per event: payload.
+    pub payloads: Vec<Jsonb>,
+    /// Per event: metadata.
+    pub metadata: Vec<Jsonb>,
     /// Per event: business time, `None` = `now()`.
     pub occurred_at: Vec<Option<TimestampWithTimeZone>>,
     /// Per event: server time, `None` = `now()` (only imports set it).
@@ -358,8 +360,8 @@ fn insert_plan(client: &SpiClient<'_>) -> OwnedPreparedStatement {
         int8,
         text,
         PgOid::from(pg_sys::INT4ARRAYOID),
-        text,
-        text,
+        PgOid::from(pg_sys::JSONBARRAYOID),
+        PgOid::from(pg_sys::JSONBARRAYOID),
         PgOid::from(pg_sys::TIMESTAMPTZARRAYOID),
         PgOid::from(pg_sys::TIMESTAMPTZARRAYOID),
     ];
@@ -416,8 +418,8 @@ pub fn insert_batch(batch: BatchColumns) -> Vec<Stored> {
                 batch.counts.into(),
                 batch.event_types.into(),
                 batch.event_versions.into(),
-                batch.payloads.into(),
-                batch.metadata.into(),
+                jsonb::array(&batch.payloads).into(),
+                jsonb::array(&batch.metadata).into(),
                 batch.occurred_at.into(),
                 batch.recorded_at.into(),
             ];
@@ -441,10 +443,10 @@ pub struct OneEvent {
     pub event_type: String,
     /// Payload schema version.
     pub event_version: i32,
-    /// Payload JSON text.
-    pub payload: String,
-    /// Metadata JSON text.
-    pub metadata: String,
+    /// Payload.
+    pub payload: Jsonb,
+    /// Metadata.
+    pub metadata: Jsonb,
     /// Business time, `None` = `now()`.
     pub occurred_at: Option<TimestampWithTimeZone>,
 }
@@ -462,8 +464,8 @@ pub fn insert_one(event: OneEvent) -> Stored {
                     PgOid::from(pg_sys::UUIDOID),
                     text,
                     PgOid::from(pg_sys::INT4OID),
-                    text,
-                    text,
+                    PgOid::from(pg_sys::JSONBOID),
+                    PgOid::from(pg_sys::JSONBOID),
                     PgOid::from(pg_sys::TIMESTAMPTZOID),
                 ];
                 client

@@ -27,6 +27,7 @@ use crate::errors;
 use crate::gucs;
 use crate::handler_registry::{LogLevel, SyncHandler};
 use crate::handler_stats::{self, Execution};
+use crate::jsonb::{Jsonb, Node, ObjectBuilder};
 use crate::rights;
 
 /// A stored event, as handlers receive it.
@@ -45,10 +46,10 @@ pub struct StoredEvent {
     pub event_type: String,
     /// Payload schema version.
     pub event_version: i32,
-    /// Payload JSON text.
-    pub payload: String,
-    /// Metadata JSON text.
-    pub metadata: String,
+    /// Payload.
+    pub payload: Jsonb,
+    /// Metadata.
+    pub metadata: Jsonb,
     /// Business time; `None` = the transaction's start.
     pub occurred_at: Option<TimestampWithTimeZone>,
     /// Server time.
@@ -56,30 +57,45 @@ pub struct StoredEvent {
 }
 
 impl StoredEvent {
-    /// The event as the listener's handlers see it (same keys), as JSON text.
-    fn json(&self) -> String {
-        let text = |s: &str| serde_json::to_string(s).expect("a string serialises");
-        let time = |t: TimestampWithTimeZone| serde_json::to_string(&t).expect("a timestamp");
+    /// The event as the listener's handlers see it (same keys and formats), built as `jsonb`
+    /// directly: the payload and metadata are copied in, never printed and parsed.
+    fn jsonb(&self) -> Jsonb {
+        let time = |t: TimestampWithTimeZone| match serde_json::to_value(t) {
+            Ok(Value::String(text)) => text,
+            _ => unreachable!("a timestamp serialises as a string"),
+        };
         let occurred_at = self.occurred_at.unwrap_or_else(transaction_start);
         // SAFETY: the transaction has an id: it just wrote the event.
         let txid = unsafe { pg_sys::GetTopFullTransactionIdIfAny() }.value;
-        format!(
-            "{{\"id\":\"{}\",\"position\":{},\"aggregate_type\":{},\"aggregate_id\":{},\
-             \"aggregate_version\":{},\"event_type\":{},\"event_version\":{},\"payload\":{},\
-             \"metadata\":{},\"occurred_at\":{},\"recorded_at\":{},\"txid\":{}}}",
-            self.id,
-            self.position,
-            text(&self.aggregate_type),
-            text(&self.aggregate_id),
-            self.aggregate_version,
-            text(&self.event_type),
-            self.event_version,
-            self.payload,
-            self.metadata,
-            time(occurred_at),
-            time(self.recorded_at),
-            txid,
-        )
+        let mut event = ObjectBuilder::new();
+        event.string("id", self.id.to_string());
+        event.integer("position", self.position);
+        event.string("aggregate_type", self.aggregate_type.clone());
+        event.string("aggregate_id", self.aggregate_id.clone());
+        event.integer("aggregate_version", self.aggregate_version);
+        event.string("event_type", self.event_type.clone());
+        event.integer("event_version", self.event_version.into());
+        event.document("payload", self.payload);
+        event.document("metadata", self.metadata);
+        event.string("occurred_at", time(occurred_at));
+        event.string("recorded_at", time(self.recorded_at));
+        event.integer(
+            "txid",
+            i64::try_from(txid).expect("a 64-bit transaction id below 2^63"),
+        );
+        event.finish()
+    }
+
+    /// The correlation id in the event's metadata.
+    fn correlation_id(&self) -> Option<String> {
+        let Node::Object(metadata) = self.metadata.root() else {
+            return None;
+        };
+        match metadata.get("correlation_id")? {
+            node @ Node::String(..) => node.as_str().map(str::to_string),
+            node @ Node::Number(_) => node.number_text(),
+            _ => None,
+        }
     }
 }
 
@@ -92,7 +108,7 @@ fn transaction_start() -> TimestampWithTimeZone {
 /// An event whose handlers are running in this backend (innermost last).
 struct Cause {
     event_id: String,
-    metadata: String,
+    correlation_id: Option<String>,
 }
 
 thread_local! {
@@ -137,13 +153,9 @@ pub fn cascade_metadata() -> Option<(String, String)> {
     CAUSES.with(|c| {
         let causes = c.borrow();
         let cause = causes.last()?;
-        let correlation = serde_json::from_str::<Value>(&cause.metadata)
-            .ok()
-            .and_then(|m| match m.get("correlation_id") {
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(Value::Number(n)) => Some(n.to_string()),
-                _ => None,
-            })
+        let correlation = cause
+            .correlation_id
+            .clone()
             .unwrap_or_else(|| cause.event_id.clone());
         Some((cause.event_id.clone(), correlation))
     })
@@ -154,22 +166,10 @@ pub fn run(handlers: &[SyncHandler], events: &[StoredEvent]) {
     for event in events {
         let mut argument: Option<pg_sys::Datum> = None;
         for handler in handlers.iter().filter(|h| h.wants(&event.event_type)) {
-            let datum = *argument.get_or_insert_with(|| jsonb(&event.json()));
+            let datum = *argument.get_or_insert_with(|| event.jsonb().datum());
             call(handler, event, datum);
         }
     }
-}
-
-pub(crate) fn jsonb(text: &str) -> pg_sys::Datum {
-    let text = CString::new(text).expect("JSON text has no NUL");
-    // SAFETY: jsonb_in takes a cstring; the result lives in the current memory context.
-    unsafe {
-        pgrx::direct_function_call::<pg_sys::Datum>(
-            pg_sys::jsonb_in,
-            &[text.as_c_str().into_datum()],
-        )
-    }
-    .expect("jsonb_in returns a value")
 }
 
 /// `FunctionCallInfoBaseData` with room for one argument (its flexible array member).
@@ -199,7 +199,7 @@ pub(crate) fn call(handler: &SyncHandler, event: &StoredEvent, argument: pg_sys:
     CAUSES.with(|c| {
         c.borrow_mut().push(Cause {
             event_id: event.id.to_string(),
-            metadata: event.metadata.clone(),
+            correlation_id: event.correlation_id(),
         })
     });
     let _cause = CauseGuard;

@@ -176,7 +176,7 @@ mod tests {
         Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', NULL)").unwrap();
     }
 
-    #[pg_test(error = "invalid payload: is 23 bytes, above domain_events.max_payload_bytes (16)")]
+    #[pg_test(error = "invalid payload: is 24 bytes, above domain_events.max_payload_bytes (16)")]
     fn oversize_payload_is_refused() {
         Spi::run("SET domain_events.max_payload_bytes = 16").unwrap();
         Spi::run("SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Created', '{\"note\": \"0123456789ab\"}')").unwrap();
@@ -208,6 +208,67 @@ mod tests {
             one::<String>("SELECT metadata::text FROM domain_events.event"),
             r#"{"actor": "user-17", "correlation_id": "given"}"#
         );
+    }
+
+    #[pg_test]
+    fn payloads_and_metadata_are_stored_as_given_by_every_raising_path() {
+        // Every JSON shape jsonb keeps, read in place and copied into the store.
+        let payload = r#"{"n": 1e2, "big": 123456789012345678901234567890.50, "neg": -0.5,
+            "s": "ünï \"quoted\" \\ \n\t\u0001 😀", "nested": {"a": [1, [2, {"b": null}], true, false]},
+            "empty": {}, "list": [], "": "empty key"}"#;
+        let metadata = r#"{"actor": 7, "source": "test", "extra": {"deep": [1, 2]}}"#;
+        Spi::run(&format!(
+            "SELECT * FROM domain_events.raise_event('Loan', '1', 'Loan.Noted', '{payload}', '{metadata}')"
+        ))
+        .unwrap();
+        Spi::run(&format!(
+            "SELECT * FROM domain_events.raise_events(jsonb_build_array(\
+               jsonb_build_object('aggregate_type', 'Loan', 'aggregate_id', 2, 'event_type', 'Loan.Noted', \
+                 'payload', '{payload}'::jsonb, 'metadata', '{metadata}'::jsonb), \
+               jsonb_build_object('aggregate_type', 'Loan', 'aggregate_id', '3', 'event_type', 'Loan.Noted')))"
+        ))
+        .unwrap();
+        assert_eq!(
+            count(&format!(
+                "SELECT count(*) FROM domain_events.event WHERE aggregate_id IN ('1', '2') \
+                 AND payload = '{payload}'::jsonb AND metadata = '{metadata}'::jsonb"
+            )),
+            2
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM domain_events.event WHERE aggregate_id = '3' AND payload = '{}' AND metadata = '{}'"),
+            1
+        );
+    }
+
+    #[pg_test]
+    fn a_sync_handler_gets_the_stored_event_with_every_key() {
+        Spi::run(
+            "CREATE TABLE public.seen (event jsonb); \
+             CREATE FUNCTION public.keep(event jsonb) RETURNS void LANGUAGE sql \
+               AS $$ INSERT INTO public.seen VALUES (event) $$; \
+             SELECT domain_events.register_handler('keep', 'public.keep(jsonb)', '{Loan.*}')",
+        )
+        .unwrap();
+        Spi::run("SET LOCAL domain_events.correlation_id = 'req-9'").unwrap();
+        Spi::run("SELECT * FROM domain_events.raise_events('[{\"aggregate_type\": \"Loan\", \"aggregate_id\": \"7\", \"event_type\": \"Loan.Funded\", \"payload\": {\"amount\": 12.50, \"tags\": [\"a\"]}, \"occurred_at\": \"2026-01-02T03:04:05.123456Z\"}]')").unwrap();
+        assert_eq!(
+            one::<String>("SELECT string_agg(k, ',' ORDER BY k) FROM public.seen, jsonb_object_keys(event) k"),
+            "aggregate_id,aggregate_type,aggregate_version,event_type,event_version,id,metadata,occurred_at,payload,position,recorded_at,txid"
+        );
+        assert!(one::<bool>(
+            "SELECT (s.event->>'id')::uuid = e.id AND (s.event->'position')::bigint = e.position \
+               AND s.event->>'aggregate_type' = e.aggregate_type AND s.event->>'aggregate_id' = e.aggregate_id \
+               AND (s.event->'aggregate_version')::bigint = e.aggregate_version \
+               AND s.event->>'event_type' = e.event_type AND (s.event->'event_version')::int = e.event_version \
+               AND s.event->'payload' = e.payload AND s.event->'metadata' = e.metadata \
+               AND s.event->'metadata'->>'correlation_id' = 'req-9' \
+               AND (s.event->>'occurred_at')::timestamptz = e.occurred_at \
+               AND (s.event->>'recorded_at')::timestamptz = e.recorded_at \
+               AND (s.event->'txid')::text::xid8 = e.txid \
+               AND jsonb_typeof(s.event->'position') = 'number' \
+             FROM public.seen s JOIN domain_events.event e ON true"
+        ));
     }
 
     #[pg_test(error = "domain_events.event is append-only: UPDATE is not allowed")]

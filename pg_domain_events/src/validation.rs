@@ -3,7 +3,7 @@
 //! Pure functions over Rust values, so they are unit-tested without a backend and shared by
 //! every entry point (`raise_event`, `raise_events`, `import_events`, table capture).
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::errors::EventError;
 
@@ -130,62 +130,83 @@ pub fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-/// Checks that a payload is a JSON object and serialises it, enforcing the size limit.
-pub fn payload_text(field: &str, payload: &Value, max_bytes: usize) -> Result<String, EventError> {
-    if !payload.is_object() {
+/// What the payload and metadata rules need to know of one JSON value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Shape<'a> {
+    /// A string, with its text.
+    String(&'a str),
+    /// A number.
+    Number,
+    /// Anything else, by its kind ([`json_kind`]'s words).
+    Other(&'static str),
+}
+
+/// Checks a payload given its kind and the length of its JSON text: an object within the
+/// size limit.
+pub fn check_payload(
+    field: &str,
+    kind: &str,
+    text_bytes: impl FnOnce() -> usize,
+    max_bytes: usize,
+) -> Result<(), EventError> {
+    if kind != "an object" {
         return Err(EventError::invalid(
             field,
-            format!("must be a JSON object, got {}", json_kind(payload)),
+            format!("must be a JSON object, got {kind}"),
             "Wrap the value in an object, e.g. {\"value\": ...}.",
         ));
     }
-    let text = payload.to_string();
-    if text.len() > max_bytes {
+    let bytes = text_bytes();
+    if bytes > max_bytes {
         return Err(EventError::invalid(
             field,
-            format!(
-                "is {} bytes, above domain_events.max_payload_bytes ({max_bytes})",
-                text.len()
-            ),
+            format!("is {bytes} bytes, above domain_events.max_payload_bytes ({max_bytes})"),
             "Store large documents elsewhere and put a reference in the event.",
         ));
     }
-    Ok(text)
+    Ok(())
 }
 
-/// Checks metadata, merges the session defaults (`domain_events.actor`, …) for absent keys and
-/// serialises it.
-pub fn metadata_text(
+/// Checks metadata (of kind `kind`, whose values `lookup` reads) and returns the session
+/// defaults (`domain_events.actor`, …) to add for the keys it does not carry.
+pub fn check_metadata<'d, 's>(
     field: &str,
-    metadata: &Value,
-    session_defaults: &[(&str, Option<String>)],
-) -> Result<String, EventError> {
-    let Value::Object(map) = metadata else {
+    kind: &str,
+    lookup: impl Fn(&str) -> Option<Shape<'s>>,
+    session_defaults: &'d [(&'d str, Option<String>)],
+) -> Result<Vec<(&'d str, &'d String)>, EventError> {
+    if kind != "an object" {
         return Err(EventError::invalid(
             field,
-            format!("must be a JSON object, got {}", json_kind(metadata)),
+            format!("must be a JSON object, got {kind}"),
             "Pass metadata as an object such as {\"actor\": \"user-1\"}.",
         ));
-    };
+    }
     for key in DOCUMENTED_METADATA_KEYS {
-        if let Some(value) = map.get(key) {
-            if !(value.is_string() || value.is_number()) {
+        match lookup(key) {
+            None | Some(Shape::String(_) | Shape::Number) => {}
+            Some(Shape::Other(kind)) => {
                 return Err(EventError::invalid(
                     format!("{field}.{key}"),
-                    format!("must be a string or a number, got {}", json_kind(value)),
+                    format!("must be a string or a number, got {kind}"),
                     "actor, correlation_id, causation_id, tenant_id and source are strings or numbers.",
                 ));
             }
         }
     }
-    match map.get(TRACEPARENT) {
-        Some(Value::String(value)) => check_traceparent(&format!("{field}.{TRACEPARENT}"), value)?,
+    match lookup(TRACEPARENT) {
+        Some(Shape::String(value)) => check_traceparent(&format!("{field}.{TRACEPARENT}"), value)?,
         Some(other) => {
+            let kind = match other {
+                Shape::Number => "a number",
+                Shape::Other(kind) => kind,
+                Shape::String(_) => unreachable!("matched above"),
+            };
             return Err(EventError::invalid(
                 format!("{field}.{TRACEPARENT}"),
-                format!("must be a string, got {}", json_kind(other)),
+                format!("must be a string, got {kind}"),
                 TRACEPARENT_HINT,
-            ))
+            ));
         }
         None => {
             if let Some((_, Some(value))) = session_defaults.iter().find(|(k, _)| *k == TRACEPARENT)
@@ -194,19 +215,11 @@ pub fn metadata_text(
             }
         }
     }
-    let missing: Vec<(&str, &String)> = session_defaults
+    Ok(session_defaults
         .iter()
         .filter_map(|(key, value)| value.as_ref().map(|v| (*key, v)))
-        .filter(|(key, _)| !map.contains_key(*key))
-        .collect();
-    if missing.is_empty() {
-        return Ok(metadata.to_string());
-    }
-    let mut merged: Map<String, Value> = map.clone();
-    for (key, value) in missing {
-        merged.insert(key.to_string(), Value::String(value.clone()));
-    }
-    Ok(Value::Object(merged).to_string())
+        .filter(|(key, _)| lookup(key).is_none())
+        .collect())
 }
 
 /// Checks an `expected_version` (the version before the event; 0 = new aggregate).
@@ -303,14 +316,21 @@ mod tests {
 
     #[test]
     fn payloads_must_be_objects_within_the_limit() {
-        assert_eq!(
-            payload_text("payload", &json!({"a": 1}), 100).unwrap(),
-            r#"{"a":1}"#
-        );
-        for bad in [json!([1]), json!("s"), json!(1), json!(null), json!(true)] {
-            assert!(payload_text("payload", &bad, 100).is_err());
+        assert!(check_payload("payload", "an object", || 100, 100).is_ok());
+        for kind in ["an array", "a string", "a number", "null", "a boolean"] {
+            let err = check_payload("payload", kind, || 1, 100).unwrap_err();
+            assert!(err.to_string().contains(kind), "{err}");
         }
-        assert!(payload_text("payload", &json!({"a": "x".repeat(100)}), 100).is_err());
+        let err = check_payload("payload", "an object", || 101, 100).unwrap_err();
+        assert!(err.to_string().contains("is 101 bytes"), "{err}");
+    }
+
+    fn shape_of(value: &Value) -> Shape<'_> {
+        match value {
+            Value::String(s) => Shape::String(s),
+            Value::Number(_) => Shape::Number,
+            other => Shape::Other(json_kind(other)),
+        }
     }
 
     #[test]
@@ -319,12 +339,30 @@ mod tests {
             ("actor", Some("session-user".to_string())),
             ("correlation_id", None),
         ];
-        let text = metadata_text("metadata", &json!({}), &defaults).unwrap();
-        assert_eq!(text, r#"{"actor":"session-user"}"#);
-        let text = metadata_text("metadata", &json!({"actor": "given"}), &defaults).unwrap();
-        assert_eq!(text, r#"{"actor":"given"}"#);
-        assert!(metadata_text("metadata", &json!({"actor": {"x": 1}}), &defaults).is_err());
-        assert!(metadata_text("metadata", &json!([]), &defaults).is_err());
+        let check = |metadata: &Value| {
+            check_metadata(
+                "metadata",
+                json_kind(metadata),
+                |key| metadata.get(key).map(shape_of),
+                &defaults,
+            )
+            .map(|missing| {
+                missing
+                    .into_iter()
+                    .map(|(k, v)| (k, v.clone()))
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(
+            check(&json!({})).unwrap(),
+            vec![("actor", "session-user".to_string())]
+        );
+        assert!(check(&json!({"actor": "given"})).unwrap().is_empty());
+        assert!(check(&json!({"actor": 7})).unwrap().is_empty());
+        assert!(check(&json!({"actor": {"x": 1}})).is_err());
+        assert!(check(&json!({"traceparent": 1})).is_err());
+        assert!(check(&json!({"traceparent": "00-x"})).is_err());
+        assert!(check(&json!([])).is_err());
     }
 
     #[test]
