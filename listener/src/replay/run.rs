@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::TryStreamExt;
+use futures_util::{FutureExt, TryStreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
@@ -134,11 +134,16 @@ impl Replay {
         // Two batches in flight: one being handled, the next being fetched and decoded.
         let (items_tx, items_rx) = mpsc::channel(self.batch_size.saturating_mul(2));
         let (ack_tx, ack_rx) = watch::channel(Ack::default());
-        let dispatcher = tokio::spawn(
+        // The dispatcher runs on this task next to the reader, not spawned: a queue between two
+        // tasks on different threads costs a thread wake-up whenever the consumer has caught up,
+        // which is most of the time here (a third of the replay's CPU in a profile). A panic is
+        // still reported as the dispatcher's failure.
+        let dispatcher = std::panic::AssertUnwindSafe(
             Dispatcher::new(Arc::clone(&registry), failures.clone())
                 .with_workers(self.workers)
                 .run(items_rx, ack_tx, cancel.clone()),
-        );
+        )
+        .catch_unwind();
         let progress = self.progress.as_ref().map(|done| {
             Arc::new(BatchProgress {
                 ends: Default::default(),
@@ -155,15 +160,14 @@ impl Replay {
             cancel: cancel.clone(),
             progress,
         };
-        let (batches, read) = reader.run(client).await;
+        let (dispatched, (batches, read)) = tokio::join!(dispatcher, reader.run(client));
         let _ = connection.await;
-        let dispatched = match dispatcher.await {
-            Ok(result) => result,
-            Err(join) => Err(Error::Task {
+        let dispatched = dispatched.unwrap_or_else(|_| {
+            Err(Error::Task {
                 task: "replay dispatcher",
-                reason: join.to_string(),
-            }),
-        };
+                reason: "panicked".into(),
+            })
+        });
         if let Some(following) = following {
             // Ends with the dispatcher's acknowledgement sender.
             let _ = following.await;
