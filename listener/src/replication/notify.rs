@@ -419,7 +419,23 @@ pub fn snapshot_xmin(snapshot: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::snapshot_xmin;
+    use super::{notify_on_statement, snapshot_xmin};
+
+    #[test]
+    fn the_statement_that_turns_notify_on_quotes_only_odd_names() {
+        assert_eq!(
+            notify_on_statement("app_1"),
+            "ALTER DATABASE app_1 SET domain_events.notify = on"
+        );
+        assert_eq!(
+            notify_on_statement("My App"),
+            "ALTER DATABASE \"My App\" SET domain_events.notify = on"
+        );
+        assert_eq!(
+            notify_on_statement("1st"),
+            "ALTER DATABASE \"1st\" SET domain_events.notify = on"
+        );
+    }
 
     #[test]
     fn snapshot_xmin_reads_the_first_field() {
