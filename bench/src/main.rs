@@ -11,6 +11,7 @@ mod capture;
 mod contracts;
 mod handlers;
 mod kafka;
+mod latency;
 mod per_row;
 mod pipeline;
 mod replay;

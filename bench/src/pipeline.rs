@@ -7,11 +7,12 @@
 //! 2. the listener library drains its slot to a no-op handler (timed until the last event);
 //! 3. `pg_recvlogical` drains the other slot up to the same end LSN (`--endpos`, output discarded);
 //! 4. a writer offers `--rate` events/s (transactions of 50) for `--seconds`, and the listener's
-//!    handler records commit→handle latency (commit = the writer's COMMIT returned).
+//!    handler records commit→handle latency (commit = the writer's COMMIT returned), three
+//!    times ([`crate::latency`]): right after the backlog, in steady state (after `VACUUM
+//!    (ANALYZE)` and `CHECKPOINT`), and in notify mode with `domain_events.notify = on`.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -54,12 +55,10 @@ pub(crate) fn param(dsn: &str, key: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
-/// Counts events; with `arrivals`, records when each event arrived; with `delay`, takes that
-/// long per event (a handler doing I/O).
+/// Counts events; with `delay`, takes that long per event (a handler doing I/O).
 #[derive(Default)]
 struct Probe {
     count: AtomicU64,
-    arrivals: Option<Mutex<Vec<(uuid::Uuid, Instant)>>>,
     delay: Duration,
 }
 
@@ -68,17 +67,11 @@ struct Shared(Arc<Probe>);
 
 #[async_trait::async_trait]
 impl Handler for Shared {
-    async fn handle(&self, event: &Event) -> Result<(), HandlerError> {
+    async fn handle(&self, _event: &Event) -> Result<(), HandlerError> {
         if !self.0.delay.is_zero() {
             tokio::time::sleep(self.0.delay).await;
         }
         self.0.count.fetch_add(1, Ordering::Relaxed);
-        if let Some(arrivals) = &self.0.arrivals {
-            arrivals
-                .lock()
-                .map_err(|_| HandlerError::definite("poisoned"))?
-                .push((event.id, Instant::now()));
-        }
         Ok(())
     }
 }
@@ -124,7 +117,7 @@ pub(crate) async fn write_backlog(
     Ok(())
 }
 
-fn batch(size: usize, n: u64) -> serde_json::Value {
+pub(crate) fn batch(size: usize, n: u64) -> serde_json::Value {
     serde_json::Value::Array(
         (0..size)
             .map(|i| {
@@ -274,77 +267,70 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
         ours_rate / theirs_rate
     );
 
-    // 4. Latency at a fixed offered rate.
-    let probe = Arc::new(Probe {
-        arrivals: Some(Mutex::new(Vec::new())),
-        ..Probe::default()
-    });
-    let mut registry = Registry::new();
-    registry.register(
-        "probe",
-        [Filter::All],
-        RetryPolicy::default(),
-        Shared(probe.clone()),
-    );
+    // 4. Latency at a fixed offered rate: right after the backlog (the server's autovacuum of
+    //    the new rows and its checkpoint may run meanwhile), then in steady state (that work
+    //    done beforehand), then in notify mode with wake-ups on.
+    let writer_dsn = dsn_for(&a.cluster.dsn, &dbname);
     let mut config = listener_config(&a.cluster.dsn, &dbname, &slot);
     config.replication.ack_interval_ms = 100;
-    let listener = Listener::new(config, registry)?;
-    let cancel = CancellationToken::new();
-    let token = cancel.clone();
-    let task = tokio::spawn(async move { listener.run(token).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let per_txn = 50u64;
-    let interval = Duration::from_secs_f64(per_txn as f64 / a.rate as f64);
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut commits: HashMap<uuid::Uuid, Instant> = HashMap::new();
-    let mut offered = 0u64;
-    let deadline = Instant::now() + Duration::from_secs(a.seconds);
-    let mut writer = connect(&dsn_for(&a.cluster.dsn, &dbname)).await?;
-    while Instant::now() < deadline {
-        ticker.tick().await;
-        let tx = writer.transaction().await.context("begin")?;
-        let rows = tx
-            .query(
-                "SELECT id FROM domain_events.raise_events($1)",
-                &[&batch(per_txn as usize, offered)],
-            )
-            .await
-            .context("raise")?;
-        tx.commit().await.context("commit")?;
-        let at = Instant::now();
-        for row in rows {
-            commits.insert(row.get(0), at);
-        }
-        offered += per_txn;
-    }
-    let wait_until = Instant::now() + Duration::from_secs(30);
-    while probe.count.load(Ordering::Relaxed) < offered && Instant::now() < wait_until {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    cancel.cancel();
-    task.await.expect("join").context("listener")?;
-    let arrivals = probe
-        .arrivals
-        .as_ref()
-        .and_then(|a| a.lock().ok().map(|a| a.clone()))
-        .unwrap_or_default();
-    anyhow::ensure!(!arrivals.is_empty(), "no event reached the handler");
-    let mut latencies: Vec<Duration> = arrivals
-        .iter()
-        .filter_map(|(id, at)| commits.get(id).map(|c| at.saturating_duration_since(*c)))
-        .collect();
-    latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    println!(
-        "latency at {} ev/s offered ({} events, {:.0} ev/s achieved): p50 {:.2?}, p99 {:.2?}, max {:.2?}",
+    let target: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let caught_up = || slot_caught_up(&db, &slot, &target);
+    let after_backlog = crate::latency::phase(
+        "replication, right after the backlog",
+        config.clone(),
+        &writer_dsn,
+        "",
         a.rate,
-        latencies.len(),
-        offered as f64 / a.seconds as f64,
-        pct(0.50),
-        pct(0.99),
-        latencies.last().copied().unwrap_or_default()
+        a.seconds,
+        caught_up,
+    )
+    .await?;
+    db.batch_execute("VACUUM (ANALYZE) domain_events.event")
+        .await
+        .context("vacuum")?;
+    db.batch_execute("CHECKPOINT").await.context("checkpoint")?;
+    let target: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let caught_up = || slot_caught_up(&db, &slot, &target);
+    let steady = crate::latency::phase(
+        "replication, steady state",
+        config.clone(),
+        &writer_dsn,
+        "",
+        a.rate,
+        a.seconds,
+        caught_up,
+    )
+    .await?;
+    let mut notify = config;
+    notify.replication.mode = listener::config::Mode::Notify;
+    notify.replication.subscription = Some("bench_notify".into());
+    let notified = crate::latency::phase(
+        "notify mode (domain_events.notify = on), steady state",
+        notify,
+        &writer_dsn,
+        "SET domain_events.notify = on",
+        a.rate,
+        a.seconds,
+        || subscription_exists(&db, "bench_notify"),
+    )
+    .await?;
+    println!(
+        "| commit → handler at {} ev/s | p50, p99, p99.9, max |",
+        a.rate
     );
+    println!("|---|---|");
+    println!(
+        "| replication, right after the backlog | {} |",
+        after_backlog.summary()
+    );
+    println!("| replication, steady state | {} |", steady.summary());
+    println!("| notify mode, notify on | {} |", notified.summary());
 
     db.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .await
@@ -352,8 +338,36 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
     db.execute("SELECT pg_drop_replication_slot($1)", &[&recv_slot])
         .await
         .context("drop slot")?;
-    drop(writer);
     drop_publishing_database(&admin, db, &dbname).await
+}
+
+/// Whether `slot` has confirmed the WAL up to `target` (the listener caught up).
+async fn slot_caught_up(
+    db: &tokio_postgres::Client,
+    slot: &str,
+    target: &str,
+) -> anyhow::Result<bool> {
+    Ok(db
+        .query_one(
+            "SELECT coalesce(confirmed_flush_lsn >= $2::text::pg_lsn, false) \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot, &target],
+        )
+        .await
+        .context("slot position")?
+        .get(0))
+}
+
+/// Whether the notify-mode subscription `name` has started.
+async fn subscription_exists(db: &tokio_postgres::Client, name: &str) -> anyhow::Result<bool> {
+    Ok(db
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM domain_events.subscription WHERE name = $1)",
+            &[&name],
+        )
+        .await
+        .context("subscription row")?
+        .get(0))
 }
 
 /// Flags of `bench workers`.

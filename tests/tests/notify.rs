@@ -547,3 +547,113 @@ async fn a_sql_handler_applies_each_event_once_across_kills_and_a_late_commit() 
     eprintln!("{} runs, {skipped} redelivered events skipped", runs.len());
     assert!(skipped > 0, "no run was handed an already applied event");
 }
+
+/// Waits until the binary's log contains `needle`; panics with the log after 30 s.
+async fn wait_log(process: &ListenerProcess, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = process.stderr();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `listener status`: the row of subscription `name` by column, and the standard error.
+fn status_of(file: &TempFile, name: &str) -> (HashMap<String, String>, String) {
+    let out = run_cli(&["status"], file);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    let header: Vec<&str> = stdout.lines().next().expect("header").split('\t').collect();
+    let row: Vec<&str> = stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}\t")))
+        .unwrap_or_else(|| panic!("no row for {name}:\n{stdout}"))
+        .split('\t')
+        .collect();
+    assert_eq!(header.len(), row.len(), "{stdout}");
+    let columns = header
+        .iter()
+        .zip(row)
+        .map(|(h, v)| (h.to_string(), v.to_string()))
+        .collect();
+    (columns, stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_without_wake_ups_is_said_at_start_up_and_in_status() {
+    let db = TestDb::new().await;
+    let name = unique_name("nwake");
+    let file = write_config(&notify_config(&db, &name, 200));
+    const WARNING: &str = "domain_events.notify is off";
+
+    // The default: nothing wakes the listener. It says so once, naming the setting and the way
+    // to turn it on, and still delivers (by polling).
+    let mut process = ListenerProcess::spawn(&file, &[]);
+    wait_started(&db, &name).await;
+    let log = wait_log(&process, WARNING).await;
+    assert!(
+        log.contains(&format!(
+            "ALTER DATABASE {} SET domain_events.notify = on",
+            db.name
+        )),
+        "{log}"
+    );
+    assert_eq!(log.matches(WARNING).count(), 1, "{log}");
+    let raised = raise(&db.client, "loan-1", 1).await;
+    let lines = process.wait_lines(1, Duration::from_secs(30)).await;
+    assert_eq!(line_id(&lines[0]), raised[0].0);
+    let (columns, stderr) = status_of(&file, &name);
+    assert_eq!(columns["mode"], "notify");
+    assert_eq!(columns["wakeups"], "polling", "{columns:?}");
+    assert!(stderr.contains(WARNING), "{stderr}");
+    assert!(stderr.contains(&name), "{stderr}");
+    process.stop_ok().await;
+
+    // Turned on for the database's sessions: status and the next start say nothing.
+    db.client
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET domain_events.notify = on",
+            db.name
+        ))
+        .await
+        .expect("notify on");
+    let (columns, stderr) = status_of(&file, &name);
+    assert_eq!(columns["wakeups"], "notify", "{columns:?}");
+    assert!(!stderr.contains(WARNING), "{stderr}");
+    let mut process = ListenerProcess::spawn(&file, &[]);
+    wait_log(&process, "polling (notify mode)").await;
+    let raised = raise(&db.client, "loan-2", 1).await;
+    let lines = process.wait_lines(1, Duration::from_secs(30)).await;
+    assert_eq!(line_id(&lines[0]), raised[0].0);
+    assert!(!process.stderr().contains(WARNING), "{}", process.stderr());
+    process.stop_ok().await;
+
+    // A writers' role with it on counts too (the listener's own session does not see it).
+    db.client
+        .batch_execute(&format!(
+            "ALTER DATABASE {} RESET domain_events.notify; \
+             CREATE ROLE {name}_app; \
+             ALTER ROLE {name}_app IN DATABASE {} SET domain_events.notify = on",
+            db.name, db.name
+        ))
+        .await
+        .expect("notify on for a role");
+    let (columns, _) = status_of(&file, &name);
+    assert_eq!(columns["wakeups"], "notify", "{columns:?}");
+    db.client
+        .batch_execute(&format!(
+            "ALTER ROLE {name}_app IN DATABASE {} RESET ALL; DROP ROLE {name}_app",
+            db.name
+        ))
+        .await
+        .expect("drop the role");
+    let (columns, _) = status_of(&file, &name);
+    assert_eq!(columns["wakeups"], "polling", "{columns:?}");
+}

@@ -445,3 +445,66 @@ async fn replay_after_slot_drop_recovers_events_committed_without_a_slot() {
     assert!(before.iter().all(|id| !replayed.contains(id)));
     live.stop().await.expect("clean stop");
 }
+
+#[tokio::test]
+async fn progress_is_shown_on_a_terminal_and_nowhere_else() {
+    let db = TestDb::new().await;
+    import_history(&db).await;
+    // About 1 s of handling (60 events, 15 ms each), in batches of 10: the bar has time to move.
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION public.slow(event jsonb) RETURNS void LANGUAGE sql \
+             AS 'SELECT pg_sleep(0.015)'",
+        )
+        .await
+        .expect("slow handler");
+    let mut config = config_for(&db, &unique_name("rp"));
+    config.handlers.push(HandlerConfig {
+        name: Some("slow".into()),
+        events: vec!["*".into()],
+        ..HandlerConfig::new(listener::sink::SqlConfig::new("public.slow"))
+    });
+    let file = write_config(&config);
+
+    // Standard error is a pipe here: only the summary, no bar, no terminal control.
+    let run = replay(&["--batch-size", "10"], &file);
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+    assert!(run.stderr.contains("60 event(s) read"), "{}", run.stderr);
+    for noise in ["/60", " left", "\r", "\u{1b}["] {
+        assert!(
+            !run.stderr.contains(noise),
+            "progress output ({noise:?}) on a pipe:\n{}",
+            run.stderr
+        );
+    }
+
+    // On a terminal (a pseudo-terminal made by `script`): events done of the selection, rate
+    // and time left, then the summary.
+    let command = format!(
+        "'{}' replay --batch-size 10 --config '{}' >/dev/null",
+        e2e::listener_support::listener_binary().display(),
+        file.0.display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env_remove("RUST_LOG")
+        .env_remove("PGPASSWORD")
+        .env_remove("PGDE_PASSWORD")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script(1)");
+    let terminal = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}: {terminal}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        terminal.contains("/60 events"),
+        "no progress:\n{terminal:?}"
+    );
+    assert!(terminal.contains(" left"), "no time left:\n{terminal:?}");
+    assert!(terminal.contains("/s"), "no rate:\n{terminal:?}");
+    assert!(terminal.contains("60 event(s) read"), "{terminal:?}");
+}

@@ -30,6 +30,17 @@ pub struct SubscriptionStatus {
     pub active_pid: Option<i32>,
     /// Server processes of the listeners standing by for the slot ([`crate::replication::standby`]).
     pub standby_pids: Vec<i32>,
+    /// Notify mode: whether writers wake the listener (`domain_events.notify` on, see
+    /// [`crate::replication::notify::writers_notify`]); when not, it delivers by polling only.
+    /// `None` in replication mode.
+    pub wakeups: Option<bool>,
+}
+
+impl SubscriptionStatus {
+    /// A notify-mode subscription whose listener is woken by nothing but its poll interval.
+    pub fn polling_only(&self) -> bool {
+        self.wakeups == Some(false)
+    }
 }
 
 /// `$1`: [`crate::replication::standby::STANDBY_PREFIX`]. A standby's `application_name` is its marker,
@@ -45,7 +56,8 @@ const STATUS: &str = "SELECT l.name, l.mode, l.position, l.lsn::text, l.events_b
                    OR (pg_catalog.octet_length($1 || l.name) > 63 \
                        AND pg_catalog.octet_length(a.application_name) > 59 \
                        AND pg_catalog.starts_with($1 || l.name, a.application_name))) \
-            ORDER BY a.pid) \
+            ORDER BY a.pid), \
+     CASE WHEN l.mode = 'notify' THEN {wakeups} END \
      FROM domain_events.subscription_lag l ORDER BY l.name";
 
 /// Drops slot `$1` of the current database (no row when there is none).
@@ -58,8 +70,9 @@ const FORGET_LSN: &str = "UPDATE domain_events.subscription SET lsn = NULL, upda
 
 /// Every subscription of the database, from the `subscription_lag` view.
 pub async fn status(client: &Client) -> Result<Vec<SubscriptionStatus>, Error> {
+    let sql = STATUS.replace("{wakeups}", crate::replication::notify::WRITERS_NOTIFY);
     let rows = client
-        .query(STATUS, &[&crate::replication::standby::STANDBY_PREFIX])
+        .query(&sql, &[&crate::replication::standby::STANDBY_PREFIX])
         .await
         .map_err(Error::sql("reading domain_events.subscription_lag"))?;
     Ok(rows
@@ -76,6 +89,7 @@ pub async fn status(client: &Client) -> Result<Vec<SubscriptionStatus>, Error> {
             slot_wal_status: r.get(8),
             active_pid: r.get(9),
             standby_pids: r.get(10),
+            wakeups: r.get(11),
         })
         .collect())
 }
@@ -86,7 +100,7 @@ pub fn render_status(rows: &[SubscriptionStatus]) -> String {
         v.as_ref().map(T::to_string).unwrap_or_else(|| "-".into())
     }
     let mut out = String::from(
-        "name\tmode\tposition\tlsn\tevents_behind\tbytes_behind\tslot_wal_retained\tslot_active\tslot_wal_status\tactive_pid\tstandby_pids\n",
+        "name\tmode\tposition\tlsn\tevents_behind\tbytes_behind\tslot_wal_retained\tslot_active\tslot_wal_status\tactive_pid\tstandby_pids\twakeups\n",
     );
     for r in rows {
         let standbys = if r.standby_pids.is_empty() {
@@ -96,7 +110,7 @@ pub fn render_status(rows: &[SubscriptionStatus]) -> String {
             pids.join(",")
         };
         out.push_str(&format!(
-            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
             r.name,
             r.mode,
             r.position,
@@ -107,7 +121,12 @@ pub fn render_status(rows: &[SubscriptionStatus]) -> String {
             opt(&r.slot_active),
             opt(&r.slot_wal_status),
             opt(&r.active_pid),
-            standbys
+            standbys,
+            match r.wakeups {
+                Some(true) => "notify",
+                Some(false) => "polling",
+                None => "-",
+            }
         ));
     }
     out
@@ -167,10 +186,11 @@ mod tests {
             slot_wal_status: None,
             active_pid: None,
             standby_pids: Vec::new(),
+            wakeups: Some(false),
         }];
         assert_eq!(
             render_status(&rows).lines().nth(1),
-            Some("poller\tnotify\t0\t-\t2\t-\t-\t-\t-\t-\t-")
+            Some("poller\tnotify\t0\t-\t2\t-\t-\t-\t-\t-\t-\tpolling")
         );
     }
 }

@@ -11,8 +11,10 @@
 //! is per-aggregate version order: the extension takes an event's position from the sequence
 //! while it holds the row lock of the aggregate's stream head (single events and batches alike,
 //! batches inserting in input order, in which versions are numbered), so a later version of an
-//! aggregate always has a larger position. Reading and handling overlap: a bounded queue lets
-//! the next batch be fetched and decoded while the handlers run over the previous one.
+//! aggregate always has a larger position. Reading and handling overlap: the next batch is
+//! requested before the current one is read (the server produces it meanwhile), and a bounded
+//! queue lets the reader decode ahead while the handlers run; reader and dispatcher share one
+//! task, so handing an event over wakes no thread.
 //!
 //! # Handling
 //!

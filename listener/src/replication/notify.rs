@@ -48,6 +48,46 @@ use crate::lsn::Lsn;
 /// events.
 pub const CHANNEL: &str = "domain_events";
 
+/// Whether writers wake notify-mode listeners (a SQL expression, `true` or `false`):
+/// `domain_events.notify` as this session sees it (the server's, the database's and this
+/// role's settings), or turned on for any role in this database (`ALTER ROLE … [IN DATABASE …]
+/// SET`). A writer that turns it on with `SET` in its own session is not seen: the listener then
+/// warns although it is woken.
+pub(crate) const WRITERS_NOTIFY: &str = "(coalesce(pg_catalog.lower(\
+     pg_catalog.current_setting('domain_events.notify', true)) IN ('on', 'true', 'yes', '1'), false) \
+     OR EXISTS (SELECT 1 FROM pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) c \
+       WHERE s.setdatabase IN (0, (SELECT d.oid FROM pg_catalog.pg_database d \
+                                   WHERE d.datname = pg_catalog.current_database())) \
+         AND pg_catalog.lower(pg_catalog.replace(c, ' ', '')) IN ('domain_events.notify=on', \
+             'domain_events.notify=true', 'domain_events.notify=yes', 'domain_events.notify=1')))";
+
+/// Whether writers' transactions wake this listener ([`WRITERS_NOTIFY`]).
+pub async fn writers_notify(client: &Client) -> Result<bool, Error> {
+    let row = client
+        .query_one(&format!("SELECT {WRITERS_NOTIFY}"), &[])
+        .await
+        .map_err(Error::sql("reading domain_events.notify"))?;
+    Ok(row.get(0))
+}
+
+/// The statement that turns wake-ups on for every session of database `dbname` (the name
+/// quoted only when it needs to be, so that it reads as typed).
+pub fn notify_on_statement(dbname: &str) -> String {
+    let plain = dbname
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && dbname
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    let name = if plain {
+        dbname.to_string()
+    } else {
+        postgres_protocol::escape::escape_identifier(dbname)
+    };
+    format!("ALTER DATABASE {name} SET domain_events.notify = on")
+}
+
 /// Where a notify-mode subscription is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct State {
@@ -379,7 +419,23 @@ pub fn snapshot_xmin(snapshot: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::snapshot_xmin;
+    use super::{notify_on_statement, snapshot_xmin};
+
+    #[test]
+    fn the_statement_that_turns_notify_on_quotes_only_odd_names() {
+        assert_eq!(
+            notify_on_statement("app_1"),
+            "ALTER DATABASE app_1 SET domain_events.notify = on"
+        );
+        assert_eq!(
+            notify_on_statement("My App"),
+            "ALTER DATABASE \"My App\" SET domain_events.notify = on"
+        );
+        assert_eq!(
+            notify_on_statement("1st"),
+            "ALTER DATABASE \"1st\" SET domain_events.notify = on"
+        );
+    }
 
     #[test]
     fn snapshot_xmin_reads_the_first_field() {

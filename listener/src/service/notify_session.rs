@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::delivery::dispatch::Ack;
 use crate::error::Error;
@@ -42,6 +42,18 @@ impl Listener {
             "polling (notify mode)"
         );
 
+        // Without wake-ups every event waits for the next poll: a silent default that looks
+        // like a slow listener. Say so once, with the way out.
+        if !crate::replication::notify::writers_notify(&delivery_sql).await? {
+            warn!(
+                setting = "domain_events.notify",
+                poll_interval_ms = r.poll_interval_ms,
+                "domain_events.notify is off: writers do not wake this listener, so events are \
+                 delivered by polling, up to poll_interval_ms after their commit; to deliver \
+                 them at commit, turn it on for the writers (as a superuser: {})",
+                crate::replication::notify::notify_on_statement(&db.dbname)
+            );
+        }
         let (items_tx, acks_rx, dispatch) =
             self.start_delivery(delivery_sql, Ack::default(), tokens);
         let poller = crate::replication::notify::Poller {

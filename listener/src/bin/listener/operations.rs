@@ -32,11 +32,24 @@ pub(crate) enum SlotCommand {
 }
 
 pub(crate) fn status(args: &ConfigArgs) -> ExitCode {
-    with_database(args, |_, client| async move {
-        print!(
-            "{}",
-            operations::render_status(&operations::status(&client).await?)
-        );
+    with_database(args, |config, client| async move {
+        let rows = operations::status(&client).await?;
+        print!("{}", operations::render_status(&rows));
+        // The table stays machine-readable; the explanation goes to standard error.
+        let polling: Vec<&str> = rows
+            .iter()
+            .filter(|r| r.polling_only())
+            .map(|r| r.name.as_str())
+            .collect();
+        if !polling.is_empty() {
+            eprintln!(
+                "warning: domain_events.notify is off: notify-mode subscription(s) {} are \
+                 delivered by polling only, up to replication.poll_interval_ms after each \
+                 commit; turn it on for the writers (as a superuser: {}) to deliver at commit",
+                polling.join(", "),
+                listener::replication::notify::notify_on_statement(&config.database.dbname)
+            );
+        }
         Ok(ExitCode::SUCCESS)
     })
 }

@@ -1,6 +1,12 @@
 //! `listener replay`: handlers run over stored events.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use listener::config::ConfigArgs;
 use listener::error::report;
@@ -114,7 +120,20 @@ pub(crate) fn replay(args: &ReplayArgs) -> ExitCode {
         }
         let cancel = CancellationToken::new();
         let signals = tokio::spawn(watch_signals(cancel.clone()));
+        let progress = if std::io::stderr().is_terminal() {
+            progress(&replay).await
+        } else {
+            None
+        };
+        let replay = match &progress {
+            Some((done, _)) => replay.with_progress(Arc::clone(done)),
+            None => replay,
+        };
         let result = replay.run(registry, cancel).await;
+        if let Some((_, bar)) = progress {
+            bar.abort();
+            let _ = bar.await;
+        }
         signals.abort();
         match result {
             Ok(summary) => {
@@ -133,4 +152,38 @@ pub(crate) fn replay(args: &ReplayArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// On a terminal: events done out of the selection, rate and time left, on standard error,
+/// redrawn from the replay's counter until the returned task is aborted (which clears the bar
+/// before the summary is printed). `None` when the selection cannot be counted (the replay
+/// itself then reports the problem).
+async fn progress(replay: &Replay) -> Option<(Arc<AtomicU64>, tokio::task::JoinHandle<()>)> {
+    let total: u64 = replay.count().await.ok()?.iter().map(|(_, n)| n).sum();
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "replay {wide_bar} {human_pos}/{human_len} events, {per_sec}, {eta} left",
+    ) {
+        bar.set_style(style);
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let task = tokio::spawn({
+        let done = Arc::clone(&done);
+        async move {
+            // Clears the bar however the task ends (aborted once the replay is over).
+            struct Clear(ProgressBar);
+            impl Drop for Clear {
+                fn drop(&mut self) {
+                    self.0.finish_and_clear();
+                }
+            }
+            let bar = Clear(bar);
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                bar.0.set_position(done.load(Ordering::Relaxed));
+            }
+        }
+    });
+    Some((done, task))
 }
