@@ -19,6 +19,7 @@ use crate::delivery::dead_letter::event_from_row;
 use crate::delivery::dispatch::{Ack, Dispatcher, Item, Registry, Undecodable};
 use crate::error::{report, Error};
 use crate::lsn::Lsn;
+use crate::ops::traces::{Delivery, Tracing};
 use crate::service::Purpose;
 
 /// Events read per fetch unless told otherwise.
@@ -55,6 +56,7 @@ pub struct Replay {
     selection: Selection,
     batch_size: usize,
     workers: usize,
+    tracing: Tracing,
 }
 
 impl Replay {
@@ -65,7 +67,14 @@ impl Replay {
             selection,
             batch_size: DEFAULT_BATCH_SIZE,
             workers: 1,
+            tracing: Tracing::off(),
         }
+    }
+
+    /// Traces the handler calls with `tracing`, marked as replayed (`[telemetry]`).
+    pub fn with_tracing(mut self, tracing: Tracing) -> Replay {
+        self.tracing = tracing.delivering(Delivery::Replay);
+        self
     }
 
     /// Events fetched (and flushed to the handlers) per batch; at least 1.
@@ -126,6 +135,7 @@ impl Replay {
         let dispatcher = tokio::spawn(
             Dispatcher::new(Arc::clone(&registry), failures.clone())
                 .with_workers(self.workers)
+                .with_tracing(self.tracing.clone())
                 .run(items_rx, ack_tx, cancel.clone()),
         );
         let reader = Reader {
