@@ -2,7 +2,8 @@
 //!
 //! `cargo run -p bench --release -- store` compares the event store with a plain INSERT and
 //! a PL/pgSQL implementation of the same contract; `capture` measures table capture;
-//! `contracts` payload validation; `handlers` sync handlers; `pipeline`, `workers` and `replay` measure the listener.
+//! `contracts` payload validation; `handlers` sync handlers; `pipeline`, `workers`, `replay` and
+//! `traces` measure the listener.
 //! Each benchmark is a subcommand in its own module; this file only wires them up.
 
 use clap::{Parser, Subcommand};
@@ -17,6 +18,7 @@ mod pipeline;
 mod replay;
 mod sinks;
 mod store;
+mod traces;
 
 /// Benchmarks of pg_domain_events (run against the private cluster, not as tests).
 #[derive(Parser)]
@@ -56,6 +58,9 @@ enum Command {
     /// `listener replay`: stored events → no-op handler throughput, next to `SELECT count(*)`
     /// and a plain `COPY … TO STDOUT` of the same rows.
     Replay(replay::ReplayArgs),
+    /// The listener's traces: the same backlog drained with telemetry off and with every event
+    /// sampled and exported over OTLP to a receiver started by the bench; events/s and ratio.
+    Traces(traces::TracesArgs),
 }
 
 #[tokio::main]
@@ -70,5 +75,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Workers(args) => pipeline::run_workers(args).await,
         Command::Sinks(args) => sinks::run(args).await,
         Command::Replay(args) => replay::run(args).await,
+        Command::Traces(args) => traces::run(args).await,
     }
 }

@@ -13,6 +13,7 @@ pub mod console_support;
 pub mod kafka_support;
 pub mod listener_support;
 pub mod nats_support;
+pub mod otlp_support;
 pub mod prometheus_support;
 pub mod sink_support;
 pub mod store_support;

@@ -9,16 +9,24 @@ use super::admin::AdminConfig;
 use super::console::ConsoleConfig;
 use super::handler::{self, HandlerConfig};
 use super::log::LogConfig;
-use super::overrides::{set, Overrides};
+use super::overrides::{set, set_value, Overrides};
 use super::registry::RegistryConfig;
 use super::replication::{ReplicationConfig, SlotLostPolicy};
+use super::telemetry::{self, TelemetryConfig};
 use crate::delivery::dead_letter::DECODE_HANDLER;
 use crate::error::ConfigError;
 use crate::postgres::database::DatabaseConfig;
 use crate::replication::subscription::Mode;
 
 /// Tables of the file that environment variables may override.
-const OVERRIDABLE: [&str; 5] = ["database", "replication", "log", "admin", "registry"];
+const OVERRIDABLE: [&str; 6] = [
+    "database",
+    "replication",
+    "log",
+    "admin",
+    "registry",
+    "telemetry",
+];
 
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -37,6 +45,8 @@ pub struct Config {
     /// The operator console on the admin server (left out of `print-config` while unset).
     #[serde(skip_serializing_if = "ConsoleConfig::is_unset")]
     pub console: ConsoleConfig,
+    /// Traces of the handler calls, exported over OTLP.
+    pub telemetry: TelemetryConfig,
     /// Handlers, each `[[handlers]]` table one handler.
     pub handlers: Vec<HandlerConfig>,
 }
@@ -71,6 +81,38 @@ impl Config {
             }
         }
         let mut overridden = false;
+        // The standard OpenTelemetry variables first: the listener's own override them.
+        for (name, value) in env {
+            if let Some((_, key)) = telemetry::OTEL_VARIABLES.iter().find(|(n, _)| n == name) {
+                let value = match *key {
+                    // A number, whatever TOML would make of it.
+                    "sampler_arg" => value
+                        .trim()
+                        .parse::<f64>()
+                        .map(toml::Value::Float)
+                        .map_err(|_| {
+                            ConfigError::invalid(
+                                Some(name.clone()),
+                                format!("{value:?}: not a number"),
+                            )
+                        })?,
+                    _ => toml::Value::String(value.clone()),
+                };
+                set_value(&mut table, "telemetry", key, value, name)?;
+                overridden = true;
+            } else if name == "OTEL_TRACES_EXPORTER" {
+                if let Some(enabled) = telemetry::otel_exporter(value) {
+                    set_value(
+                        &mut table,
+                        "telemetry",
+                        "enabled",
+                        toml::Value::Boolean(enabled),
+                        name,
+                    )?;
+                    overridden = true;
+                }
+            }
+        }
         for (name, value) in env {
             let Some(rest) = name.strip_prefix("PGDE_") else {
                 continue;
@@ -121,6 +163,9 @@ impl Config {
             .map_err(|e: toml::de::Error| ConfigError::invalid(origin, e.to_string()))?;
         let lookup = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         config.database.password = lookup("PGDE_PASSWORD").or_else(|| lookup("PGPASSWORD"));
+        if lookup("OTEL_SDK_DISABLED").is_some_and(|v| telemetry::otel_disabled(&v)) {
+            config.telemetry.enabled = false;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -225,6 +270,7 @@ impl Config {
             }
         }
         self.registry.validate()?;
+        self.telemetry.validate()?;
         self.console.validate(self.admin.address().is_some())?;
         let mut names = std::collections::HashSet::new();
         for handler in &self.handlers {

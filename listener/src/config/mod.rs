@@ -1,6 +1,6 @@
 //! Configuration: one TOML file, then `PGDE_*` environment overrides, then command-line flags.
 //!
-//! Every key of the `database`, `replication`, `log`, `admin` and `registry` tables can be
+//! Every key of the `database`, `replication`, `log`, `admin`, `registry` and `telemetry` tables can be
 //! overridden by the environment as `PGDE_<TABLE>_<KEY>` (e.g. `PGDE_DATABASE_PORT=5433`,
 //! `PGDE_REPLICATION_SLOT=orders`) and on the command line with `--set table.key=value` or one of
 //! the dedicated flags. Secrets never come from the file or the command line: the password is
@@ -15,6 +15,7 @@ mod log;
 mod overrides;
 mod registry;
 mod replication;
+pub(crate) mod telemetry;
 #[cfg(test)]
 mod tests;
 
@@ -30,6 +31,7 @@ pub use log::{LogConfig, LogFormat};
 pub use overrides::Overrides;
 pub use registry::RegistryConfig;
 pub use replication::{ReplicationConfig, SlotLostPolicy};
+pub use telemetry::{SamplerKind, TelemetryConfig};
 
 /// Loads one `[[handlers]]` table given as TOML text (its keys, without the header).
 #[cfg(test)]

@@ -22,6 +22,17 @@ pub(super) fn set(
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    set_value(table, section, key, typed, origin)
+}
+
+/// Sets `section.key` to `value`, as typed by the caller.
+pub(super) fn set_value(
+    table: &mut toml::Table,
+    section: &str,
+    key: &str,
+    typed: toml::Value,
+    origin: &str,
+) -> Result<(), ConfigError> {
     let entry = table
         .entry(section.to_string())
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));

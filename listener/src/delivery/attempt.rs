@@ -6,6 +6,8 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use opentelemetry::trace::FutureExt as _;
+use opentelemetry::Context as TraceContext;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -13,6 +15,15 @@ use crate::delivery::registry::Registration;
 use crate::error::{report, HandlerError};
 use crate::event::Event;
 use crate::ops::metrics::{ErrorType, HandlerMetrics, Outcome as Counted};
+use crate::ops::traces::{end_call, Tracing};
+
+/// The spans of a handler's calls: each call of `handle` is a span started by `tracing` (a
+/// no-op when off), under the event's stored trace context or `batch`.
+#[derive(Clone, Copy)]
+pub(crate) struct CallTrace<'a> {
+    pub(crate) tracing: &'a Tracing,
+    pub(crate) batch: &'a TraceContext,
+}
 
 /// Whether a retry loop finished or was interrupted by shutdown.
 pub(crate) enum Outcome {
@@ -64,12 +75,13 @@ const PAUSED_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'a>>;
 
 /// Calls `call` until it succeeds, retrying transient errors with the entry's backoff.
-/// Every call of `handle` is timed; every retry is counted.
+/// Every call of `handle` is timed, and traced under `trace`; every retry is counted.
 pub(crate) async fn call_with_retries<'a>(
     entry: &'a Registration,
     metrics: &HandlerMetrics,
     cancel: &CancellationToken,
     event: Option<&'a Event>,
+    trace: CallTrace<'_>,
     mut call: impl FnMut() -> HandlerFuture<'a>,
 ) -> Attempt {
     let mut attempt = 1;
@@ -80,13 +92,29 @@ pub(crate) async fn call_with_retries<'a>(
                 _ = cancel.cancelled() => return Attempt::Cancelled,
             }
         }
+        let span = event.and_then(|event| {
+            trace
+                .tracing
+                .handler_call(trace.batch, event, &entry.name, attempt)
+        });
         let started = std::time::Instant::now();
-        let result = CatchUnwind(call()).await;
+        // The call's span is current while it runs: a sink passes it on as the parent of the
+        // consumer's spans.
+        let future: HandlerFuture<'a> = match &span {
+            Some(span) => Box::pin(call().with_context(span.clone())),
+            None => call(),
+        };
+        let result = CatchUnwind(future).await;
         if event.is_some() {
             metrics.call_took(started.elapsed());
         }
         let (err, error_type) = match result {
-            Ok(Ok(())) => return Attempt::Succeeded,
+            Ok(Ok(())) => {
+                if let Some(span) = &span {
+                    end_call(span, None);
+                }
+                return Attempt::Succeeded;
+            }
             Ok(Err(err)) => {
                 let error_type = if err.is_timeout() {
                     ErrorType::Timeout
@@ -103,6 +131,9 @@ pub(crate) async fn call_with_retries<'a>(
             ),
         };
         metrics.error(error_type);
+        if let Some(span) = &span {
+            end_call(span, Some(error_type.as_str()));
+        }
         if !err.is_transient() || attempt >= entry.retry.max_attempts {
             return Attempt::Failed {
                 attempts: attempt,

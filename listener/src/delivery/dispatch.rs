@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use opentelemetry::Context;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -22,6 +23,7 @@ pub use crate::error::HandlerError;
 use crate::event::Event;
 use crate::lsn::Lsn;
 use crate::ops::metrics::Metrics;
+use crate::ops::traces::{end_batch, Tracing};
 
 async fn next_job(jobs: &mut Option<mpsc::Receiver<RedriveJob>>) -> Option<RedriveJob> {
     match jobs {
@@ -50,6 +52,33 @@ pub struct Dispatcher {
     metrics: Option<Arc<Metrics>>,
     /// `transactions_confirmed_total` (no-op without metrics).
     confirmed: ::metrics::Counter,
+    /// The span of the current transaction (empty when tracing is off) and its events.
+    batch: Batch,
+}
+
+/// The span of a transaction, from its first item to its acknowledgement.
+#[derive(Default)]
+struct Batch {
+    span: Context,
+    events: u64,
+}
+
+impl Batch {
+    /// The span of the transaction `event` belongs to, started at its first event.
+    fn of_event(&mut self, tracing: &Tracing) -> &Context {
+        if self.events == 0 && tracing.is_on() {
+            self.span = tracing.batch();
+        }
+        self.events += 1;
+        &self.span
+    }
+
+    /// Ends the span (if any) at the transaction's acknowledgement.
+    fn end(self, end_lsn: Lsn) {
+        if self.events > 0 {
+            end_batch(&self.span, self.events, Some(end_lsn.to_string()));
+        }
+    }
 }
 
 /// A transaction handed to workers and not yet acknowledged.
@@ -59,6 +88,8 @@ struct Pending {
     position: i64,
     /// Workers that have not reported it done.
     remaining: usize,
+    /// Its span, ended at its acknowledgement.
+    batch: Batch,
 }
 
 /// The worker taking the events of `event`'s aggregate.
@@ -92,7 +123,15 @@ impl Dispatcher {
             position: 0,
             metrics: None,
             confirmed: ::metrics::Counter::noop(),
+            batch: Batch::default(),
         }
+    }
+
+    /// Traces every handler call, and every transaction (or replay batch) around them, with
+    /// `tracing` (see [`crate::ops::traces`]).
+    pub fn with_tracing(mut self, tracing: Tracing) -> Dispatcher {
+        self.worker.tracing = tracing;
+        self
     }
 
     /// Records events, handler outcomes, durations, lags and confirmed transactions in `metrics`.
@@ -173,7 +212,10 @@ impl Dispatcher {
                     self.received(&event);
                     self.in_txn = true;
                     self.position = self.position.max(event.position);
-                    if let Outcome::Cancelled = self.worker.dispatch(&event, &cancel).await? {
+                    let batch = self.batch.of_event(&self.worker.tracing).clone();
+                    if let Outcome::Cancelled =
+                        self.worker.dispatch(&event, &batch, &cancel).await?
+                    {
                         return Ok(());
                     }
                 }
@@ -187,6 +229,7 @@ impl Dispatcher {
                         return Ok(());
                     }
                     self.in_txn = false;
+                    std::mem::take(&mut self.batch).end(end_lsn);
                     acknowledge(&acks, end_lsn, self.position);
                     self.confirmed.increment(1);
                     if cancel.is_cancelled() {
@@ -220,6 +263,7 @@ impl Dispatcher {
             );
             worker.metrics = Arc::clone(&self.worker.metrics);
             worker.decode_metrics = self.worker.decode_metrics.clone();
+            worker.tracing = self.worker.tracing.clone();
             tasks.push(tokio::spawn(worker.run(
                 rx,
                 report_tx.clone(),
@@ -264,7 +308,8 @@ impl Dispatcher {
                         self.position = self.position.max(event.position);
                         let worker = route(&event, n);
                         involved[worker] = true;
-                        if queues[worker].send(WorkerMsg::Event(event)).await.is_err() {
+                        let batch = self.batch.of_event(&self.worker.tracing).clone();
+                        if queues[worker].send(WorkerMsg::Event(event, batch)).await.is_err() {
                             break 'feed;
                         }
                     }
@@ -285,7 +330,8 @@ impl Dispatcher {
                                 }
                             }
                         }
-                        pending.push_back(Pending { seq, end_lsn, position: self.position, remaining });
+                        let batch = std::mem::take(&mut self.batch);
+                        pending.push_back(Pending { seq, end_lsn, position: self.position, remaining, batch });
                         seq += 1;
                         complete(&mut pending, u64::MAX, &acks, &self.confirmed);
                         if cancel.is_cancelled() {
@@ -346,11 +392,14 @@ fn complete(
     }
     let mut last = None;
     while pending.front().is_some_and(|t| t.remaining == 0) {
-        last = pending.pop_front();
-        confirmed.increment(1);
+        if let Some(txn) = pending.pop_front() {
+            confirmed.increment(1);
+            last = Some((txn.end_lsn, txn.position));
+            txn.batch.end(txn.end_lsn);
+        }
     }
-    if let Some(txn) = last {
-        acknowledge(acks, txn.end_lsn, txn.position);
+    if let Some((end_lsn, position)) = last {
+        acknowledge(acks, end_lsn, position);
     }
 }
 

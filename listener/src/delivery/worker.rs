@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 
+use opentelemetry::Context;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 use uuid::Uuid;
 
-use crate::delivery::attempt::{call_with_retries, Attempt, Outcome};
+use crate::delivery::attempt::{call_with_retries, Attempt, CallTrace, Outcome};
 use crate::delivery::dead_letter::{DeadLetter, DeadLetterSink, DECODE_HANDLER};
 use crate::delivery::item::{RedriveJob, RedriveOutcome, Undecodable};
 use crate::delivery::registry::{Registration, Registry};
@@ -16,6 +17,7 @@ use crate::delivery::retry::OnFailure;
 use crate::error::{report, Error, HandlerError};
 use crate::event::Event;
 use crate::ops::metrics::{HandlerMetrics, Outcome as Counted};
+use crate::ops::traces::{end_batch, Delivery, Tracing};
 
 /// The per-event work: handlers, retries, dead letters, flushes. One per worker task.
 pub(crate) struct Worker {
@@ -31,12 +33,16 @@ pub(crate) struct Worker {
     pub(crate) metrics: Arc<[HandlerMetrics]>,
     /// Dead letters of undecodable rows.
     pub(crate) decode_metrics: HandlerMetrics,
+    /// Spans of the handler calls (off by default).
+    pub(crate) tracing: Tracing,
+    /// The context of flushes and of calls outside a traced transaction.
+    pub(crate) untraced: Context,
 }
 
 /// What the coordinator sends a worker.
 pub(crate) enum WorkerMsg {
-    /// Handle this event.
-    Event(Box<Event>),
+    /// Handle this event, traced under the span of its transaction.
+    Event(Box<Event>, Context),
     /// Transaction `seq` has no more events for this worker: flush, then report.
     EndTxn(u64),
     /// A redelivery for an aggregate of this worker.
@@ -63,6 +69,16 @@ impl Worker {
             unflushed,
             metrics,
             decode_metrics: HandlerMetrics::default(),
+            tracing: Tracing::off(),
+            untraced: Context::new(),
+        }
+    }
+
+    /// Where a flush's calls are traced: nowhere (a flush is not one event's).
+    fn flush_trace(&self) -> CallTrace<'_> {
+        CallTrace {
+            tracing: &self.tracing,
+            batch: &self.untraced,
         }
     }
 
@@ -79,7 +95,7 @@ impl Worker {
                 return;
             }
             let outcome = match message {
-                WorkerMsg::Event(event) => self.dispatch(&event, &cancel).await,
+                WorkerMsg::Event(event, batch) => self.dispatch(&event, &batch, &cancel).await,
                 WorkerMsg::EndTxn(seq) => match self.flush(&cancel).await {
                     Ok(Outcome::Done) => {
                         // The coordinator may be gone (it stopped on another worker's error).
@@ -141,6 +157,12 @@ impl Worker {
     /// Runs one redelivery and replies with its outcome.
     pub(crate) async fn redrive(&self, job: RedriveJob, cancel: &CancellationToken) {
         let event = &job.event;
+        let tracing = self.tracing.delivering(Delivery::Redrive);
+        let batch = tracing.batch();
+        let trace = CallTrace {
+            tracing: &tracing,
+            batch: &batch,
+        };
         let outcome = if job.handler == DECODE_HANDLER {
             // The row could not be decoded from the stream: it is every matching handler's.
             let mut outcome = RedriveOutcome::Delivered;
@@ -150,7 +172,7 @@ impl Worker {
                 .iter()
                 .filter(|e| e.filters.iter().any(|f| f.matches(&event.event_type)))
             {
-                match self.redrive_one(entry, event, cancel).await {
+                match self.redrive_one(entry, event, cancel, trace).await {
                     RedriveOutcome::Delivered => {}
                     RedriveOutcome::Cancelled => {
                         outcome = RedriveOutcome::Cancelled;
@@ -200,7 +222,7 @@ impl Worker {
                         ),
                     }
                 }
-                Some(entry) => self.redrive_one(entry, event, cancel).await,
+                Some(entry) => self.redrive_one(entry, event, cancel, trace).await,
             }
         };
         match &outcome {
@@ -216,6 +238,7 @@ impl Worker {
             ),
             RedriveOutcome::Cancelled => {}
         }
+        end_batch(&batch, 1, None);
         // The requester may have gone (shutdown): nothing to tell then.
         let _ = job.reply.send(outcome);
     }
@@ -226,10 +249,11 @@ impl Worker {
         entry: &Registration,
         event: &Event,
         cancel: &CancellationToken,
+        trace: CallTrace<'_>,
     ) -> RedriveOutcome {
         let handler = &entry.handler;
         let metrics = self.metrics_of(entry);
-        match call_with_retries(entry, &metrics, cancel, Some(event), || {
+        match call_with_retries(entry, &metrics, cancel, Some(event), trace, || {
             handler.handle(event)
         })
         .await
@@ -243,7 +267,7 @@ impl Worker {
                 }
             }
         }
-        match call_with_retries(entry, &metrics, cancel, None, || handler.flush()).await {
+        match call_with_retries(entry, &metrics, cancel, None, trace, || handler.flush()).await {
             Attempt::Succeeded => RedriveOutcome::Delivered,
             Attempt::Cancelled => RedriveOutcome::Cancelled,
             Attempt::Failed { attempts, error } => RedriveOutcome::Failed {
@@ -253,12 +277,20 @@ impl Worker {
         }
     }
 
+    /// Runs the handlers whose filters match on `event`, traced under `batch` (the span of
+    /// its transaction).
     pub(crate) async fn dispatch(
         &mut self,
         event: &Event,
+        batch: &Context,
         cancel: &CancellationToken,
     ) -> Result<Outcome, Error> {
         let registry = Arc::clone(&self.registry);
+        let tracing = self.tracing.clone();
+        let trace = CallTrace {
+            tracing: &tracing,
+            batch,
+        };
         for (index, entry) in registry.entries.iter().enumerate() {
             if !entry.filters.iter().any(|f| f.matches(&event.event_type)) {
                 continue;
@@ -266,7 +298,7 @@ impl Worker {
             let handler = &entry.handler;
             let metrics = &self.metrics[index];
             metrics.started(event.recorded_at);
-            match call_with_retries(entry, metrics, cancel, Some(event), || {
+            match call_with_retries(entry, metrics, cancel, Some(event), trace, || {
                 handler.handle(event)
             })
             .await
@@ -342,7 +374,11 @@ impl Worker {
             let handler = &entry.handler;
             let unflushed = std::mem::take(&mut self.unflushed[index]);
             let metrics = self.metrics[index].clone();
-            match call_with_retries(entry, &metrics, cancel, None, || handler.flush()).await {
+            match call_with_retries(entry, &metrics, cancel, None, self.flush_trace(), || {
+                handler.flush()
+            })
+            .await
+            {
                 Attempt::Succeeded => {
                     metrics.outcome(Counted::Ok, handled.len() as u64);
                     unflushed.into_iter().for_each(|at| metrics.finished(at));

@@ -1,4 +1,4 @@
-//! Operating a listener: the admin HTTP server, metrics, and the status and slot queries
+//! Operating a listener: the admin HTTP server, metrics, traces, and the status and slot queries
 //! behind `listener status` and `listener slot drop`.
 
 pub mod admin;
@@ -6,3 +6,4 @@ pub mod database_figures;
 pub mod handler_metrics;
 pub mod metrics;
 pub mod operations;
+pub mod traces;

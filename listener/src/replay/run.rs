@@ -21,6 +21,7 @@ use crate::delivery::dead_letter::event_from_row;
 use crate::delivery::dispatch::{Ack, Dispatcher, Item, Registry, Undecodable};
 use crate::error::{report, Error};
 use crate::lsn::Lsn;
+use crate::ops::traces::{Delivery, Tracing};
 use crate::service::Purpose;
 
 /// Events read per fetch unless told otherwise.
@@ -58,6 +59,7 @@ pub struct Replay {
     batch_size: usize,
     workers: usize,
     progress: Option<Arc<AtomicU64>>,
+    tracing: Tracing,
 }
 
 impl Replay {
@@ -69,6 +71,7 @@ impl Replay {
             batch_size: DEFAULT_BATCH_SIZE,
             workers: 1,
             progress: None,
+            tracing: Tracing::off(),
         }
     }
 
@@ -76,6 +79,12 @@ impl Replay {
     /// dispatcher finishes them), for a progress display.
     pub fn with_progress(mut self, done: Arc<AtomicU64>) -> Replay {
         self.progress = Some(done);
+        self
+    }
+
+    /// Traces the handler calls with `tracing`, marked as replayed (`[telemetry]`).
+    pub fn with_tracing(mut self, tracing: Tracing) -> Replay {
+        self.tracing = tracing.delivering(Delivery::Replay);
         self
     }
 
@@ -141,6 +150,7 @@ impl Replay {
         let dispatcher = std::panic::AssertUnwindSafe(
             Dispatcher::new(Arc::clone(&registry), failures.clone())
                 .with_workers(self.workers)
+                .with_tracing(self.tracing.clone())
                 .run(items_rx, ack_tx, cancel.clone()),
         )
         .catch_unwind();

@@ -16,6 +16,7 @@ use crate::delivery::dispatch::{jitter, Ack, Dispatcher, Item, Registry};
 use crate::error::{report, Error};
 use crate::ops::admin::{Health, Phase};
 use crate::ops::metrics::Metrics;
+use crate::ops::traces::{Telemetry, Tracing};
 use crate::replication::stream::{ConnectOptions, ReplicationConnection};
 use crate::service::session::{shutdown_deadline, DispatchTasks, SessionTokens};
 
@@ -27,6 +28,10 @@ pub struct Listener {
     pub(super) health: Health,
     /// A lane of a registry handler (see `registry_lanes`): runs no lanes of its own.
     pub(super) is_lane: bool,
+    /// Spans of the handler calls (`[telemetry]`; lanes share their listener's).
+    pub(super) tracing: Tracing,
+    /// The exporter, flushed when [`Listener::run`] returns; `None` when off, and in lanes.
+    pub(super) telemetry: Option<Arc<Telemetry>>,
 }
 
 impl Listener {
@@ -52,7 +57,8 @@ impl Listener {
         let (acks, acks_rx) = watch::channel(first_ack);
         let mut dispatcher = Dispatcher::new(Arc::clone(&self.registry), dead_letters.clone())
             .with_workers(r.workers)
-            .with_metrics(Arc::clone(&self.metrics));
+            .with_metrics(Arc::clone(&self.metrics))
+            .with_tracing(self.tracing.clone());
         let redriver = if r.redrive_interval_ms > 0 {
             let (jobs_tx, jobs_rx) = mpsc::channel(1);
             dispatcher = dispatcher.with_redrives(jobs_rx);
@@ -79,14 +85,23 @@ impl Listener {
     /// names, intervals, `workers`, the entries of `handlers` if any, such as a `sql` handler
     /// needing `workers = 1`): a mistake is an [`Error::Config`] here, not a failure later.
     /// `config.handlers` may be empty: the registry holds the handlers.
+    ///
+    /// With `telemetry.enabled`, the span exporter starts here (it sends nothing until the
+    /// first spans end) and is flushed when [`Listener::run`] returns.
     pub fn new(config: Config, registry: Registry) -> Result<Listener, Error> {
         config.validate_embedded().map_err(Error::Config)?;
+        let telemetry = Telemetry::start(&config.telemetry)?.map(Arc::new);
+        let tracing = telemetry
+            .as_ref()
+            .map_or_else(Tracing::off, |t| t.tracing());
         Ok(Listener {
             config,
             registry: Arc::new(registry),
             metrics: Arc::new(Metrics::new()),
             health: Health::default(),
             is_lane: false,
+            tracing,
+            telemetry,
         })
     }
 
@@ -166,6 +181,11 @@ impl Listener {
             }
         }
         let _ = upkeep.await;
+        if let Some(telemetry) = &self.telemetry {
+            // Blocks until the queued spans are sent (or the export times out).
+            let telemetry = Arc::clone(telemetry);
+            let _ = tokio::task::spawn_blocking(move || telemetry.flush()).await;
+        }
         result
     }
 

@@ -285,6 +285,8 @@ impl Listener {
             metrics: Arc::new(Metrics::new()),
             health: Health::default(),
             is_lane: true,
+            tracing: self.tracing.clone(),
+            telemetry: None,
         })
     }
 }

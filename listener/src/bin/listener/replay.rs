@@ -93,9 +93,20 @@ pub(crate) fn replay(args: &ReplayArgs) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        let telemetry = match listener::ops::traces::Telemetry::start(&config.telemetry) {
+            Ok(telemetry) => telemetry,
+            Err(err) => {
+                eprintln!("error: {}", report(&err));
+                return ExitCode::from(2);
+            }
+        };
+        let tracing = telemetry
+            .as_ref()
+            .map_or_else(listener::ops::traces::Tracing::off, |t| t.tracing());
         let replay = Replay::new(config.database.clone(), selection)
             .with_batch_size(args.batch_size)
-            .with_workers(config.replication.workers);
+            .with_workers(config.replication.workers)
+            .with_tracing(tracing);
         if args.dry_run {
             return match replay.count().await {
                 Ok(counts) => {
@@ -135,6 +146,10 @@ pub(crate) fn replay(args: &ReplayArgs) -> ExitCode {
             let _ = bar.await;
         }
         signals.abort();
+        if let Some(telemetry) = telemetry {
+            // Sends the spans still queued before the process exits.
+            let _ = tokio::task::spawn_blocking(move || telemetry.flush()).await;
+        }
         match result {
             Ok(summary) => {
                 eprint!("{}", summary.render());
