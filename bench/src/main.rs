@@ -2,12 +2,14 @@
 //!
 //! `cargo run -p bench --release -- store` compares the event store with a plain INSERT and
 //! a PL/pgSQL implementation of the same contract; `capture` measures table capture;
-//! `contracts` payload validation; `handlers` sync handlers; `pipeline`, `workers` and `replay` measure the listener.
+//! `contracts` payload validation; `handlers` sync handlers; `pipeline`, `workers` and `replay` measure the listener;
+//! `console` the operator console's reads.
 //! Each benchmark is a subcommand in its own module; this file only wires them up.
 
 use clap::{Parser, Subcommand};
 
 mod capture;
+mod console;
 mod contracts;
 mod handlers;
 mod kafka;
@@ -51,6 +53,9 @@ enum Command {
     /// `listener replay`: stored events → no-op handler throughput, next to `SELECT count(*)`
     /// and a plain `COPY … TO STDOUT` of the same rows.
     Replay(replay::ReplayArgs),
+    /// The operator console over 1M stored events: a page of events filtered by type, one
+    /// aggregate's history and the outbox `pending` listing, p50/p99 of HTTP requests to it.
+    Console(console::ConsoleArgs),
 }
 
 #[tokio::main]
@@ -64,5 +69,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Workers(args) => pipeline::run_workers(args).await,
         Command::Sinks(args) => sinks::run(args).await,
         Command::Replay(args) => replay::run(args).await,
+        Command::Console(args) => console::run(args).await,
     }
 }
