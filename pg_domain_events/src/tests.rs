@@ -1028,4 +1028,5 @@ mod tests {
     }
 
     include!("tests/outbox.rs");
+    include!("tests/event_indexes.rs");
 }
