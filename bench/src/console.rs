@@ -182,7 +182,7 @@ async fn measure(a: &ConsoleArgs, db: &Client) -> anyhow::Result<()> {
         a.pending,
     );
 
-    let port = serve(a).await?;
+    let port = serve(a, db).await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(1)
         .build()
@@ -341,18 +341,28 @@ async fn load(a: &ConsoleArgs, db: &Client) -> anyhow::Result<()> {
             .await
             .context("raise the pending events")?;
     }
-    db.batch_execute(&format!(
-        "VACUUM (ANALYZE) domain_events.event; ANALYZE domain_events.dead_letter;
-         DROP ROLE IF EXISTS {ROLE}; CREATE ROLE {ROLE} LOGIN;
-         GRANT domain_events_console TO {ROLE};"
-    ))
-    .await
-    .context("vacuum and the console role")?;
+    // One statement each: VACUUM refuses to run in the transaction of a multi-statement string.
+    for sql in [
+        "VACUUM (ANALYZE) domain_events.event".to_string(),
+        "ANALYZE domain_events.dead_letter".to_string(),
+        format!("DROP ROLE IF EXISTS {ROLE}"),
+        format!("CREATE ROLE {ROLE} LOGIN"),
+        format!("GRANT domain_events_console TO {ROLE}"),
+    ] {
+        db.batch_execute(&sql)
+            .await
+            .with_context(|| format!("bench console: {sql}"))?;
+    }
     Ok(())
 }
 
-/// Serves the console on a free local port, as the listener's admin server mounts it.
-async fn serve(a: &ConsoleArgs) -> anyhow::Result<u16> {
+/// Serves the console on a free local port, as the listener's admin server mounts it. Its role
+/// gets a new password each run (the cluster may ask other roles than the superuser for one).
+async fn serve(a: &ConsoleArgs, db: &Client) -> anyhow::Result<u16> {
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    db.batch_execute(&format!("ALTER ROLE {ROLE} PASSWORD '{password}'"))
+        .await
+        .context("the console role's password")?;
     let mut config = listener::config::Config::default();
     config.database = listener::config::DatabaseConfig {
         host: param(&a.cluster.dsn, "host", "127.0.0.1"),
@@ -366,11 +376,14 @@ async fn serve(a: &ConsoleArgs) -> anyhow::Result<u16> {
     config.console = listener::config::ConsoleConfig {
         enabled: true,
         user: Some(ROLE.into()),
+        password_env: Some("BENCH_CONSOLE_PASSWORD".into()),
         developer_token_env: Some("BENCH_CONSOLE_DEVELOPER".into()),
         ..Default::default()
     };
-    let router = listener::console::router(&config, |name| {
-        (name == "BENCH_CONSOLE_DEVELOPER").then(|| TOKEN.to_string())
+    let router = listener::console::router(&config, |name| match name {
+        "BENCH_CONSOLE_DEVELOPER" => Some(TOKEN.to_string()),
+        "BENCH_CONSOLE_PASSWORD" => Some(password.clone()),
+        _ => None,
     })
     .context("console router")?
     .context("console enabled")?;
