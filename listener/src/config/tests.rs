@@ -282,8 +282,8 @@ fn handlers_keep_their_kind_and_keys_through_their_own_toml() {
 
 #[test]
 fn a_console_sign_in_lasts_eight_hours_unless_set_within_bounds() {
-    let load = |text: &str| {
-        let file = write(text);
+    let load = |console: &str| {
+        let file = write(&format!("{FILE}\n{console}"));
         Config::load(Some(&file.0), &[], &Overrides::default())
     };
     let config = load("[console]\nenabled = false\n").unwrap();
