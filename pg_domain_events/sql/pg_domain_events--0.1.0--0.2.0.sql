@@ -424,9 +424,9 @@ GRANT SELECT ON domain_events.raise_stats, domain_events.store_stats
 -- does since 0.2.0): listing one type's events in position order, the console's type filter
 -- and events_of_type(), is then one index range per partition. With (event_type, occurred_at)
 -- a page either read every event of the type and sorted them, or walked the position index
--- past the other types: hundreds of milliseconds over a million events for a rare type or one
--- that only recent events have. Rebuilding it holds a SHARE lock on the event table (raising
--- waits) for about as long as building an index over the store takes.
+-- past the other types, which for a rare type or one only recent events have is most of the
+-- store. Rebuilding it holds a SHARE lock on the event table (raising waits) for about as long
+-- as building an index over the store takes (docs/upgrading.md: pre-building it per partition).
 DROP INDEX domain_events.event_type_idx;
 CREATE INDEX event_type_idx ON domain_events.event (event_type, position);
 
