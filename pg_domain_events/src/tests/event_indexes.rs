@@ -27,6 +27,9 @@ fn a_page_of_one_event_type_reads_one_index_range_in_position_order() {
          ANALYZE domain_events.event",
     )
     .unwrap();
+    // A few thousand rows make sorting twenty cheap: ask whether the page can be read in
+    // order at all, which only an index leading with the type and then the position allows.
+    Spi::run("SET LOCAL enable_sort = off").unwrap();
     for after in [0i64, 2500, 5010] {
         let page = format!(
             "SELECT position FROM domain_events.event \
@@ -34,8 +37,13 @@ fn a_page_of_one_event_type_reads_one_index_range_in_position_order() {
               ORDER BY position LIMIT 100"
         );
         let plan = plan_of(&page);
+        // A sort node (a line of its own with COSTS OFF), not Merge Append's "Sort Key".
+        let sorts = plan.lines().any(|line| {
+            let node = line.trim_start().trim_start_matches("->").trim_start();
+            node == "Sort" || node == "Incremental Sort"
+        });
         assert!(
-            !plan.contains("Sort") && plan.contains("event_type_position_idx"),
+            !sorts && plan.contains("event_type_position_idx"),
             "the page is not read in order from the type index:\n{plan}"
         );
         let expected = 5020 - after.max(5000);
