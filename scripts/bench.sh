@@ -3,6 +3,7 @@
 #
 #   scripts/bench.sh                 # = scripts/bench.sh store
 #   scripts/bench.sh store --rounds 15
+#   scripts/bench.sh console         # the operator console's reads over 1M events
 #
 # It installs the release build of the extension first; the bench creates a
 # fresh database `pgde_bench` on the cluster each run and drops it at the end.
@@ -24,5 +25,11 @@ export PGDE_BENCH_DSN="${PGDE_BENCH_DSN:-host=127.0.0.1 port=${PGDE_PORT:-54329}
 
 if [ $# -eq 0 ]; then
     set -- store
+fi
+# The store bench's peer column: message-db, fetched at a pinned version with its checksum
+# (scripts/fetch-message-db.sh); PGDE_MESSAGE_DB_SQL names another copy's database/ directory.
+if [ "$1" = store ] && [ -z "${PGDE_MESSAGE_DB_SQL:-}" ]; then
+    PGDE_MESSAGE_DB_SQL="$(scripts/fetch-message-db.sh)"
+    export PGDE_MESSAGE_DB_SQL
 fi
 exec cargo run --quiet -p bench --release -- "$@"

@@ -23,5 +23,5 @@ CREATE TABLE bench_plain.event (
 
 CREATE INDEX event_position_idx ON bench_plain.event (position);
 CREATE INDEX event_stream_idx ON bench_plain.event (aggregate_type, aggregate_id, aggregate_version);
-CREATE INDEX event_type_idx ON bench_plain.event (event_type, occurred_at);
+CREATE INDEX event_type_idx ON bench_plain.event (event_type, position);
 CREATE INDEX event_txid_idx ON bench_plain.event (txid);

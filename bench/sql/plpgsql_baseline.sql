@@ -37,7 +37,7 @@ CREATE TABLE bench_plpgsql.event (
 
 CREATE INDEX event_position_idx ON bench_plpgsql.event (position);
 CREATE INDEX event_stream_idx ON bench_plpgsql.event (aggregate_type, aggregate_id, aggregate_version);
-CREATE INDEX event_type_idx ON bench_plpgsql.event (event_type, occurred_at);
+CREATE INDEX event_type_idx ON bench_plpgsql.event (event_type, position);
 CREATE INDEX event_txid_idx ON bench_plpgsql.event (txid);
 
 CREATE TABLE bench_plpgsql.event_default PARTITION OF bench_plpgsql.event DEFAULT;

@@ -2,13 +2,15 @@
 //!
 //! `cargo run -p bench --release -- store` compares the event store with a plain INSERT and
 //! a PL/pgSQL implementation of the same contract; `capture` measures table capture;
-//! `contracts` payload validation; `handlers` sync handlers; `pipeline`, `workers`, `replay` and
-//! `traces` measure the listener.
+//! `contracts` payload validation; `handlers` sync handlers; `per-row` raising once per row of a
+//! query; `pipeline`, `workers`, `replay` and `traces` measure the listener; `console` the
+//! operator console's reads.
 //! Each benchmark is a subcommand in its own module; this file only wires them up.
 
 use clap::{Parser, Subcommand};
 
 mod capture;
+mod console;
 mod contracts;
 mod handlers;
 mod kafka;
@@ -61,6 +63,9 @@ enum Command {
     /// The listener's traces: the same backlog drained with telemetry off and with every event
     /// sampled and exported over OTLP to a receiver started by the bench; events/s and ratio.
     Traces(traces::TracesArgs),
+    /// The operator console over 1M stored events: a page of events filtered by type, one
+    /// aggregate's history and the outbox `pending` listing, p50/p99 of HTTP requests to it.
+    Console(console::ConsoleArgs),
 }
 
 #[tokio::main]
@@ -76,5 +81,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Sinks(args) => sinks::run(args).await,
         Command::Replay(args) => replay::run(args).await,
         Command::Traces(args) => traces::run(args).await,
+        Command::Console(args) => console::run(args).await,
     }
 }

@@ -5,9 +5,14 @@
 //! All three write the same logical events, in the same order, to their own tables in one
 //! fresh database; the implementations take turns (rotated every round, alternated every
 //! single-event commit) so that drift on a shared machine hits them alike.
+//!
+//! With `--message-db <dir>` (the `database/` directory of the `@eventide/message-db` package,
+//! which `scripts/bench.sh` fetches), a peer joins them: message-db's `write_message` in the
+//! same database, single messages and batches in one transaction.
 
 use std::collections::HashMap;
 use std::error::Error;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -56,6 +61,10 @@ pub struct StoreArgs {
     /// Keep the `pgde_bench` database after the run.
     #[arg(long)]
     keep_database: bool,
+    /// The `database/` directory of the `@eventide/message-db` package: adds message-db's
+    /// `write_message` as a peer column (`scripts/bench.sh` fetches a pinned, checksummed copy).
+    #[arg(long, env = "PGDE_MESSAGE_DB_SQL")]
+    message_db: Option<PathBuf>,
 }
 
 /// The three implementations compared.
@@ -67,6 +76,8 @@ enum Impl {
     Plain,
     /// `bench_plpgsql.raise_events` / `raise_event`.
     Plpgsql,
+    /// message-db's `message_store.write_message`, once per event (a peer, not a baseline).
+    MessageDb,
 }
 
 const IMPLS: [Impl; 3] = [Impl::Extension, Impl::Plain, Impl::Plpgsql];
@@ -102,6 +113,8 @@ struct Event {
     version: i64,
     /// `expected_version`, set on the first event of an aggregate in a batch.
     expected: Option<i64>,
+    /// The message id message-db's `write_message` takes from the client.
+    message_id: String,
 }
 
 /// A batch: its events and the `raise_events` argument built from them.
@@ -109,6 +122,41 @@ pub(crate) struct Batch {
     events: Vec<Event>,
     /// The `raise_events` argument.
     pub(crate) json: Jsonb,
+    /// The same events as the column arrays of message-db's batch statement.
+    message_db: MessageDbBatch,
+}
+
+/// A batch as arrays, one per `write_message` argument, built before the clock starts.
+struct MessageDbBatch {
+    ids: Vec<String>,
+    streams: Vec<String>,
+    types: Vec<&'static str>,
+    data: Vec<Jsonb>,
+    metadata: Vec<Jsonb>,
+    /// message-db's expected version is the stream's last position (0-based, -1 for a new
+    /// stream): ours minus one.
+    expected: Vec<Option<i64>>,
+}
+
+impl MessageDbBatch {
+    fn of(events: &[Event]) -> MessageDbBatch {
+        MessageDbBatch {
+            ids: events.iter().map(|e| e.message_id.clone()).collect(),
+            streams: events
+                .iter()
+                .map(|e| stream_name(&e.aggregate_id))
+                .collect(),
+            types: events.iter().map(|e| e.event_type).collect(),
+            data: events.iter().map(|e| e.payload.clone()).collect(),
+            metadata: events.iter().map(|e| e.metadata.clone()).collect(),
+            expected: events.iter().map(|e| e.expected.map(|v| v - 1)).collect(),
+        }
+    }
+}
+
+/// message-db's stream of an aggregate: `category-id`.
+fn stream_name(aggregate_id: &str) -> String {
+    format!("loan-{aggregate_id}")
 }
 
 impl Batch {
@@ -198,6 +246,7 @@ impl Workload {
             metadata: Jsonb(metadata.to_string()),
             version: *version,
             expected,
+            message_id: uuid::Uuid::now_v7().to_string(),
         }
     }
 
@@ -229,7 +278,12 @@ impl Workload {
             })
             .collect();
         let json = Jsonb(serde_json::Value::Array(items).to_string());
-        Batch { events, json }
+        let message_db = MessageDbBatch::of(&events);
+        Batch {
+            events,
+            json,
+            message_db,
+        }
     }
 }
 
@@ -322,9 +376,53 @@ pub(crate) async fn prepare_database(cluster_dsn: &str, dbname: &str) -> anyhow:
     Ok(client)
 }
 
+/// The files of message-db's `install.sh` that make its write path (schema, table, type,
+/// functions, indexes), in its order; views and privileges are left out (not written by
+/// `write_message`), and so is `pgcrypto` (`gen_random_uuid()` is built in).
+const MESSAGE_DB_FILES: [&str; 18] = [
+    "schema/message-store.sql",
+    "tables/messages.sql",
+    "types/message.sql",
+    "functions/message-store-version.sql",
+    "functions/hash-64.sql",
+    "functions/acquire-lock.sql",
+    "functions/category.sql",
+    "functions/is-category.sql",
+    "functions/id.sql",
+    "functions/cardinal-id.sql",
+    "functions/stream-version.sql",
+    "functions/write-message.sql",
+    "functions/get-stream-messages.sql",
+    "functions/get-category-messages.sql",
+    "functions/get-last-stream-message.sql",
+    "indexes/messages-id.sql",
+    "indexes/messages-stream.sql",
+    "indexes/messages-category.sql",
+];
+
+/// Installs message-db from its package's `database/` directory into the bench database.
+/// Its functions name their objects unqualified, as its clients' `search_path` expects:
+/// `message_store` is appended to this session's (every other statement is qualified).
+async fn install_message_db(client: &Client, dir: &Path) -> anyhow::Result<()> {
+    for file in MESSAGE_DB_FILES {
+        let path = dir.join(file);
+        let sql = std::fs::read_to_string(&path)
+            .with_context(|| format!("message-db: read {}", path.display()))?;
+        client
+            .batch_execute(&sql)
+            .await
+            .with_context(|| format!("message-db: {file}"))?;
+    }
+    client
+        .batch_execute("SET search_path = \"$user\", public, message_store")
+        .await?;
+    Ok(())
+}
+
 async fn prepare_statements(
     client: &Client,
     batch_size: usize,
+    with_message_db: bool,
 ) -> anyhow::Result<HashMap<Impl, Statements>> {
     let mut values = String::new();
     for row in 0..batch_size {
@@ -376,6 +474,27 @@ async fn prepare_statements(
                 .await?,
         },
     );
+    if with_message_db {
+        // A batch is one statement calling write_message once per row, in order (what a
+        // client does in one round trip); a single event is one autocommitted call.
+        statements.insert(
+            Impl::MessageDb,
+            Statements {
+                batch: client
+                    .prepare(
+                        "SELECT count(message_store.write_message(u.id, u.stream, u.type, u.data, u.metadata, u.expected)) \
+                           FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::jsonb[], $5::jsonb[], $6::bigint[]) \
+                                AS u(id, stream, type, data, metadata, expected)",
+                    )
+                    .await?,
+                single: client
+                    .prepare(
+                        "SELECT message_store.write_message($1::varchar, $2::varchar, $3::varchar, $4::jsonb, $5::jsonb)",
+                    )
+                    .await?,
+            },
+        );
+    }
     Ok(statements)
 }
 
@@ -410,6 +529,26 @@ async fn write_batch(
                 bail!("plain INSERT wrote {n} rows of {}", batch.events.len());
             }
         }
+        Impl::MessageDb => {
+            let m = &batch.message_db;
+            let n: i64 = client
+                .query_one(
+                    &st.batch,
+                    &[
+                        &m.ids,
+                        &m.streams,
+                        &m.types,
+                        &m.data,
+                        &m.metadata,
+                        &m.expected,
+                    ],
+                )
+                .await?
+                .get(0);
+            if n as usize != batch.events.len() {
+                bail!("message-db wrote {n} messages of {}", batch.events.len());
+            }
+        }
     }
     Ok(())
 }
@@ -421,6 +560,7 @@ async fn write_single(
     st: &Statements,
     e: &Event,
 ) -> anyhow::Result<Duration> {
+    let stream = stream_name(&e.aggregate_id);
     let started = Instant::now();
     match imp {
         Impl::Extension | Impl::Plpgsql => {
@@ -445,6 +585,20 @@ async fn write_single(
                         &"Loan",
                         &e.aggregate_id,
                         &e.version,
+                        &e.event_type,
+                        &e.payload,
+                        &e.metadata,
+                    ],
+                )
+                .await?;
+        }
+        Impl::MessageDb => {
+            client
+                .query_one(
+                    &st.single,
+                    &[
+                        &e.message_id,
+                        &stream,
                         &e.event_type,
                         &e.payload,
                         &e.metadata,
@@ -496,6 +650,9 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
         bail!("aggregates must be between 1 and the batch size");
     }
     let client = prepare_database(&args.cluster.dsn, DATABASE).await?;
+    if let Some(dir) = &args.message_db {
+        install_message_db(&client, dir).await?;
+    }
     let server: String = client.query_one("SHOW server_version", &[]).await?.get(0);
     let settings: String = client
         .query_one(
@@ -506,7 +663,13 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
         )
         .await?
         .get(0);
-    let statements = prepare_statements(&client, args.batch_size).await?;
+    let statements =
+        prepare_statements(&client, args.batch_size, args.message_db.is_some()).await?;
+    // The implementations measured: the three stores, and message-db when it was installed.
+    let impls: Vec<Impl> = IMPLS
+        .into_iter()
+        .chain(args.message_db.as_ref().map(|_| Impl::MessageDb))
+        .collect();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
@@ -533,13 +696,13 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
 
     // Batch throughput. Round 0 is the warm-up.
     let mut figures: HashMap<Impl, Figures> =
-        IMPLS.iter().map(|i| (*i, Figures::default())).collect();
+        impls.iter().map(|i| (*i, Figures::default())).collect();
     client.batch_execute("CHECKPOINT").await?;
     for round in 0..=args.rounds {
         let batches =
             &batches[round * args.batches_per_round..(round + 1) * args.batches_per_round];
-        for k in 0..IMPLS.len() {
-            let imp = IMPLS[(round + k) % IMPLS.len()];
+        for k in 0..impls.len() {
+            let imp = impls[(round + k) % impls.len()];
             let started = Instant::now();
             for batch in batches {
                 write_batch(&client, imp, &statements[&imp], batch)
@@ -556,14 +719,14 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
 
     // Single-event commit latency, alternating implementations every commit.
     client.batch_execute("CHECKPOINT").await?;
-    let mut latencies: HashMap<Impl, Vec<Duration>> = IMPLS
+    let mut latencies: HashMap<Impl, Vec<Duration>> = impls
         .iter()
         .map(|i| (*i, Vec::with_capacity(args.commits)))
         .collect();
     for i in 0..args.warmup + args.commits {
         let event = workload.event(i % pool, false);
-        for k in 0..IMPLS.len() {
-            let imp = IMPLS[(i + k) % IMPLS.len()];
+        for k in 0..impls.len() {
+            let imp = impls[(i + k) % impls.len()];
             let took = write_single(&client, imp, &statements[&imp], &event)
                 .await
                 .with_context(|| format!("{imp:?} single event"))?;
@@ -580,8 +743,18 @@ pub async fn run(args: StoreArgs) -> anyhow::Result<()> {
         f.median_eps = median(&mut f.rounds_eps.clone());
     }
     verify_stores(&client).await?;
+    if args.message_db.is_some() {
+        verify_message_db(&client).await?;
+    }
 
     print_report(&args, &figures, &server, &settings, cores, payload_bytes);
+    if args.message_db.is_some() {
+        let version: String = client
+            .query_one("SELECT message_store.message_store_version()::text", &[])
+            .await?
+            .get(0);
+        println!("message-db schema {version} (message_store_version()), in the same database, stored the same events");
+    }
 
     drop(client);
     if !args.keep_database {
@@ -616,6 +789,26 @@ async fn verify_stores(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// message-db holds the same messages as the event store: the same count, and each stream's
+/// positions are the aggregate's versions minus one.
+async fn verify_message_db(client: &Client) -> anyhow::Result<()> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM domain_events.event),
+                    (SELECT count(*) FROM message_store.messages),
+                    (SELECT md5(string_agg(aggregate_id || ':' || aggregate_version, ',' ORDER BY aggregate_id, aggregate_version)) FROM domain_events.event),
+                    (SELECT md5(string_agg(substr(stream_name, 6) || ':' || (position + 1), ',' ORDER BY substr(stream_name, 6), position)) FROM message_store.messages)",
+            &[],
+        )
+        .await?;
+    let counts: [i64; 2] = [row.get(0), row.get(1)];
+    let digests: [String; 2] = [row.get(2), row.get(3)];
+    if counts[0] != counts[1] || digests[0] != digests[1] {
+        bail!("message-db differs from the event store: counts {counts:?}, version digests {digests:?}");
+    }
+    Ok(())
+}
+
 fn verdict(ok: bool) -> &'static str {
     if ok {
         "met"
@@ -633,6 +826,16 @@ fn print_report(
     payload_bytes: usize,
 ) {
     let (ext, plain, pl) = (&f[&Impl::Extension], &f[&Impl::Plain], &f[&Impl::Plpgsql]);
+    // The peer's column and ratio, or "n/a" when message-db was not installed.
+    let peer = f.get(&Impl::MessageDb);
+    let peer_cell = |value: fn(&Figures) -> f64, digits: usize| {
+        peer.map_or("n/a".to_string(), |m| format!("{:.digits$}", value(m)))
+    };
+    let peer_ratio = |value: fn(&Figures) -> f64| {
+        peer.map_or("n/a".to_string(), |m| {
+            format!("{:.2}x", value(ext) / value(m))
+        })
+    };
     let vs_plain = ext.median_eps / plain.median_eps;
     let vs_pl = ext.median_eps / pl.median_eps;
     let p50 = ext.p50_ms / plain.p50_ms;
@@ -645,30 +848,36 @@ fn print_report(
         args.batch_size, args.aggregates, args.rounds, args.batches_per_round, args.commits, args.warmup
     );
     println!();
-    println!("| measure | pg_domain_events | plain INSERT | PL/pgSQL | vs plain INSERT | vs PL/pgSQL | target |");
-    println!("|---|---:|---:|---:|---:|---:|---|");
+    println!("| measure | pg_domain_events | plain INSERT | PL/pgSQL | message-db | vs plain INSERT | vs PL/pgSQL | vs message-db | target |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---|");
     println!(
-        "| batch throughput, events/s | {:.0} | {:.0} | {:.0} | {vs_plain:.2}x | {vs_pl:.2}x | >= 0.7x plain ({}), >= 2x PL/pgSQL ({}) |",
+        "| batch throughput, events/s | {:.0} | {:.0} | {:.0} | {} | {vs_plain:.2}x | {vs_pl:.2}x | {} | >= 0.7x plain ({}), >= 2x PL/pgSQL ({}) |",
         ext.median_eps,
         plain.median_eps,
         pl.median_eps,
+        peer_cell(|m| m.median_eps, 0),
+        peer_ratio(|m| m.median_eps),
         verdict(vs_plain >= 0.7),
         verdict(vs_pl >= 2.0)
     );
     println!(
-        "| commit latency p50, ms | {:.3} | {:.3} | {:.3} | {p50:.2}x | {:.2}x | <= 1.2x plain ({}) |",
+        "| commit latency p50, ms | {:.3} | {:.3} | {:.3} | {} | {p50:.2}x | {:.2}x | {} | <= 1.2x plain ({}) |",
         ext.p50_ms,
         plain.p50_ms,
         pl.p50_ms,
+        peer_cell(|m| m.p50_ms, 3),
         ext.p50_ms / pl.p50_ms,
+        peer_ratio(|m| m.p50_ms),
         verdict(p50 <= 1.2)
     );
     println!(
-        "| commit latency p99, ms | {:.3} | {:.3} | {:.3} | {p99:.2}x | {:.2}x | <= 1.2x plain ({}) |",
+        "| commit latency p99, ms | {:.3} | {:.3} | {:.3} | {} | {p99:.2}x | {:.2}x | {} | <= 1.2x plain ({}) |",
         ext.p99_ms,
         plain.p99_ms,
         pl.p99_ms,
+        peer_cell(|m| m.p99_ms, 3),
         ext.p99_ms / pl.p99_ms,
+        peer_ratio(|m| m.p99_ms),
         verdict(p99 <= 1.2)
     );
     println!();
@@ -678,6 +887,15 @@ fn print_report(
         rounded(&plain.rounds_eps),
         rounded(&pl.rounds_eps)
     );
+    match peer {
+        Some(m) => println!(
+            "message-db (write_message) per round: {:?}",
+            rounded(&m.rounds_eps)
+        ),
+        None => {
+            println!("message-db: not measured (pass --message-db, or run scripts/bench.sh store)")
+        }
+    }
 }
 
 fn rounded(values: &[f64]) -> Vec<u64> {

@@ -47,7 +47,9 @@ COMMENT ON TABLE domain_events.event IS
 
 CREATE INDEX event_position_idx ON domain_events.event (position);
 CREATE INDEX event_aggregate_idx ON domain_events.event (aggregate_type, aggregate_id, aggregate_version);
-CREATE INDEX event_type_idx ON domain_events.event (event_type, occurred_at);
+-- Events of one type in position order (the console's type filter, events_of_type): a page is
+-- one index range per partition, however rare or recent the type.
+CREATE INDEX event_type_idx ON domain_events.event (event_type, position);
 -- Notify-mode listeners read the events that became visible between two snapshots by txid range.
 CREATE INDEX event_txid_idx ON domain_events.event (txid);
 

@@ -443,6 +443,9 @@ BEGIN
                x.recorded_at, x.state, d.handler, d.error, d.attempts, d.last_failed_at,
                d.redrive_requested_at
           FROM (
+            -- The page first, then the dead letters of its entries only: joined before the
+            -- limit, the lookup ran for every candidate (10,000 pending cost ~140 ms).
+            SELECT s.* FROM (
             SELECT e.*,
                    CASE WHEN EXISTS (SELECT 1 FROM domain_events.dead_letter l
                                       WHERE l.subscription = $1 AND l.position = e.position
@@ -462,6 +465,10 @@ BEGIN
                AND ($7 <> 'pending' OR e.txid >= COALESCE(pg_snapshot_xmin($2), '0'::xid8))
                AND ($7 <> 'dead_lettered' OR e.position IN (
                        SELECT l.position FROM domain_events.dead_letter l WHERE l.subscription = $1))
+            ) s
+             WHERE $7 = 'all' OR s.state = $7
+             ORDER BY s.position
+             LIMIT $9
           ) x
           LEFT JOIN LATERAL (
             SELECT l.handler, l.error, l.attempts, l.last_failed_at, l.redrive_requested_at
@@ -471,9 +478,7 @@ BEGIN
              ORDER BY l.last_failed_at DESC, l.handler
              LIMIT 1
           ) d ON true
-         WHERE $7 = 'all' OR x.state = $7
          ORDER BY x.position
-         LIMIT $9
     $query$
     USING outbox.subscription, done, also, cur, cur_position, below, outbox.status,
           outbox.after_position, outbox.max_entries;

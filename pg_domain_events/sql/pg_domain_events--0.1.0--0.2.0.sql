@@ -6,6 +6,8 @@
 -- the next upgrade script.
 --
 -- Changes:
+--   * domain_events.event: event_type_idx is (event_type, position), was (event_type,
+--     occurred_at): a page of one type's events in position order reads one index range.
 --   * domain_events.subscription: columns for recovering from a lost replication slot without
 --     a gap. Positions are taken at insert, not at commit, so "events after the last
 --     position" skips a transaction that took a lower position and committed after the slot
@@ -418,6 +420,17 @@ GRANT EXECUTE ON FUNCTION domain_events.raise_counters(), domain_events.store_co
 GRANT SELECT ON domain_events.raise_stats, domain_events.store_stats
     TO domain_events_reader, domain_events_admin;
 -- ---------------------------------------------------------------------------------------
+-- The index of events by type orders them by position instead of occurred_at (as bootstrap.sql
+-- does since 0.2.0): listing one type's events in position order, the console's type filter
+-- and events_of_type(), is then one index range per partition. With (event_type, occurred_at)
+-- a page either read every event of the type and sorted them, or walked the position index
+-- past the other types, which for a rare type or one only recent events have is most of the
+-- store. Rebuilding it holds a SHARE lock on the event table (raising waits) for about as long
+-- as building an index over the store takes (docs/upgrading.md: pre-building it per partition).
+DROP INDEX domain_events.event_type_idx;
+CREATE INDEX event_type_idx ON domain_events.event (event_type, position);
+
+-- ---------------------------------------------------------------------------------------
 -- The operator console: domain_events.outbox() and an index of dead letters by
 -- subscription and position; the role domain_events_console and redrive_dead_letter() (the same
 -- as the end of finalize.sql).
@@ -493,6 +506,9 @@ BEGIN
                x.recorded_at, x.state, d.handler, d.error, d.attempts, d.last_failed_at,
                d.redrive_requested_at
           FROM (
+            -- The page first, then the dead letters of its entries only: joined before the
+            -- limit, the lookup ran for every candidate (10,000 pending cost ~140 ms).
+            SELECT s.* FROM (
             SELECT e.*,
                    CASE WHEN EXISTS (SELECT 1 FROM domain_events.dead_letter l
                                       WHERE l.subscription = $1 AND l.position = e.position
@@ -512,6 +528,10 @@ BEGIN
                AND ($7 <> 'pending' OR e.txid >= COALESCE(pg_snapshot_xmin($2), '0'::xid8))
                AND ($7 <> 'dead_lettered' OR e.position IN (
                        SELECT l.position FROM domain_events.dead_letter l WHERE l.subscription = $1))
+            ) s
+             WHERE $7 = 'all' OR s.state = $7
+             ORDER BY s.position
+             LIMIT $9
           ) x
           LEFT JOIN LATERAL (
             SELECT l.handler, l.error, l.attempts, l.last_failed_at, l.redrive_requested_at
@@ -521,9 +541,7 @@ BEGIN
              ORDER BY l.last_failed_at DESC, l.handler
              LIMIT 1
           ) d ON true
-         WHERE $7 = 'all' OR x.state = $7
          ORDER BY x.position
-         LIMIT $9
     $query$
     USING outbox.subscription, done, also, cur, cur_position, below, outbox.status,
           outbox.after_position, outbox.max_entries;

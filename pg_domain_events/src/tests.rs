@@ -1089,4 +1089,5 @@ mod tests {
     }
 
     include!("tests/outbox.rs");
+    include!("tests/event_indexes.rs");
 }

@@ -42,6 +42,15 @@ impl ConsoleUnderTest {
     /// As [`ConsoleUnderTest::start`], the listener delivering to `registry`'s handlers too;
     /// redrive requests are picked up every 200 ms.
     pub async fn start_with(db: &TestDb, registry: listener::Registry) -> ConsoleUnderTest {
+        ConsoleUnderTest::start_tuned(db, registry, |_| {}).await
+    }
+
+    /// As [`ConsoleUnderTest::start_with`], with `tune` applied to the `[console]` settings.
+    pub async fn start_tuned(
+        db: &TestDb,
+        registry: listener::Registry,
+        tune: impl FnOnce(&mut listener::config::ConsoleConfig),
+    ) -> ConsoleUnderTest {
         let role = unique_name("console");
         let password = uuid::Uuid::new_v4().simple().to_string();
         db.client
@@ -75,7 +84,9 @@ impl ConsoleUnderTest {
             viewer_token_env: Some(env("VIEWER")),
             developer_token_env: Some(env("DEVELOPER")),
             operator_token_env: Some(env("OPERATOR")),
+            ..Default::default()
         };
+        tune(&mut config.console);
         let listener = InProcess::start_with(config, registry);
         wait_get(port, "/api/openapi.json", None, Duration::from_secs(60)).await;
         ConsoleUnderTest {

@@ -321,6 +321,91 @@ async fn the_console_role_reads_and_redrives_but_writes_nothing() {
     console.stop(&db).await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sign_in_lasts_the_configured_time_and_no_longer() {
+    let db = TestDb::new().await;
+    seed(&db).await;
+    let console = ConsoleUnderTest::start_tuned(&db, listener::Registry::new(), |c| {
+        c.session_max_age_secs = 600;
+    })
+    .await;
+    let url = format!("http://127.0.0.1:{}", console.port);
+    // No redirects followed: the cookie is on the sign-in's own answer.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("HTTP client");
+    let sign_in = |extra: Option<(&'static str, &'static str)>| {
+        let mut request = http
+            .post(format!("{url}/session"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("token={DEVELOPER}"));
+        if let Some((name, value)) = extra {
+            request = request.header(name, value);
+        }
+        request.send()
+    };
+    let answer = sign_in(None).await.expect("sign in");
+    assert_eq!(answer.status(), 303);
+    let cookie = answer.headers()["set-cookie"]
+        .to_str()
+        .expect("cookie")
+        .to_string();
+    let attributes: Vec<&str> = cookie.split("; ").collect();
+    for wanted in ["Path=/", "Max-Age=600", "HttpOnly", "SameSite=Strict"] {
+        assert!(attributes.contains(&wanted), "{wanted} missing: {cookie}");
+    }
+    assert!(
+        !attributes.contains(&"Secure"),
+        "plain HTTP: a Secure cookie would be dropped: {cookie}"
+    );
+    // The value carries its expiry, about 600 s from now.
+    let value = attributes[0].strip_prefix("pgde_console=").expect("value");
+    let (hex_token, expires) = value.split_once('.').expect("token.expiry");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let expires: u64 = expires.parse().expect("expiry");
+    assert!(
+        (now + 590..=now + 610).contains(&expires),
+        "{expires} vs {now}"
+    );
+
+    let page = |cookie: String| http.get(format!("{url}/")).header("cookie", cookie).send();
+    let signed_in = page(format!("pgde_console={value}"))
+        .await
+        .expect("page")
+        .text()
+        .await
+        .expect("body");
+    assert!(signed_in.contains("id=\"role\">developer<"), "{signed_in}");
+    // Past its expiry (a browser restoring an old cookie), or without one (a cookie of an
+    // earlier version), the cookie signs nobody in.
+    for stale in [
+        format!("pgde_console={hex_token}.{}", now - 1),
+        format!("pgde_console={hex_token}"),
+    ] {
+        let body = page(stale.clone())
+            .await
+            .expect("page")
+            .text()
+            .await
+            .expect("body");
+        assert!(
+            body.contains("name=\"token\"") && !body.contains("id=\"role\""),
+            "{stale} still signed in: {body}"
+        );
+    }
+    // Behind a TLS-terminating proxy the cookie is Secure.
+    let answer = sign_in(Some(("x-forwarded-proto", "https")))
+        .await
+        .expect("sign in");
+    let cookie = answer.headers()["set-cookie"].to_str().expect("cookie");
+    assert!(cookie.split("; ").any(|a| a == "Secure"), "{cookie}");
+    console.stop(&db).await;
+}
+
 async fn first_column(db: &TestDb, table: &str) -> String {
     db.client
         .query_one(

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 /// Tokens come from environment variables named here, never from the file; a role whose
 /// variable is not configured has no token. The console connects to the database as `user`,
 /// a role granted `domain_events_console` (read-only, plus redrive of one dead letter).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsoleConfig {
     /// Serve the console (needs `admin.listen`).
@@ -28,6 +28,29 @@ pub struct ConsoleConfig {
     /// Variable holding the `operator` token: also redrive of dead letters.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub operator_token_env: Option<String>,
+    /// Seconds a sign-in on the page lasts: the session cookie's `Max-Age`, also checked by
+    /// the console (a browser that restores an old cookie is signed out). Bearer tokens of the
+    /// API are not affected.
+    pub session_max_age_secs: u64,
+}
+
+/// The default lifetime of a sign-in on the page: a working day.
+pub const DEFAULT_SESSION_MAX_AGE_SECS: u64 = 8 * 60 * 60;
+/// The longest lifetime allowed: a stolen cookie should not outlive a week.
+pub const MAX_SESSION_MAX_AGE_SECS: u64 = 7 * 24 * 60 * 60;
+
+impl Default for ConsoleConfig {
+    fn default() -> ConsoleConfig {
+        ConsoleConfig {
+            enabled: false,
+            user: None,
+            password_env: None,
+            viewer_token_env: None,
+            developer_token_env: None,
+            operator_token_env: None,
+            session_max_age_secs: DEFAULT_SESSION_MAX_AGE_SECS,
+        }
+    }
 }
 
 impl ConsoleConfig {
@@ -69,6 +92,15 @@ impl ConsoleConfig {
                     );
                 }
             }
+        }
+        if !(60..=MAX_SESSION_MAX_AGE_SECS).contains(&self.session_max_age_secs) {
+            return invalid(
+                "session_max_age_secs",
+                format!(
+                    "{}: a sign-in lasts between 60 seconds and {MAX_SESSION_MAX_AGE_SECS} (7 days)",
+                    self.session_max_age_secs
+                ),
+            );
         }
         if !self.enabled {
             return Ok(());

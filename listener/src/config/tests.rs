@@ -279,3 +279,28 @@ fn handlers_keep_their_kind_and_keys_through_their_own_toml() {
     let reloaded = Config::load(Some(&again.0), &[], &Overrides::default()).unwrap();
     assert_eq!(reloaded.handlers, config.handlers);
 }
+
+#[test]
+fn a_console_sign_in_lasts_eight_hours_unless_set_within_bounds() {
+    let load = |console: &str| {
+        let file = write(&format!("{FILE}\n{console}"));
+        Config::load(Some(&file.0), &[], &Overrides::default())
+    };
+    let config = load("[console]\nenabled = false\n").unwrap();
+    assert_eq!(config.console.session_max_age_secs, 8 * 60 * 60);
+    assert!(
+        config.console.is_unset(),
+        "the default lifetime leaves [console] unset"
+    );
+    let config = load("[console]\nsession_max_age_secs = 900\n").unwrap();
+    assert_eq!(config.console.session_max_age_secs, 900);
+    for bad in [0, 59, 7 * 24 * 60 * 60 + 1] {
+        let err = load(&format!("[console]\nsession_max_age_secs = {bad}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("console.session_max_age_secs") && err.contains("between 60 seconds"),
+            "{bad}: {err}"
+        );
+    }
+}

@@ -64,6 +64,7 @@ pub fn router(
     let state = Arc::new(state::Console {
         tokens: auth::Tokens::new(tokens),
         db: db::Db::new(database),
+        session_max_age_secs: console.session_max_age_secs,
     });
     Ok(Some(routes::router(state)))
 }

@@ -1,6 +1,7 @@
 //! The console's page: `/` renders one view on the server (events, an aggregate's timeline,
 //! an outbox, dead letters, handlers, subscriptions) from the same reads as the API. Signing in
-//! with a token sets an `HttpOnly`, `SameSite=Strict` session cookie holding it.
+//! with a token sets an `HttpOnly`, `SameSite=Strict` session cookie holding it, for
+//! `console.session_max_age_secs` (`Secure` when the page was reached over HTTPS).
 
 use std::sync::Arc;
 
@@ -166,9 +167,11 @@ async fn sign_in(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes)
             render::sign_in(Some("unknown token")),
         );
     }
+    let max_age = c.session_max_age_secs;
+    let secure = if over_https(&headers) { "; Secure" } else { "" };
     let cookie = format!(
-        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
-        hex::encode(token.as_bytes())
+        "{SESSION_COOKIE}={}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}",
+        auth::session_value(token.as_bytes(), max_age)
     );
     (
         StatusCode::SEE_OTHER,
@@ -178,6 +181,20 @@ async fn sign_in(State(c): State<Arc<Console>>, headers: HeaderMap, body: Bytes)
         ],
     )
         .into_response()
+}
+
+/// Whether the browser reached the console over HTTPS: the server itself speaks plain HTTP, so
+/// that is a TLS-terminating proxy in front of it (`X-Forwarded-Proto: https`) or a form posted
+/// from an `https://` origin. Then the cookie is `Secure`: a browser never sends it over plain
+/// HTTP. (On plain HTTP it cannot be: the browser would drop it.)
+fn over_https(headers: &HeaderMap) -> bool {
+    let is = |name: &str, prefix: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with(prefix))
+    };
+    is("x-forwarded-proto", "https") || is("origin", "https://")
 }
 
 /// `POST /session/end`: clears the session cookie.

@@ -9,4 +9,6 @@ pub struct Console {
     pub tokens: Tokens,
     /// The console's connections.
     pub db: Db,
+    /// How long a sign-in on the page lasts (`console.session_max_age_secs`).
+    pub session_max_age_secs: u64,
 }
