@@ -255,12 +255,10 @@ impl NewEvent {
         };
         let metadata = match optional("metadata") {
             Some(Node::Object(c)) => c.to_jsonb(),
+            // The metadata rule refuses what is not an object.
             Some(other) => {
-                return Err(EventError::invalid(
-                    field("metadata"),
-                    format!("must be a JSON object, got {}", other.kind()),
-                    "Pass metadata as an object such as {\"actor\": \"user-1\"}.",
-                ))
+                validation::check_metadata(&field("metadata"), other.kind(), |_| None, &[])?;
+                unreachable!("only objects pass the metadata rule")
             }
             None => empty,
         };

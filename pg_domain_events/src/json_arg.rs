@@ -47,12 +47,18 @@ unsafe impl<'fcx> ArgAbi<'fcx> for JsonbText {
 impl JsonbText {
     /// Parses the argument named `field`; a document nested too deeply is a `22023` error.
     pub fn parse(&self, field: &str) -> Result<Value, EventError> {
-        serde_json::from_str(&self.0).map_err(|err| {
-            EventError::invalid(
-                field,
-                format!("cannot be read ({err}); documents may nest at most 128 levels deep"),
-                "Flatten the document, or store it elsewhere and put a reference in the event.",
-            )
-        })
+        parse_json(field, &self.0)
     }
+}
+
+/// Parses JSON text into a tree; a document nested deeper than serde_json reads (128 levels)
+/// is a `22023` error naming `field`.
+pub fn parse_json(field: &str, text: &str) -> Result<Value, EventError> {
+    serde_json::from_str(text).map_err(|err| {
+        EventError::invalid(
+            field,
+            format!("cannot be read ({err}); documents may nest at most 128 levels deep"),
+            "Flatten the document, or store it elsewhere and put a reference in the event.",
+        )
+    })
 }

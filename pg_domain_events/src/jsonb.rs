@@ -371,13 +371,7 @@ impl<'doc> Node<'doc> {
     /// The value as a `serde_json` tree (for a registered schema's check); `field` names it in
     /// the error for a document nested deeper than serde_json reads (128 levels).
     pub fn to_value(self, field: &str) -> Result<Value, EventError> {
-        serde_json::from_str(&self.text()).map_err(|err| {
-            EventError::invalid(
-                field,
-                format!("cannot be read ({err}); documents may nest at most 128 levels deep"),
-                "Flatten the document, or store it elsewhere and put a reference in the event.",
-            )
-        })
+        crate::json_arg::parse_json(field, &self.text())
     }
 }
 
