@@ -1,8 +1,8 @@
 //! Table capture overhead: the same single-row UPDATE on a tracked and an untracked table with
 //! identical data, measured alternately in one run.
 //!
-//! Target (issue: table capture): an UPDATE on a tracked table costs at most 1.5× the same
-//! UPDATE on an untracked one, commit included.
+//! Target (performance, round 2): an UPDATE on a tracked table costs at most 1.3× the same
+//! UPDATE on an untracked one at p50, commit included (1.5× in the first round).
 
 use std::time::{Duration, Instant};
 
@@ -126,11 +126,11 @@ pub async fn run(args: CaptureArgs) -> anyhow::Result<()> {
     println!("| measure | untracked | tracked | tracked / untracked | target |");
     println!("|---|---:|---:|---:|---|");
     println!(
-        "| commit latency p50, ms | {:.3} | {:.3} | {:.2}x | <= 1.5x ({}) |",
+        "| commit latency p50, ms | {:.3} | {:.3} | {:.2}x | <= 1.3x ({}) |",
         p50[0],
         p50[1],
         p50[1] / p50[0],
-        if p50[1] / p50[0] <= 1.5 {
+        if p50[1] / p50[0] <= 1.3 {
             "met"
         } else {
             "MISSED"

@@ -273,38 +273,26 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
     let writer_dsn = dsn_for(&a.cluster.dsn, &dbname);
     let mut config = listener_config(&a.cluster.dsn, &dbname, &slot);
     config.replication.ack_interval_ms = 100;
-    let target: String = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?
-        .get(0);
-    let caught_up = || slot_caught_up(&db, &slot, &target);
-    let after_backlog = crate::latency::phase(
+    let after_backlog = replication_phase(
         "replication, right after the backlog",
+        &db,
+        &slot,
         config.clone(),
         &writer_dsn,
-        "",
-        a.rate,
-        a.seconds,
-        caught_up,
+        &a,
     )
     .await?;
     db.batch_execute("VACUUM (ANALYZE) domain_events.event")
         .await
         .context("vacuum")?;
     db.batch_execute("CHECKPOINT").await.context("checkpoint")?;
-    let target: String = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?
-        .get(0);
-    let caught_up = || slot_caught_up(&db, &slot, &target);
-    let steady = crate::latency::phase(
+    let steady = replication_phase(
         "replication, steady state",
+        &db,
+        &slot,
         config.clone(),
         &writer_dsn,
-        "",
-        a.rate,
-        a.seconds,
-        caught_up,
+        &a,
     )
     .await?;
     let mut notify = config;
@@ -342,6 +330,24 @@ pub async fn run(a: PipelineArgs) -> anyhow::Result<()> {
 }
 
 /// Whether `slot` has confirmed the WAL up to `target` (the listener caught up).
+/// A latency phase of the replication-mode listener on `slot`, started once the slot has
+/// confirmed all WAL written before the phase.
+async fn replication_phase(
+    label: &str,
+    db: &tokio_postgres::Client,
+    slot: &str,
+    config: Config,
+    writer_dsn: &str,
+    a: &PipelineArgs,
+) -> anyhow::Result<crate::latency::Latencies> {
+    let target: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    let caught_up = || slot_caught_up(db, slot, &target);
+    crate::latency::phase(label, config, writer_dsn, "", a.rate, a.seconds, caught_up).await
+}
+
 async fn slot_caught_up(
     db: &tokio_postgres::Client,
     slot: &str,

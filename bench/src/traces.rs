@@ -189,29 +189,18 @@ pub async fn run(a: TracesArgs) -> anyhow::Result<()> {
     for round in 0..a.rounds {
         let (off_slot, on_slot) = (&slots[2 * round], &slots[2 * round + 1]);
         let before = received.spans.load(Ordering::Relaxed);
-        let (off, traced) = if round % 2 == 0 {
-            let off = drain(
-                &a.cluster.dsn,
-                &dbname,
-                off_slot,
-                a.events,
-                TelemetryConfig::default(),
-            )
-            .await?;
-            let traced = drain(&a.cluster.dsn, &dbname, on_slot, a.events, on.clone()).await?;
-            (off, traced)
-        } else {
-            let traced = drain(&a.cluster.dsn, &dbname, on_slot, a.events, on.clone()).await?;
-            let off = drain(
-                &a.cluster.dsn,
-                &dbname,
-                off_slot,
-                a.events,
-                TelemetryConfig::default(),
-            )
-            .await?;
-            (off, traced)
-        };
+        // Alternate which goes first, so that drift on the machine hits both alike.
+        let runs = [
+            (off_slot, TelemetryConfig::default()),
+            (on_slot, on.clone()),
+        ];
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut rates = [0.0; 2];
+        for k in order {
+            let (slot, telemetry) = &runs[k];
+            rates[k] = drain(&a.cluster.dsn, &dbname, slot, a.events, telemetry.clone()).await?;
+        }
+        let [off, traced] = rates;
         // The listener flushed on stop: what it recorded has arrived.
         let spans = received.spans.load(Ordering::Relaxed) - before;
         let ratio = traced / off;

@@ -227,9 +227,9 @@ impl<'doc> Container<'doc> {
         keys
     }
 
-    /// This container as a document of its own (a copy, in the current memory context).
-    pub fn to_jsonb(self) -> Jsonb {
-        let mut value = pg_sys::JsonbValue {
+    /// This container as a `jbvBinary` value (pointing at it, not copying it).
+    fn binary_value(self) -> pg_sys::JsonbValue {
+        pg_sys::JsonbValue {
             type_: pg_sys::jbvType::jbvBinary,
             val: pg_sys::JsonbValue__bindgen_ty_1 {
                 binary: pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_4 {
@@ -237,7 +237,12 @@ impl<'doc> Container<'doc> {
                     data: self.data,
                 },
             },
-        };
+        }
+    }
+
+    /// This container as a document of its own (a copy, in the current memory context).
+    pub fn to_jsonb(self) -> Jsonb {
+        let mut value = self.binary_value();
         // SAFETY: a binary value copies the container's bytes into a new jsonb.
         Jsonb(unsafe { pg_sys::JsonbValueToJsonb(&mut value) })
     }
@@ -492,16 +497,7 @@ impl ObjectBuilder {
     /// Adds `key` with a whole document as its value.
     pub fn document(&mut self, key: &'static str, value: Jsonb) {
         self.key(key);
-        let container = value.container();
-        let value = pg_sys::JsonbValue {
-            type_: pg_sys::jbvType::jbvBinary,
-            val: pg_sys::JsonbValue__bindgen_ty_1 {
-                binary: pg_sys::JsonbValue__bindgen_ty_1__bindgen_ty_4 {
-                    len: container.len,
-                    data: container.data,
-                },
-            },
-        };
+        let value = value.container().binary_value();
         self.push(pg_sys::JsonbIteratorToken::WJB_VALUE, Some(value));
     }
 

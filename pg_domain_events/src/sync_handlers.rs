@@ -58,44 +58,81 @@ pub struct StoredEvent {
 
 impl StoredEvent {
     /// The event as the listener's handlers see it (same keys and formats), built as `jsonb`
-    /// directly: the payload and metadata are copied in, never printed and parsed.
+    /// directly: the payload and metadata are copied in, never printed and parsed. Keys are
+    /// pushed in jsonb's own order (shorter first, then bytewise), so the sort that closes the
+    /// object only confirms it.
     fn jsonb(&self) -> Jsonb {
-        let time = |t: TimestampWithTimeZone| match serde_json::to_value(t) {
-            Ok(Value::String(text)) => text,
-            _ => unreachable!("a timestamp serialises as a string"),
-        };
         let occurred_at = self.occurred_at.unwrap_or_else(transaction_start);
         // SAFETY: the transaction has an id: it just wrote the event.
         let txid = unsafe { pg_sys::GetTopFullTransactionIdIfAny() }.value;
         let mut event = ObjectBuilder::new();
-        event.string("id", self.id.to_string());
-        event.integer("position", self.position);
-        event.string("aggregate_type", self.aggregate_type.clone());
-        event.string("aggregate_id", self.aggregate_id.clone());
-        event.integer("aggregate_version", self.aggregate_version);
-        event.string("event_type", self.event_type.clone());
-        event.integer("event_version", self.event_version.into());
-        event.document("payload", self.payload);
-        event.document("metadata", self.metadata);
-        event.string("occurred_at", time(occurred_at));
-        event.string("recorded_at", time(self.recorded_at));
+        event.string("id", id_text(&self.id));
         event.integer(
             "txid",
             i64::try_from(txid).expect("a 64-bit transaction id below 2^63"),
         );
+        event.document("payload", self.payload);
+        event.document("metadata", self.metadata);
+        event.integer("position", self.position);
+        event.string("event_type", self.event_type.clone());
+        event.string("occurred_at", time_text(occurred_at));
+        event.string("recorded_at", time_text(self.recorded_at));
+        event.string("aggregate_id", self.aggregate_id.clone());
+        event.integer("event_version", self.event_version.into());
+        event.string("aggregate_type", self.aggregate_type.clone());
+        event.integer("aggregate_version", self.aggregate_version);
         event.finish()
     }
+}
 
-    /// The correlation id in the event's metadata.
-    fn correlation_id(&self) -> Option<String> {
-        let Node::Object(metadata) = self.metadata.root() else {
-            return None;
-        };
-        match metadata.get("correlation_id")? {
-            node @ Node::String(..) => node.as_str().map(str::to_string),
-            node @ Node::Number(_) => node.number_text(),
-            _ => None,
+/// An event id as text (`8-4-4-4-12` lower-case hex), without the formatting machinery.
+fn id_text(id: &pgrx::Uuid) -> String {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    uuid::Uuid::from_bytes(*id.as_bytes())
+        .hyphenated()
+        .encode_lower(&mut buffer)
+        .to_string()
+}
+
+thread_local! {
+    /// The last two timestamps printed, with the session time zone they were printed in: the
+    /// events of one transaction share `recorded_at` and mostly `occurred_at`.
+    static TIME_TEXTS: RefCell<[Option<(i64, usize, String)>; 2]> = const { RefCell::new([None, None]) };
+}
+
+/// A timestamp as handlers see it (ISO 8601 in the session's time zone, as `to_json` prints it).
+fn time_text(time: TimestampWithTimeZone) -> String {
+    let micros = time.into_inner();
+    // SAFETY: reads a backend global; it changes when the TimeZone setting does.
+    let zone = unsafe { pg_sys::session_timezone } as usize;
+    TIME_TEXTS.with(|texts| {
+        let mut texts = texts.borrow_mut();
+        if let Some((_, _, text)) = texts
+            .iter()
+            .flatten()
+            .find(|(m, z, _)| *m == micros && *z == zone)
+        {
+            return text.clone();
         }
+        let text = match serde_json::to_value(time) {
+            Ok(Value::String(text)) => text,
+            _ => unreachable!("a timestamp serialises as a string"),
+        };
+        texts.swap(0, 1);
+        texts[0] = Some((micros, zone, text.clone()));
+        text
+    })
+}
+
+/// The correlation id in an event's metadata.
+fn correlation_id(metadata: Jsonb) -> Option<String> {
+    let Node::Object(metadata) = metadata.root() else {
+        return None;
+    };
+    match metadata.get("correlation_id")? {
+        node @ Node::String(..) => node.as_str().map(str::to_string),
+        node @ Node::Number(_) => node.number_text(),
+        _ => None,
     }
 }
 
@@ -106,9 +143,10 @@ fn transaction_start() -> TimestampWithTimeZone {
 }
 
 /// An event whose handlers are running in this backend (innermost last).
+/// Kept as given: texts are made only when a handler raises events (`cascade_metadata`).
 struct Cause {
-    event_id: String,
-    correlation_id: Option<String>,
+    event_id: pgrx::Uuid,
+    metadata: Jsonb,
 }
 
 thread_local! {
@@ -132,7 +170,7 @@ pub fn check_depth() {
         let chain = CAUSES.with(|c| {
             c.borrow()
                 .iter()
-                .map(|cause| cause.event_id.clone())
+                .map(|cause| id_text(&cause.event_id))
                 .collect::<Vec<_>>()
                 .join(" -> ")
         });
@@ -153,11 +191,9 @@ pub fn cascade_metadata() -> Option<(String, String)> {
     CAUSES.with(|c| {
         let causes = c.borrow();
         let cause = causes.last()?;
-        let correlation = cause
-            .correlation_id
-            .clone()
-            .unwrap_or_else(|| cause.event_id.clone());
-        Some((cause.event_id.clone(), correlation))
+        let id = id_text(&cause.event_id);
+        let correlation = correlation_id(cause.metadata).unwrap_or_else(|| id.clone());
+        Some((id, correlation))
     })
 }
 
@@ -198,8 +234,8 @@ pub(crate) fn call(handler: &SyncHandler, event: &StoredEvent, argument: pg_sys:
     let _active = handler.enter();
     CAUSES.with(|c| {
         c.borrow_mut().push(Cause {
-            event_id: event.id.to_string(),
-            correlation_id: event.correlation_id(),
+            event_id: event.id,
+            metadata: event.metadata,
         })
     });
     let _cause = CauseGuard;
