@@ -417,3 +417,131 @@ async fn first_column(db: &TestDb, table: &str) -> String {
         .expect("a column")
         .get(0)
 }
+
+/// The console's statement for a page of one event type, planned with `after` and run.
+async fn plan_and_positions(db: &TestDb, event_type: &str, after: i64) -> (String, Vec<i64>) {
+    let none: Option<&str> = None;
+    let no_time: Option<chrono::DateTime<chrono::Utc>> = None;
+    let (limit, payloads) = (100i64, false);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        &none,
+        &none,
+        &event_type,
+        &no_time,
+        &no_time,
+        &after,
+        &limit,
+        &payloads,
+    ];
+    let sql = listener::console::queries::EVENTS_OF_TYPE;
+    let plan = db
+        .client
+        .query(&format!("EXPLAIN (COSTS OFF) {sql}"), &params)
+        .await
+        .expect("EXPLAIN the page of a type")
+        .iter()
+        .map(|row| row.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let positions = db
+        .client
+        .query(sql, &params)
+        .await
+        .expect("a page of a type")
+        .iter()
+        .map(|row| {
+            row.get::<_, Value>(0)["position"]
+                .as_i64()
+                .expect("position")
+        })
+        .collect();
+    (plan, positions)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_of_one_type_is_read_from_the_type_index_however_the_type_clusters() {
+    let db = TestDb::new().await;
+    // Half the events are of one type, but in two runs at either end of the history: a page
+    // after the first run is where walking the position index and filtering by type reads the
+    // whole other run, and the statistics (half the rows match) invite that walk.
+    db.client
+        .batch_execute(
+            "INSERT INTO domain_events.event (position, id, aggregate_type, aggregate_id, \
+                aggregate_version, event_type) \
+             SELECT g, gen_random_uuid(), 'Loan', (g % 100)::text, g / 100 + 1, \
+                    CASE WHEN g <= 10000 OR g > 19900 THEN 'Loan.Funded' ELSE 'Loan.Repaid' END \
+               FROM generate_series(1, 20000) g; \
+             ANALYZE domain_events.event",
+        )
+        .await
+        .expect("store the history");
+    // (type, after, whether many of its events follow): the pages the old plan walked for.
+    for (event_type, after, many) in [
+        ("Loan.Funded", 0, true),
+        ("Loan.Funded", 9950, true),
+        ("Loan.Funded", 19990, false),
+        ("Loan.Repaid", 0, true),
+        ("Loan.Repaid", 19000, false),
+        ("Loan.Closed", 0, false),
+    ] {
+        let (plan, positions) = plan_and_positions(&db, event_type, after).await;
+        // A sort node (a line of its own with COSTS OFF), not Merge Append's "Sort Key".
+        let sorts = plan.lines().any(|line| {
+            let node = line.trim_start().trim_start_matches("->").trim_start();
+            node == "Sort" || node == "Incremental Sort"
+        });
+        // The type index is `<partition>_event_type_position_idx`.
+        let other_index = plan
+            .lines()
+            .filter_map(|line| line.split(" using ").nth(1))
+            .any(|index| !index.contains("event_type_position_idx"));
+        // Never the position index read in order and filtered by type until the page is full.
+        // A short position range (the last few events, or a type without any) may be read
+        // whole and sorted; a page with many events of the type ahead is read in order from
+        // the type index.
+        let walks = other_index && !sorts;
+        let from_type_index = !other_index && !sorts;
+        assert!(
+            !walks && (from_type_index || !many),
+            "{event_type} after {after}: the page is not read in order from the type index:\n{plan}"
+        );
+        // The rows and order of the plain filter.
+        let expected: Vec<i64> = db
+            .client
+            .query(
+                "SELECT position FROM domain_events.event \
+                  WHERE event_type = $1 AND position > $2 ORDER BY position LIMIT 100",
+                &[&event_type, &after],
+            )
+            .await
+            .expect("the reference page")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(positions, expected, "{event_type} after {after}");
+    }
+    // Through the API, page by page: every event of the type once, in position order.
+    let console = ConsoleUnderTest::start(&db).await;
+    let mut listed = Vec::new();
+    let mut path = "/api/events?event_type=Loan.Funded&limit=500".to_string();
+    loop {
+        let (status, page) = console.get_json(&path, Some(VIEWER)).await;
+        assert_eq!(status, 200, "{page}");
+        listed.extend(
+            page["items"]
+                .as_array()
+                .expect("items")
+                .iter()
+                .map(|e| e["position"].as_i64().expect("position")),
+        );
+        match page["next"].as_i64() {
+            Some(next) => {
+                path = format!("/api/events?event_type=Loan.Funded&limit=500&after_position={next}")
+            }
+            None => break,
+        }
+    }
+    let expected: Vec<i64> = (1..=10000).chain(19901..=20000).collect();
+    assert_eq!(listed, expected);
+    console.stop(&db).await;
+}

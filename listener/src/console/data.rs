@@ -63,9 +63,14 @@ pub async fn events(db: &Db, p: &Params, role: Role) -> Result<Page, ApiError> {
     let limit = p.limit()?;
     let payloads = role >= Role::Developer;
     let client = db.reader().await?;
+    let sql = if event_type.is_some() {
+        queries::EVENTS_OF_TYPE
+    } else {
+        queries::EVENTS
+    };
     let items = queries::rows(
         &client,
-        queries::EVENTS,
+        sql,
         &[
             &aggregate_type,
             &aggregate_id,

@@ -14,7 +14,9 @@ mod error;
 mod openapi;
 mod page;
 mod params;
-mod queries;
+// Public for the end-to-end suite, which checks how the server plans them.
+#[doc(hidden)]
+pub mod queries;
 mod render;
 mod role;
 mod routes;

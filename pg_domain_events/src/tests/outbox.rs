@@ -127,6 +127,85 @@ fn outbox_pages_by_position() {
     assert_eq!(page("3"), "");
 }
 
+/// `position:status` of the entries `outbox('sub', status, max, after)` lists.
+fn outbox_page(status: &str, max: i32, after: Option<i64>) -> String {
+    Spi::get_one_with_args::<String>(
+        "SELECT coalesce(string_agg(position || ':' || entry_status, ',' ORDER BY position), '') \
+           FROM domain_events.outbox('sub', $1, $2, $3)",
+        &[status.into(), max.into(), after.into()],
+    )
+    .unwrap()
+    .unwrap()
+}
+
+#[pg_test]
+fn outbox_pending_and_dead_lettered_pages_are_read_without_walking_the_history() {
+    // 3000 handled events with a dead letter every 500th, then 7 pending: two of a
+    // transaction that took its positions early and committed late, five recent ones.
+    Spi::run(
+        "INSERT INTO domain_events.event (position, id, aggregate_type, aggregate_id, \
+            aggregate_version, event_type, txid) \
+         SELECT g, gen_random_uuid(), 'Loan', g::text, 1, 'Loan.Created', \
+                CASE WHEN g IN (1200, 1201) THEN '200' WHEN g > 2995 THEN '201' ELSE '100' END::xid8 \
+           FROM generate_series(1, 3002) g; \
+         INSERT INTO domain_events.dead_letter (subscription, handler, event_id, position, error, attempts) \
+         SELECT 'sub', 'audit', id, position, 'down', 1 FROM domain_events.event \
+          WHERE position % 500 = 0; \
+         INSERT INTO domain_events.subscription (name, mode, position, lsn, delivered_snapshot) \
+         VALUES ('sub', 'replication', 3002, '0/100', '150:150:'); \
+         ANALYZE domain_events.event",
+    )
+    .unwrap();
+    // Every page of each status is the `all` list filtered by that status.
+    let all = outbox_page("all", 10000, None);
+    for (status, after, max) in [
+        ("pending", None, 100),
+        ("pending", None, 2),
+        ("pending", Some(1201), 3),
+        ("pending", Some(3002), 100),
+        ("dead_lettered", None, 100),
+        ("dead_lettered", Some(1000), 2),
+    ] {
+        let expected: Vec<&str> = all
+            .split(',')
+            .filter(|e| {
+                let (position, state) = e.split_once(':').unwrap();
+                state == status && after.is_none_or(|a| position.parse::<i64>().unwrap() > a)
+            })
+            .take(max as usize)
+            .collect();
+        assert_eq!(
+            outbox_page(status, max, after),
+            expected.join(","),
+            "{status} after {after:?}, {max} at most"
+        );
+    }
+    assert_eq!(
+        outbox_page("pending", 100, None),
+        "1200:pending,1201:pending,2996:pending,2997:pending,2998:pending,2999:pending,\
+         3001:pending,3002:pending"
+    );
+    // The position indexes serve the lookups of the page's own rows only, not a walk from
+    // the first event to the first pending one (the transaction's own statistics so far).
+    let read = || {
+        count(
+            "SELECT coalesce(sum(pg_stat_get_xact_tuples_returned(c.oid)), 0)::bigint \
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+              WHERE n.nspname = 'domain_events' AND c.relkind = 'i' \
+                AND c.relname LIKE 'event%\\_position\\_idx' AND c.relname NOT LIKE '%type%'",
+        )
+    };
+    let before = read();
+    outbox_page("pending", 100, None);
+    outbox_page("dead_lettered", 100, None);
+    let after = read();
+    assert!(
+        after - before < 100,
+        "{} position index entries read for a page of each",
+        after - before
+    );
+}
+
 #[pg_test]
 fn outbox_refuses_bad_arguments_with_a_sqlstate_detail_and_hint() {
     outbox_setup("mode, snapshot_prev", "'notify', '100:100:'");
