@@ -36,3 +36,13 @@ mod summary;
 pub use run::{registry_for_replay, Replay, DEFAULT_BATCH_SIZE};
 pub use selection::{parse_timestamp, Selection};
 pub use summary::{Ending, Failure, HandlerCount, Summary};
+
+/// The runtime a replay runs on (`listener replay`, and the replay bench): one thread. A replay
+/// is one ordered stream; on a multi-thread runtime the connection's task, the reader and the
+/// handlers' tasks hand every batch across threads, and those wake-ups were a quarter of the
+/// client's CPU. On one thread the same replay keeps up with `COPY` of the same rows
+/// (docs/benchmarks.md). Handlers still overlap their I/O (`workers` are tasks); a handler doing
+/// heavy CPU work per event runs one at a time.
+pub fn runtime_builder() -> tokio::runtime::Builder {
+    tokio::runtime::Builder::new_current_thread()
+}

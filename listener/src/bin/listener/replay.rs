@@ -82,7 +82,7 @@ pub(crate) fn replay(args: &ReplayArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     init_logging(&config.log);
-    let Some(runtime) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+    let Some(runtime) = runtime(replay::runtime_builder()) else {
         return ExitCode::FAILURE;
     };
     runtime.block_on(async move {
