@@ -463,9 +463,7 @@ pub fn columns(events: Vec<NewEvent>) -> BatchColumns {
         batch
             .counts
             .push(counts[&(event.aggregate_type.clone(), event.aggregate_id.clone())]);
-        batch
-            .ids
-            .push(pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes()));
+        batch.ids.push(new_id());
         batch.aggregate_types.push(event.aggregate_type);
         batch.aggregate_ids.push(event.aggregate_id);
         batch.event_types.push(event.event_type);
