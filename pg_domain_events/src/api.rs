@@ -6,6 +6,7 @@ use std::ffi::{c_char, CString};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 
+use crate::direct_append;
 use crate::errors::{EventError, OrReport};
 use crate::event::{self, Arguments, NewEvent};
 use crate::gucs::{self, EventsEnabled};
@@ -169,7 +170,7 @@ fn store_events(events: Vec<NewEvent>, handlers: &[SyncHandler]) -> Vec<StoredRo
         .collect();
     let stored = if events.len() == 1 && events[0].recorded_at.is_none() {
         let event = events.into_iter().next().expect("one event");
-        vec![store::insert_one(store::OneEvent {
+        let one = store::OneEvent {
             aggregate_type: event.aggregate_type,
             aggregate_id: event.aggregate_id,
             id: event::new_id(),
@@ -178,7 +179,10 @@ fn store_events(events: Vec<NewEvent>, handlers: &[SyncHandler]) -> Vec<StoredRo
             payload: event.payload,
             metadata: event.metadata,
             occurred_at: event.occurred_at,
-        })]
+        };
+        // An existing stream's next event without an SQL statement; anything else (a new
+        // stream, stricter isolation, triggers on the tables) through the statement.
+        vec![direct_append::append(&one).unwrap_or_else(|| store::insert_one(one))]
     } else {
         let batch = event::columns(events);
         let ids = batch.ids.clone();

@@ -11,6 +11,7 @@ mod async_handlers;
 mod capture;
 mod compatibility;
 mod contract;
+mod direct_append;
 mod errors;
 mod event;
 mod gucs;

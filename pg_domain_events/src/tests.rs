@@ -45,6 +45,78 @@ mod tests {
         );
     }
 
+    /// One statement raising per row, streams interleaved: the way triggers and `INSERT …
+    /// SELECT` users raise, where each call after a stream's first finds its head written by
+    /// the call before it in the same statement.
+    #[pg_test]
+    fn per_row_raising_in_one_statement_versions_each_stream_in_call_order() {
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', 'a', 'Loan.Created')").unwrap();
+        let versions = one::<String>(
+            "SELECT string_agg(r.aggregate_version::text, ',' ORDER BY g) \
+               FROM generate_series(1, 8) g, \
+                    LATERAL domain_events.raise_event('Loan', CASE WHEN g % 2 = 0 THEN 'a' ELSE 'b' END, \
+                        'Loan.Noted', jsonb_build_object('g', g)) r",
+        );
+        assert_eq!(versions, "1,2,2,3,3,4,4,5");
+        // Stored rows: versions follow the raising order, positions grow with it, and the
+        // columns the table fills itself (position, txid, recorded_at) are filled.
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(aggregate_id || aggregate_version || ':' || (payload->>'g'), ',' ORDER BY position) \
+                   FROM domain_events.event WHERE event_type = 'Loan.Noted'"
+            ),
+            "b1:1,a2:2,b2:3,a3:4,b3:5,a4:6,b4:7,a5:8"
+        );
+        assert!(one::<bool>(
+            "SELECT bool_and(txid = pg_current_xact_id() AND recorded_at = now() AND occurred_at = now()) \
+               FROM domain_events.event"
+        ));
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(aggregate_id || version, ',' ORDER BY aggregate_id) FROM domain_events.aggregate"
+            ),
+            "a5,b4"
+        );
+    }
+
+    /// Triggers someone adds to the event table fire for every raised event, however the
+    /// extension stores it.
+    #[pg_test]
+    fn insert_triggers_added_to_the_event_table_fire_for_raised_events() {
+        Spi::run(
+            "CREATE TABLE public.seen (event_id uuid, aggregate_version bigint); \
+             CREATE FUNCTION public.note_event() RETURNS trigger LANGUAGE plpgsql AS \
+               $$BEGIN INSERT INTO public.seen VALUES (NEW.id, NEW.aggregate_version); RETURN NULL; END$$; \
+             CREATE FUNCTION public.note_statement() RETURNS trigger LANGUAGE plpgsql AS \
+               $$BEGIN INSERT INTO public.seen VALUES (NULL, NULL); RETURN NULL; END$$",
+        )
+        .unwrap();
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', 'a', 'Loan.Created')").unwrap();
+        Spi::run(
+            "CREATE TRIGGER noted AFTER INSERT ON domain_events.event \
+               FOR EACH ROW EXECUTE FUNCTION public.note_event(); \
+             CREATE TRIGGER noted_statement AFTER INSERT ON domain_events.event \
+               FOR EACH STATEMENT EXECUTE FUNCTION public.note_statement()",
+        )
+        .unwrap();
+        Spi::run(
+            "SELECT * FROM generate_series(1, 3) g, \
+               LATERAL domain_events.raise_event('Loan', 'a', 'Loan.Noted', jsonb_build_object('g', g))",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(aggregate_version::text, ',' ORDER BY aggregate_version) FROM public.seen WHERE event_id IS NOT NULL"
+            ),
+            "2,3,4"
+        );
+        assert_eq!(count("SELECT count(*) FROM public.seen WHERE event_id IS NULL"), 3);
+        assert_eq!(
+            count("SELECT count(*) FROM public.seen s JOIN domain_events.event e ON e.id = s.event_id"),
+            3
+        );
+    }
+
     #[pg_test]
     fn stored_event_keeps_every_field() {
         Spi::run("SELECT * FROM domain_events.raise_event('ticket', 'T-1', 'ticket.created', '{\"status\": \"submitted\", \"ü\": [1, {\"x\": null}]}', '{\"actor\": \"dev-1\", \"source\": \"core\"}', 0, '2020-02-02 10:00:00+00', 3)").unwrap();

@@ -354,6 +354,71 @@ async fn waiter_wins_when_the_lock_holder_rolls_back() {
     assert_eq!(stored_versions(&db.client, "Loan", "7").await, vec![1, 2]);
 }
 
+/// REPEATABLE READ promises a transaction never updates a row another transaction changed
+/// after its snapshot: raising for a stream another transaction moved on since then is a
+/// serialization failure (40001) that writes nothing, and the retry continues the stream.
+#[tokio::test]
+async fn repeatable_read_raise_on_a_stream_moved_since_the_snapshot_is_a_serialization_failure() {
+    let db = TestDb::new().await;
+    raise(&db.client, "Loan", "9", "LoanCreated").await;
+    let a = db.connect().await;
+    a.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    let seen: i64 = a
+        .query_one("SELECT domain_events.aggregate_version('Loan', '9')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seen, 1);
+    raise(&db.client, "Loan", "9", "LoanSubmitted").await;
+    let sql =
+        "SELECT aggregate_version FROM domain_events.raise_event('Loan', '9', 'LoanApproved')";
+    let err = a
+        .query_one(sql, &[])
+        .await
+        .expect_err("the head moved after the snapshot");
+    assert_eq!(sqlstate(&err), "40001", "{err}");
+    a.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(stored_versions(&db.client, "Loan", "9").await, vec![1, 2]);
+    a.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    let retried: i64 = a.query_one(sql, &[]).await.unwrap().get(0);
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(retried, 3);
+}
+
+/// Per-row raising with savepoints in between, as PL/pgSQL exception blocks do: what a
+/// rolled-back savepoint raised is gone, heads included, and the stream goes on gap-free.
+#[tokio::test]
+async fn per_row_raising_across_rolled_back_savepoints_stays_gap_free() {
+    let db = TestDb::new().await;
+    raise(&db.client, "Loan", "S-1", "LoanCreated").await;
+    let c = db.connect().await;
+    c.batch_execute(
+        "BEGIN;
+         SELECT * FROM generate_series(1, 3) g,
+             LATERAL domain_events.raise_event('Loan', 'S-1', 'Loan.Noted', jsonb_build_object('g', g));
+         SAVEPOINT s;
+         SELECT * FROM generate_series(1, 2) g,
+             LATERAL domain_events.raise_event('Loan', 'S-1', 'Loan.Noted', jsonb_build_object('g', g));
+         SELECT * FROM domain_events.raise_event('Loan', 'S-2', 'Loan.Created');
+         ROLLBACK TO SAVEPOINT s;
+         SELECT * FROM generate_series(1, 2) g,
+             LATERAL domain_events.raise_event('Loan', 'S-1', 'Loan.Noted', jsonb_build_object('g', g));
+         COMMIT;",
+    )
+    .await
+    .expect("per-row raising around a savepoint");
+    assert_eq!(
+        stored_versions(&db.client, "Loan", "S-1").await,
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    assert_eq!(head_version(&db.client, "Loan", "S-1").await, 6);
+    assert_eq!(head_version(&db.client, "Loan", "S-2").await, 0);
+}
+
 /// Straight after `CREATE EXTENSION` (no `maintain()` yet), an open transaction that raised
 /// an event must not block readers or the writers of other aggregates (docs/sql-api.md,
 /// `domain_events.aggregate`: writers of different aggregates are not serialised).

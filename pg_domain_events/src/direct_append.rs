@@ -1,0 +1,490 @@
+//! Appends one event to an existing stream without running an SQL statement.
+//!
+//! The SQL path ([`crate::store::INSERT_ONE`]) starts an executor for every event: two
+//! `ModifyTable` nodes, the event table's `CHECK` constraints read back from their catalog
+//! text and planned, the result relations and their indexes opened — per call, which is most
+//! of what a `raise_event` called once per row costs (docs/benchmarks.md, "Per-row raising").
+//! This path takes the steps logical replication's apply worker and `COPY` take instead:
+//!
+//! 1. route the new row to its month's partition (`ExecFindPartition`);
+//! 2. find the stream head through the `aggregate` primary key, wait for and lock it like an
+//!    `UPDATE` would (`RelationFindReplTupleByIndex`), and update it to the next version
+//!    (`ExecSimpleRelationUpdate`, which keeps its indexes and constraints);
+//! 3. check the row against the partition's constraints (`ExecConstraints`: the same `NOT
+//!    NULL` and `CHECK` constraints, the same errors), insert it and its index entries.
+//!
+//! Column defaults (`position` from its sequence, `txid`) are the table's own default
+//! expressions, evaluated as `INSERT` would.
+//!
+//! It covers the common case only. Whenever anything is unusual it writes nothing and hands
+//! the event back, and the caller runs the SQL statement, which handles all of it: a new
+//! aggregate (its head is created by `INSERT … ON CONFLICT`'s speculative insertion, which
+//! two transactions may race), `REPEATABLE READ` or `SERIALIZABLE` (where the statement raises
+//! the serialization failures those levels promise), row-level security or triggers someone
+//! added to the tables, a partition whose columns are laid out differently from the parent's,
+//! missing privileges.
+
+use std::ffi::CStr;
+use std::ptr;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::partition::relation_oid;
+use crate::store::{OneEvent, Stored};
+
+/// Appends `event` as the next version of its existing stream; `None`, with nothing written,
+/// when this path does not apply (see the module documentation).
+pub fn append(event: &OneEvent) -> Option<Stored> {
+    // SAFETY: called inside a transaction from a SQL function or trigger, as the SQL path is;
+    // every pointer below comes from the server and lives in the executor state freed last.
+    unsafe {
+        if pg_sys::XactIsoLevel >= pg_sys::XACT_REPEATABLE_READ as i32
+            || !pg_sys::ActiveSnapshotSet()
+        {
+            return None;
+        }
+        let event_oid = relation_oid("event");
+        let aggregate_oid = relation_oid("aggregate");
+        if event_oid == pg_sys::InvalidOid || aggregate_oid == pg_sys::InvalidOid {
+            return None;
+        }
+        let user = pg_sys::GetUserId();
+        let granted = |oid, mode: u32| {
+            pg_sys::pg_class_aclcheck(oid, user, mode as pg_sys::AclMode)
+                == pg_sys::AclResult::ACLCHECK_OK
+        };
+        if !granted(event_oid, pg_sys::ACL_INSERT)
+            || !granted(aggregate_oid, pg_sys::ACL_SELECT)
+            || !granted(aggregate_oid, pg_sys::ACL_UPDATE)
+            || !granted(aggregate_oid, pg_sys::ACL_INSERT)
+        {
+            return None;
+        }
+        // As SPI does before each statement: the rows earlier calls of this statement wrote
+        // (the head this call updates again) become visible and updatable.
+        pg_sys::CommandCounterIncrement();
+
+        let estate = pg_sys::CreateExecutorState();
+        let caller_context = pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
+        (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+        (*estate).es_snapshot = pg_sys::GetActiveSnapshot();
+        let mut append = Append::open(estate, event_oid, aggregate_oid);
+        let result = append.run(event);
+        append.close();
+        pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
+        pg_sys::MemoryContextSwitchTo(caller_context);
+        pg_sys::FreeExecutorState(estate);
+        result
+    }
+}
+
+/// The relations and executor state of one append.
+struct Append {
+    estate: *mut pg_sys::EState,
+    events: pg_sys::Relation,
+    root: *mut pg_sys::ResultRelInfo,
+    modify: *mut pg_sys::ModifyTableState,
+    routing: *mut pg_sys::PartitionTupleRouting,
+    heads: pg_sys::Relation,
+    head_info: *mut pg_sys::ResultRelInfo,
+}
+
+impl Append {
+    unsafe fn open(
+        estate: *mut pg_sys::EState,
+        event_oid: pg_sys::Oid,
+        aggregate_oid: pg_sys::Oid,
+    ) -> Append {
+        unsafe {
+            let lock = pg_sys::RowExclusiveLock as pg_sys::LOCKMODE;
+            let events = pg_sys::table_open(event_oid, lock);
+            // The root gets no range-table entry (index 0): error messages built for a
+            // constraint violation then show the row by the table-level privilege, as they
+            // do for the extension owner the raising functions run as.
+            let root = new_node::<pg_sys::ResultRelInfo>(pg_sys::NodeTag::T_ResultRelInfo);
+            pg_sys::InitResultRelInfo(root, events, 0, ptr::null_mut(), 0);
+            // The routing machinery wants the ModifyTable node it normally serves; COPY FROM
+            // gives it one without a plan, as here.
+            let modify = new_node::<pg_sys::ModifyTableState>(pg_sys::NodeTag::T_ModifyTableState);
+            (*modify).ps.plan = ptr::null_mut();
+            (*modify).ps.state = estate;
+            (*modify).operation = pg_sys::CmdType::CMD_INSERT;
+            (*modify).mt_nrels = 1;
+            (*modify).resultRelInfo = root;
+            (*modify).rootResultRelInfo = root;
+            let routing = partition_routing::setup(estate, events);
+
+            let heads = pg_sys::table_open(aggregate_oid, lock);
+            let head_info = new_node::<pg_sys::ResultRelInfo>(pg_sys::NodeTag::T_ResultRelInfo);
+            pg_sys::InitResultRelInfo(head_info, heads, 0, ptr::null_mut(), 0);
+            pg_sys::ExecOpenIndices(head_info, false);
+            Append {
+                estate,
+                events,
+                root,
+                modify,
+                routing,
+                heads,
+                head_info,
+            }
+        }
+    }
+
+    unsafe fn close(&mut self) {
+        unsafe {
+            pg_sys::ExecCloseIndices(self.head_info);
+            partition_routing::cleanup(self.modify, self.routing);
+            pg_sys::table_close(self.heads, pg_sys::NoLock as pg_sys::LOCKMODE);
+            pg_sys::table_close(self.events, pg_sys::NoLock as pg_sys::LOCKMODE);
+        }
+    }
+
+    unsafe fn run(&mut self, event: &OneEvent) -> Option<Stored> {
+        unsafe {
+            if inserts_fire_triggers((*self.events).trigdesc)
+                || (*(*self.events).rd_rel).relrowsecurity
+                || !(*self.heads).trigdesc.is_null()
+                || (*(*self.heads).rd_rel).relrowsecurity
+            {
+                return None;
+            }
+            let now = pg_sys::GetCurrentTransactionStartTimestamp();
+            let id = event.id;
+            let row = EventRow::of(self.events, event, now);
+            let slot = row.slot(self.estate, self.events);
+            let leaf =
+                partition_routing::find(self.modify, self.root, self.routing, slot, self.estate);
+            let leaf_rel = (*leaf).ri_RelationDesc;
+            if !(*leaf).ri_PartitionTupleSlot.is_null()
+                || (*(*leaf_rel).rd_rel).relkind != pg_sys::RELKIND_RELATION as std::ffi::c_char
+                || (*(*leaf_rel).rd_rel).relrowsecurity
+                || inserts_fire_triggers((*leaf).ri_TrigDesc)
+            {
+                return None;
+            }
+            let version = self.next_version(&event.aggregate_type, &event.aggregate_id, now)?;
+            // Defaults only now: `position` draws from its sequence, which a row handed back
+            // to the SQL path must not consume.
+            row.fill_defaults(slot, self.estate, self.events);
+            set(slot, row.version_column, version.into_datum());
+            if !(*(*leaf_rel).rd_att).constr.is_null() {
+                pg_sys::ExecConstraints(leaf, slot, self.estate);
+            }
+            pg_sys::simple_table_tuple_insert(leaf_rel, slot);
+            if (*leaf).ri_NumIndices > 0 {
+                let recheck = insert_index_entries(leaf, slot, self.estate);
+                pg_sys::list_free(recheck);
+            }
+            let position = i64::from_datum(*(*slot).tts_values.add(row.position_column), false)
+                .expect("position is set");
+            Some(Stored {
+                id,
+                position,
+                aggregate_version: version,
+                recorded_at: TimestampWithTimeZone::from_datum(pg_sys::Datum::from(now), false)
+                    .expect("a timestamp"),
+            })
+        }
+    }
+
+    /// Locks the stream head of `(aggregate_type, aggregate_id)` and moves it one version on;
+    /// the new version, or `None` (nothing changed) when the aggregate has no head yet.
+    unsafe fn next_version(
+        &mut self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        now: pg_sys::TimestampTz,
+    ) -> Option<i64> {
+        unsafe {
+            let rel = self.heads;
+            let desc = (*rel).rd_att;
+            pg_sys::list_free(pg_sys::RelationGetIndexList(rel));
+            let key_index = (*rel).rd_pkindex;
+            if key_index == pg_sys::InvalidOid {
+                return None;
+            }
+            let type_column = column(desc, c"aggregate_type");
+            let id_column = column(desc, c"aggregate_id");
+            let version_column = column(desc, c"version");
+            let updated_column = column(desc, c"updated_at");
+
+            let search = pg_sys::ExecInitExtraTupleSlot(self.estate, desc, &pg_sys::TTSOpsVirtual);
+            clear_to_nulls(search, desc);
+            set(search, type_column, aggregate_type.into_datum());
+            set(search, id_column, aggregate_id.into_datum());
+            pg_sys::ExecStoreVirtualTuple(search);
+
+            let current = pg_sys::table_slot_create(rel, &raw mut (*self.estate).es_tupleTable);
+            // Waits for a transaction holding the head, then locks the version it left, as
+            // `UPDATE` and `ON CONFLICT DO UPDATE` do in READ COMMITTED.
+            if !pg_sys::RelationFindReplTupleByIndex(
+                rel,
+                key_index,
+                pg_sys::LockTupleMode::LockTupleNoKeyExclusive,
+                search,
+                current,
+            ) {
+                return None;
+            }
+            let natts = (*desc).natts;
+            pg_sys::slot_getsomeattrs_int(current, natts);
+            let old = i64::from_datum(*(*current).tts_values.add(version_column), false)
+                .expect("version is not null");
+            let version = old
+                .checked_add(1)
+                .expect("a stream has fewer than 2^63 events");
+
+            let next = pg_sys::ExecInitExtraTupleSlot(self.estate, desc, &pg_sys::TTSOpsVirtual);
+            for i in 0..natts as usize {
+                *(*next).tts_values.add(i) = *(*current).tts_values.add(i);
+                *(*next).tts_isnull.add(i) = *(*current).tts_isnull.add(i);
+            }
+            set(next, version_column, version.into_datum());
+            set(next, updated_column, Some(pg_sys::Datum::from(now)));
+            pg_sys::ExecStoreVirtualTuple(next);
+            // No EPQ state: it only serves BEFORE UPDATE triggers, and a head table with
+            // triggers never gets here.
+            pg_sys::ExecSimpleRelationUpdate(
+                self.head_info,
+                self.estate,
+                ptr::null_mut(),
+                current,
+                next,
+            );
+            Some(version)
+        }
+    }
+}
+
+/// The values of one event row, by the parent table's columns.
+struct EventRow {
+    values: Vec<Option<pg_sys::Datum>>,
+    version_column: usize,
+    position_column: usize,
+}
+
+impl EventRow {
+    unsafe fn of(events: pg_sys::Relation, event: &OneEvent, now: pg_sys::TimestampTz) -> EventRow {
+        unsafe {
+            let desc = (*events).rd_att;
+            let mut values = vec![None; (*desc).natts as usize];
+            let now_datum = Some(pg_sys::Datum::from(now));
+            let mut put = |name: &CStr, value: Option<pg_sys::Datum>| {
+                values[column(desc, name)] = value;
+            };
+            put(c"id", event.id.into_datum());
+            put(
+                c"aggregate_type",
+                event.aggregate_type.as_str().into_datum(),
+            );
+            put(c"aggregate_id", event.aggregate_id.as_str().into_datum());
+            put(c"event_type", event.event_type.as_str().into_datum());
+            put(c"event_version", event.event_version.into_datum());
+            put(c"payload", Some(event.payload.datum()));
+            put(c"metadata", Some(event.metadata.datum()));
+            put(
+                c"occurred_at",
+                match event.occurred_at {
+                    Some(at) => at.into_datum(),
+                    None => now_datum,
+                },
+            );
+            put(c"recorded_at", now_datum);
+            EventRow {
+                values,
+                version_column: column(desc, c"aggregate_version"),
+                position_column: column(desc, c"position"),
+            }
+        }
+    }
+
+    /// A slot of the parent table holding the row as far as it is known before the head is
+    /// locked (enough to route it); see [`EventRow::fill_defaults`].
+    unsafe fn slot(
+        &self,
+        estate: *mut pg_sys::EState,
+        events: pg_sys::Relation,
+    ) -> *mut pg_sys::TupleTableSlot {
+        unsafe {
+            let desc = (*events).rd_att;
+            let slot = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
+            clear_to_nulls(slot, desc);
+            for (i, value) in self.values.iter().enumerate() {
+                set(slot, i, *value);
+            }
+            pg_sys::ExecStoreVirtualTuple(slot);
+            slot
+        }
+    }
+
+    /// Gives the columns this module does not set their default (`position`, `txid`), as
+    /// `INSERT` does.
+    unsafe fn fill_defaults(
+        &self,
+        slot: *mut pg_sys::TupleTableSlot,
+        estate: *mut pg_sys::EState,
+        events: pg_sys::Relation,
+    ) {
+        unsafe {
+            let columns = pgrx::PgTupleDesc::from_pg_unchecked((*events).rd_att);
+            let econtext = pg_sys::MakePerTupleExprContext(estate);
+            for (i, value) in self.values.iter().enumerate() {
+                if value.is_some()
+                    || i == self.version_column
+                    || columns.get(i).is_none_or(|a| a.attisdropped)
+                {
+                    continue;
+                }
+                let default = pg_sys::build_column_default(events, i as i32 + 1);
+                if default.is_null() {
+                    continue;
+                }
+                let state = pg_sys::ExecPrepareExpr(default.cast(), estate);
+                let mut is_null = false;
+                let evaluate = (*state).evalfunc.expect("an expression state evaluates");
+                let datum = evaluate(state, econtext, &mut is_null);
+                set(slot, i, (!is_null).then_some(datum));
+            }
+        }
+    }
+}
+
+// Partition routing (executor/execPartition.h), which pgrx's bindings leave out; called
+// through the same error boundary as the bound functions (a Postgres error becomes a Rust
+// panic, reported as the error it was).
+mod partition_routing {
+    use pgrx::pg_sys;
+
+    unsafe extern "C-unwind" {
+        fn ExecSetupPartitionTupleRouting(
+            estate: *mut pg_sys::EState,
+            rel: pg_sys::Relation,
+        ) -> *mut pg_sys::PartitionTupleRouting;
+        fn ExecFindPartition(
+            mtstate: *mut pg_sys::ModifyTableState,
+            root: *mut pg_sys::ResultRelInfo,
+            proute: *mut pg_sys::PartitionTupleRouting,
+            slot: *mut pg_sys::TupleTableSlot,
+            estate: *mut pg_sys::EState,
+        ) -> *mut pg_sys::ResultRelInfo;
+        fn ExecCleanupTupleRouting(
+            mtstate: *mut pg_sys::ModifyTableState,
+            proute: *mut pg_sys::PartitionTupleRouting,
+        );
+    }
+
+    pub unsafe fn setup(
+        estate: *mut pg_sys::EState,
+        rel: pg_sys::Relation,
+    ) -> *mut pg_sys::PartitionTupleRouting {
+        unsafe {
+            pg_sys::ffi::pg_guard_ffi_boundary(|| ExecSetupPartitionTupleRouting(estate, rel))
+        }
+    }
+
+    pub unsafe fn find(
+        mtstate: *mut pg_sys::ModifyTableState,
+        root: *mut pg_sys::ResultRelInfo,
+        proute: *mut pg_sys::PartitionTupleRouting,
+        slot: *mut pg_sys::TupleTableSlot,
+        estate: *mut pg_sys::EState,
+    ) -> *mut pg_sys::ResultRelInfo {
+        unsafe {
+            pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                ExecFindPartition(mtstate, root, proute, slot, estate)
+            })
+        }
+    }
+
+    pub unsafe fn cleanup(
+        mtstate: *mut pg_sys::ModifyTableState,
+        proute: *mut pg_sys::PartitionTupleRouting,
+    ) {
+        unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| ExecCleanupTupleRouting(mtstate, proute)) }
+    }
+}
+
+/// Whether inserting into a relation with these triggers would fire any (row, statement or
+/// transition-table INSERT triggers: the SQL path fires them, this one does not).
+unsafe fn inserts_fire_triggers(triggers: *mut pg_sys::TriggerDesc) -> bool {
+    unsafe {
+        !triggers.is_null() && {
+            let t = &*triggers;
+            t.trig_insert_before_row
+                || t.trig_insert_after_row
+                || t.trig_insert_instead_row
+                || t.trig_insert_before_statement
+                || t.trig_insert_after_statement
+                || t.trig_insert_new_table
+        }
+    }
+}
+
+/// The 0-based position of a column the extension's schema defines.
+unsafe fn column(desc: pg_sys::TupleDesc, name: &CStr) -> usize {
+    let number = unsafe { pg_sys::SPI_fnumber(desc, name.as_ptr()) };
+    assert!(number > 0, "domain_events table lacks column {name:?}");
+    number as usize - 1
+}
+
+/// Sets every column of a fresh slot to NULL.
+unsafe fn clear_to_nulls(slot: *mut pg_sys::TupleTableSlot, desc: pg_sys::TupleDesc) {
+    unsafe {
+        for i in 0..(*desc).natts as usize {
+            *(*slot).tts_values.add(i) = pg_sys::Datum::from(0usize);
+            *(*slot).tts_isnull.add(i) = true;
+        }
+    }
+}
+
+unsafe fn set(slot: *mut pg_sys::TupleTableSlot, column: usize, value: Option<pg_sys::Datum>) {
+    unsafe {
+        *(*slot).tts_values.add(column) = value.unwrap_or(pg_sys::Datum::from(0usize));
+        *(*slot).tts_isnull.add(column) = value.is_none();
+    }
+}
+
+unsafe fn new_node<T>(tag: pg_sys::NodeTag) -> *mut T {
+    unsafe {
+        let node = pg_sys::palloc0(std::mem::size_of::<T>()).cast::<pg_sys::Node>();
+        (*node).type_ = tag;
+        node.cast()
+    }
+}
+
+/// `ExecInsertIndexTuples` for a plain insert; PostgreSQL 16 added the `onlySummarizing`
+/// argument.
+unsafe fn insert_index_entries(
+    info: *mut pg_sys::ResultRelInfo,
+    slot: *mut pg_sys::TupleTableSlot,
+    estate: *mut pg_sys::EState,
+) -> *mut pg_sys::List {
+    unsafe {
+        #[cfg(feature = "pg15")]
+        {
+            pg_sys::ExecInsertIndexTuples(
+                info,
+                slot,
+                estate,
+                false,
+                false,
+                ptr::null_mut(),
+                ptr::null_mut(),
+            )
+        }
+        #[cfg(any(feature = "pg16", feature = "pg17", feature = "pg18"))]
+        {
+            pg_sys::ExecInsertIndexTuples(
+                info,
+                slot,
+                estate,
+                false,
+                false,
+                ptr::null_mut(),
+                ptr::null_mut(),
+                false,
+            )
+        }
+    }
+}
