@@ -44,23 +44,7 @@ pub fn append(event: &OneEvent) -> Option<Stored> {
         {
             return None;
         }
-        let event_oid = relation_oid("event");
-        let aggregate_oid = relation_oid("aggregate");
-        if event_oid == pg_sys::InvalidOid || aggregate_oid == pg_sys::InvalidOid {
-            return None;
-        }
-        let user = pg_sys::GetUserId();
-        let granted = |oid, mode: u32| {
-            pg_sys::pg_class_aclcheck(oid, user, mode as pg_sys::AclMode)
-                == pg_sys::AclResult::ACLCHECK_OK
-        };
-        if !granted(event_oid, pg_sys::ACL_INSERT)
-            || !granted(aggregate_oid, pg_sys::ACL_SELECT)
-            || !granted(aggregate_oid, pg_sys::ACL_UPDATE)
-            || !granted(aggregate_oid, pg_sys::ACL_INSERT)
-        {
-            return None;
-        }
+        let (event_oid, aggregate_oid) = tables()?;
         // As SPI does before each statement: the rows earlier calls of this statement wrote
         // (the head this call updates again) become visible and updatable.
         pg_sys::CommandCounterIncrement();
@@ -165,11 +149,13 @@ impl Append {
             }
             let version = self.next_version(&event.aggregate_type, &event.aggregate_id, now)?;
             // Defaults only now: `position` draws from its sequence, which a row handed back
-            // to the SQL path must not consume.
-            row.fill_defaults(slot, self.estate, self.events);
+            // to the SQL path must not consume. The head update gave the transaction its id,
+            // which keys the prepared expressions.
+            let prepared = Prepared::of_transaction(self.events, leaf);
+            row.fill_defaults(slot, self.estate, &prepared.defaults);
             set(slot, row.version_column, version.into_datum());
             if !(*(*leaf_rel).rd_att).constr.is_null() {
-                pg_sys::ExecConstraints(leaf, slot, self.estate);
+                check_constraints(leaf, slot, self.estate, prepared.checks);
             }
             pg_sys::simple_table_tuple_insert(leaf_rel, slot);
             if (*leaf).ri_NumIndices > 0 {
@@ -324,28 +310,233 @@ impl EventRow {
         &self,
         slot: *mut pg_sys::TupleTableSlot,
         estate: *mut pg_sys::EState,
-        events: pg_sys::Relation,
+        defaults: &[(usize, *mut pg_sys::ExprState)],
     ) {
         unsafe {
-            let columns = pgrx::PgTupleDesc::from_pg_unchecked((*events).rd_att);
             let econtext = pg_sys::MakePerTupleExprContext(estate);
-            for (i, value) in self.values.iter().enumerate() {
-                if value.is_some()
-                    || i == self.version_column
-                    || columns.get(i).is_none_or(|a| a.attisdropped)
-                {
+            for &(i, state) in defaults {
+                if self.values[i].is_some() || i == self.version_column {
                     continue;
                 }
-                let default = pg_sys::build_column_default(events, i as i32 + 1);
-                if default.is_null() {
-                    continue;
-                }
-                let state = pg_sys::ExecPrepareExpr(default.cast(), estate);
                 let mut is_null = false;
                 let evaluate = (*state).evalfunc.expect("an expression state evaluates");
                 let datum = evaluate(state, econtext, &mut is_null);
                 set(slot, i, (!is_null).then_some(datum));
             }
+        }
+    }
+}
+
+/// What one transaction prepares once for all its appends: the tables and privileges, the
+/// event table's column defaults and a partition's `CHECK` constraints as expression states.
+/// Postgres rebuilds the latter from catalog text for every statement (a tenth of a per-row
+/// `raise_event` before this path existed); here they live in the transaction's memory and
+/// are dropped with it, or rebuilt when any relation's definition changes meanwhile.
+struct Prepared {
+    /// Top transaction, `0` for none yet.
+    transaction: u64,
+    /// Relcache generation the entries were built in.
+    generation: u64,
+    user: pg_sys::Oid,
+    event_table: pg_sys::Oid,
+    aggregate_table: pg_sys::Oid,
+    /// Partition whose constraint states `checks` holds (`InvalidOid`: none yet).
+    leaf: pg_sys::Oid,
+    /// `ri_ConstraintExprs` (`ri_CheckConstraintExprs` on 18) as Postgres built it.
+    checks: *mut *mut pg_sys::ExprState,
+    /// Columns of the event table with a default, and its prepared expression.
+    defaults: Vec<(usize, *mut pg_sys::ExprState)>,
+}
+
+thread_local! {
+    static PREPARED: std::cell::RefCell<Option<Prepared>> = const { std::cell::RefCell::new(None) };
+    /// Bumped by every relcache invalidation this backend processes.
+    static GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static WATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relation_changed(_arg: pg_sys::Datum, _relid: pg_sys::Oid) {
+    GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
+}
+
+fn current_transaction() -> u64 {
+    // SAFETY: plain accessor; 0 until the transaction has written.
+    unsafe { pg_sys::GetTopFullTransactionIdIfAny().value }
+}
+
+fn generation() -> u64 {
+    if !WATCHING.with(std::cell::Cell::get) {
+        // SAFETY: registers a callback that only bumps a counter; once per backend.
+        unsafe {
+            pg_sys::CacheRegisterRelcacheCallback(Some(relation_changed), pg_sys::Datum::from(0));
+        }
+        WATCHING.with(|w| w.set(true));
+        GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
+    }
+    GENERATION.with(std::cell::Cell::get)
+}
+
+/// The event and aggregate tables, when the current user may raise through this path.
+unsafe fn tables() -> Option<(pg_sys::Oid, pg_sys::Oid)> {
+    unsafe {
+        let user = pg_sys::GetUserId();
+        let transaction = current_transaction();
+        if transaction != 0 {
+            let generation = generation();
+            let known = PREPARED.with(|p| {
+                p.borrow().as_ref().and_then(|p| {
+                    (p.transaction == transaction && p.generation == generation && p.user == user)
+                        .then_some((p.event_table, p.aggregate_table))
+                })
+            });
+            if known.is_some() {
+                return known;
+            }
+        }
+        let event_oid = relation_oid("event");
+        let aggregate_oid = relation_oid("aggregate");
+        if event_oid == pg_sys::InvalidOid || aggregate_oid == pg_sys::InvalidOid {
+            return None;
+        }
+        let granted = |oid, mode: u32| {
+            pg_sys::pg_class_aclcheck(oid, user, mode as pg_sys::AclMode)
+                == pg_sys::AclResult::ACLCHECK_OK
+        };
+        (granted(event_oid, pg_sys::ACL_INSERT)
+            && granted(aggregate_oid, pg_sys::ACL_SELECT)
+            && granted(aggregate_oid, pg_sys::ACL_UPDATE)
+            && granted(aggregate_oid, pg_sys::ACL_INSERT))
+        .then_some((event_oid, aggregate_oid))
+    }
+}
+
+/// The prepared expressions one append uses (copies of the pointers; the states live in
+/// the transaction's memory).
+struct Expressions {
+    defaults: Vec<(usize, *mut pg_sys::ExprState)>,
+    /// `None` when the partition's constraint states are not built yet.
+    checks: Option<*mut *mut pg_sys::ExprState>,
+}
+
+impl Prepared {
+    /// The current transaction's expressions for appending to `leaf`, made now if needed.
+    unsafe fn of_transaction(
+        events: pg_sys::Relation,
+        leaf: *mut pg_sys::ResultRelInfo,
+    ) -> Expressions {
+        unsafe {
+            let transaction = current_transaction();
+            let generation = generation();
+            let user = pg_sys::GetUserId();
+            let event_table = (*events).rd_id;
+            let leaf_oid = (*(*leaf).ri_RelationDesc).rd_id;
+            PREPARED.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                // An entry without a transaction id cannot be told from a later transaction's:
+                // it is never reused.
+                let current = transaction != 0
+                    && slot.as_ref().is_some_and(|p| {
+                        p.transaction == transaction
+                            && p.generation == generation
+                            && p.user == user
+                            && p.event_table == event_table
+                    });
+                if !current {
+                    *slot = Some(Prepared {
+                        transaction,
+                        generation,
+                        user,
+                        event_table,
+                        aggregate_table: relation_oid("aggregate"),
+                        leaf: pg_sys::InvalidOid,
+                        checks: ptr::null_mut(),
+                        defaults: prepare_defaults(events),
+                    });
+                }
+                let prepared = slot.as_mut().expect("just set");
+                if prepared.leaf != leaf_oid {
+                    prepared.leaf = leaf_oid;
+                    prepared.checks = ptr::null_mut();
+                }
+                Expressions {
+                    defaults: prepared.defaults.clone(),
+                    checks: (!prepared.checks.is_null()).then_some(prepared.checks),
+                }
+            })
+        }
+    }
+}
+
+/// The event table's column defaults as expression states in the transaction's memory.
+unsafe fn prepare_defaults(events: pg_sys::Relation) -> Vec<(usize, *mut pg_sys::ExprState)> {
+    unsafe {
+        let columns = pgrx::PgTupleDesc::from_pg_unchecked((*events).rd_att);
+        let caller = pg_sys::MemoryContextSwitchTo(pg_sys::TopTransactionContext);
+        let mut defaults = Vec::new();
+        for i in 0..columns.len() {
+            if columns.get(i).is_none_or(|a| a.attisdropped) {
+                continue;
+            }
+            let default = pg_sys::build_column_default(events, i as i32 + 1);
+            if !default.is_null() {
+                let planned = pg_sys::expression_planner(default.cast());
+                defaults.push((i, pg_sys::ExecInitExpr(planned, ptr::null_mut())));
+            }
+        }
+        pg_sys::MemoryContextSwitchTo(caller);
+        defaults
+    }
+}
+
+/// `ExecConstraints` with the partition's `CHECK` expression states prepared once per
+/// transaction: the first call lets Postgres build them (its own rules: which constraints are
+/// enforced, generated columns expanded) into the transaction's memory, later calls hand them
+/// back to it.
+unsafe fn check_constraints(
+    leaf: *mut pg_sys::ResultRelInfo,
+    slot: *mut pg_sys::TupleTableSlot,
+    estate: *mut pg_sys::EState,
+    prepared: Option<*mut *mut pg_sys::ExprState>,
+) {
+    unsafe {
+        let field = check_states(leaf);
+        match prepared {
+            Some(checks) => {
+                *field = checks;
+                pg_sys::ExecConstraints(leaf, slot, estate);
+            }
+            None => {
+                // The per-tuple context must exist before the swap: it belongs to the
+                // executor state.
+                pg_sys::MakePerTupleExprContext(estate);
+                let query_context = (*estate).es_query_cxt;
+                (*estate).es_query_cxt = pg_sys::TopTransactionContext;
+                pg_sys::ExecConstraints(leaf, slot, estate);
+                (*estate).es_query_cxt = query_context;
+                let leaf_oid = (*(*leaf).ri_RelationDesc).rd_id;
+                PREPARED.with(|p| {
+                    if let Some(p) = p.borrow_mut().as_mut() {
+                        if p.leaf == leaf_oid && p.transaction == current_transaction() {
+                            p.checks = *field;
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Where a result relation keeps its `CHECK` expression states (renamed in PostgreSQL 18).
+unsafe fn check_states(info: *mut pg_sys::ResultRelInfo) -> *mut *mut *mut pg_sys::ExprState {
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+        {
+            &raw mut (*info).ri_ConstraintExprs
+        }
+        #[cfg(feature = "pg18")]
+        {
+            &raw mut (*info).ri_CheckConstraintExprs
         }
     }
 }

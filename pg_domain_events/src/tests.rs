@@ -110,7 +110,10 @@ mod tests {
             ),
             "2,3,4"
         );
-        assert_eq!(count("SELECT count(*) FROM public.seen WHERE event_id IS NULL"), 3);
+        assert_eq!(
+            count("SELECT count(*) FROM public.seen WHERE event_id IS NULL"),
+            3
+        );
         assert_eq!(
             count("SELECT count(*) FROM public.seen s JOIN domain_events.event e ON e.id = s.event_id"),
             3
