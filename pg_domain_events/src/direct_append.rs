@@ -149,9 +149,8 @@ impl Append {
             }
             let version = self.next_version(&event.aggregate_type, &event.aggregate_id, now)?;
             // Defaults only now: `position` draws from its sequence, which a row handed back
-            // to the SQL path must not consume. The head update gave the transaction its id,
-            // which keys the prepared expressions.
-            let prepared = Prepared::of_transaction(self.events, leaf);
+            // to the SQL path must not consume.
+            let prepared = Prepared::for_append(self.events, leaf);
             row.fill_defaults(slot, self.estate, &prepared.defaults);
             set(slot, row.version_column, version.into_datum());
             if !(*(*leaf_rel).rd_att).constr.is_null() {
@@ -327,19 +326,18 @@ impl EventRow {
     }
 }
 
-/// What one transaction prepares once for all its appends: the tables and privileges, the
-/// event table's column defaults and a partition's `CHECK` constraints as expression states.
-/// Postgres rebuilds the latter from catalog text for every statement (a tenth of a per-row
-/// `raise_event` before this path existed); here they live in the transaction's memory and
-/// are dropped with it, or rebuilt when any relation's definition changes meanwhile.
+/// What the appends of a backend prepare once: the event table's column defaults and a
+/// partition's `CHECK` constraints as expression states. Postgres rebuilds the constraints
+/// from their catalog text for every statement and the defaults for every `INSERT` plan (a
+/// third of a single-event transaction's own work before this); here they are built once and
+/// kept until any relation or function changes (relcache and `pg_proc` invalidations), then
+/// built again.
 struct Prepared {
-    /// Top transaction, `0` for none yet.
-    transaction: u64,
-    /// Relcache generation the entries were built in.
+    /// Invalidation generation the entry was built in.
     generation: u64,
-    user: pg_sys::Oid,
     event_table: pg_sys::Oid,
-    aggregate_table: pg_sys::Oid,
+    /// Holds the expression states; deleted when the entry is replaced.
+    context: pg_sys::MemoryContext,
     /// Partition whose constraint states `checks` holds (`InvalidOid`: none yet).
     leaf: pg_sys::Oid,
     /// `ri_ConstraintExprs` (`ri_CheckConstraintExprs` on 18) as Postgres built it.
@@ -348,9 +346,21 @@ struct Prepared {
     defaults: Vec<(usize, *mut pg_sys::ExprState)>,
 }
 
+/// The tables and whether the current user may use them, per transaction (privileges may
+/// change between transactions without any invalidation of the tables).
+#[derive(Clone, Copy)]
+struct Tables {
+    transaction: u64,
+    generation: u64,
+    user: pg_sys::Oid,
+    event_table: pg_sys::Oid,
+    aggregate_table: pg_sys::Oid,
+}
+
 thread_local! {
     static PREPARED: std::cell::RefCell<Option<Prepared>> = const { std::cell::RefCell::new(None) };
-    /// Bumped by every relcache invalidation this backend processes.
+    static TABLES: std::cell::Cell<Option<Tables>> = const { std::cell::Cell::new(None) };
+    /// Bumped by every relcache and `pg_proc` invalidation this backend processes.
     static GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     static WATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -360,16 +370,27 @@ unsafe extern "C-unwind" fn relation_changed(_arg: pg_sys::Datum, _relid: pg_sys
     GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
 }
 
+#[pg_guard]
+unsafe extern "C-unwind" fn function_changed(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
+    GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
+}
+
 fn current_transaction() -> u64 {
     // SAFETY: plain accessor; 0 until the transaction has written.
     unsafe { pg_sys::GetTopFullTransactionIdIfAny().value }
 }
 
+/// The current invalidation generation (the callbacks are registered on first use).
 fn generation() -> u64 {
     if !WATCHING.with(std::cell::Cell::get) {
-        // SAFETY: registers a callback that only bumps a counter; once per backend.
+        // SAFETY: registers callbacks that only bump a counter; once per backend.
         unsafe {
             pg_sys::CacheRegisterRelcacheCallback(Some(relation_changed), pg_sys::Datum::from(0));
+            pg_sys::CacheRegisterSyscacheCallback(
+                pg_sys::SysCacheIdentifier::PROCOID as i32,
+                Some(function_changed),
+                pg_sys::Datum::from(0),
+            );
         }
         WATCHING.with(|w| w.set(true));
         GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
@@ -382,76 +403,89 @@ unsafe fn tables() -> Option<(pg_sys::Oid, pg_sys::Oid)> {
     unsafe {
         let user = pg_sys::GetUserId();
         let transaction = current_transaction();
-        if transaction != 0 {
-            let generation = generation();
-            let known = PREPARED.with(|p| {
-                p.borrow().as_ref().and_then(|p| {
-                    (p.transaction == transaction && p.generation == generation && p.user == user)
-                        .then_some((p.event_table, p.aggregate_table))
-                })
-            });
-            if known.is_some() {
-                return known;
+        let generation = generation();
+        // Without a transaction id yet, an entry cannot be told from an earlier transaction's.
+        if let Some(t) = TABLES.with(std::cell::Cell::get) {
+            if transaction != 0
+                && t.transaction == transaction
+                && t.generation == generation
+                && t.user == user
+            {
+                return Some((t.event_table, t.aggregate_table));
             }
         }
-        let event_oid = relation_oid("event");
-        let aggregate_oid = relation_oid("aggregate");
-        if event_oid == pg_sys::InvalidOid || aggregate_oid == pg_sys::InvalidOid {
+        let event_table = relation_oid("event");
+        let aggregate_table = relation_oid("aggregate");
+        if event_table == pg_sys::InvalidOid || aggregate_table == pg_sys::InvalidOid {
             return None;
         }
         let granted = |oid, mode: u32| {
             pg_sys::pg_class_aclcheck(oid, user, mode as pg_sys::AclMode)
                 == pg_sys::AclResult::ACLCHECK_OK
         };
-        (granted(event_oid, pg_sys::ACL_INSERT)
-            && granted(aggregate_oid, pg_sys::ACL_SELECT)
-            && granted(aggregate_oid, pg_sys::ACL_UPDATE)
-            && granted(aggregate_oid, pg_sys::ACL_INSERT))
-        .then_some((event_oid, aggregate_oid))
+        let allowed = granted(event_table, pg_sys::ACL_INSERT)
+            && granted(aggregate_table, pg_sys::ACL_SELECT)
+            && granted(aggregate_table, pg_sys::ACL_UPDATE)
+            && granted(aggregate_table, pg_sys::ACL_INSERT);
+        if !allowed {
+            return None;
+        }
+        TABLES.with(|t| {
+            t.set(Some(Tables {
+                transaction,
+                generation,
+                user,
+                event_table,
+                aggregate_table,
+            }))
+        });
+        Some((event_table, aggregate_table))
     }
 }
 
-/// The prepared expressions one append uses (copies of the pointers; the states live in
-/// the transaction's memory).
+/// The prepared expressions one append uses (copies of the pointers).
 struct Expressions {
     defaults: Vec<(usize, *mut pg_sys::ExprState)>,
-    /// `None` when the partition's constraint states are not built yet.
-    checks: Option<*mut *mut pg_sys::ExprState>,
+    /// The partition's constraint states, with the context to build them in when `None`.
+    checks: Result<*mut *mut pg_sys::ExprState, pg_sys::MemoryContext>,
 }
 
 impl Prepared {
-    /// The current transaction's expressions for appending to `leaf`, made now if needed.
-    unsafe fn of_transaction(
+    /// The expressions for appending to `leaf` through `events`, made now if needed.
+    unsafe fn for_append(
         events: pg_sys::Relation,
         leaf: *mut pg_sys::ResultRelInfo,
     ) -> Expressions {
         unsafe {
-            let transaction = current_transaction();
             let generation = generation();
-            let user = pg_sys::GetUserId();
             let event_table = (*events).rd_id;
             let leaf_oid = (*(*leaf).ri_RelationDesc).rd_id;
             PREPARED.with(|cell| {
                 let mut slot = cell.borrow_mut();
-                // An entry without a transaction id cannot be told from a later transaction's:
-                // it is never reused.
-                let current = transaction != 0
-                    && slot.as_ref().is_some_and(|p| {
-                        p.transaction == transaction
-                            && p.generation == generation
-                            && p.user == user
-                            && p.event_table == event_table
-                    });
+                let current = slot
+                    .as_ref()
+                    .is_some_and(|p| p.generation == generation && p.event_table == event_table);
                 if !current {
+                    // Deleted here rather than by a destructor, which would also run at
+                    // backend exit, after Postgres' memory is gone. No append is using it:
+                    // each copies the pointers it needs at its start.
+                    if let Some(old) = slot.take() {
+                        pg_sys::MemoryContextDelete(old.context);
+                    }
+                    let context = pg_sys::AllocSetContextCreateInternal(
+                        pg_sys::CacheMemoryContext,
+                        c"domain_events prepared appends".as_ptr(),
+                        0,
+                        1024,
+                        8192,
+                    );
                     *slot = Some(Prepared {
-                        transaction,
                         generation,
-                        user,
                         event_table,
-                        aggregate_table: relation_oid("aggregate"),
+                        context,
                         leaf: pg_sys::InvalidOid,
                         checks: ptr::null_mut(),
-                        defaults: prepare_defaults(events),
+                        defaults: prepare_defaults(events, context),
                     });
                 }
                 let prepared = slot.as_mut().expect("just set");
@@ -461,18 +495,25 @@ impl Prepared {
                 }
                 Expressions {
                     defaults: prepared.defaults.clone(),
-                    checks: (!prepared.checks.is_null()).then_some(prepared.checks),
+                    checks: if prepared.checks.is_null() {
+                        Err(prepared.context)
+                    } else {
+                        Ok(prepared.checks)
+                    },
                 }
             })
         }
     }
 }
 
-/// The event table's column defaults as expression states in the transaction's memory.
-unsafe fn prepare_defaults(events: pg_sys::Relation) -> Vec<(usize, *mut pg_sys::ExprState)> {
+/// The event table's column defaults as expression states in `context`.
+unsafe fn prepare_defaults(
+    events: pg_sys::Relation,
+    context: pg_sys::MemoryContext,
+) -> Vec<(usize, *mut pg_sys::ExprState)> {
     unsafe {
         let columns = pgrx::PgTupleDesc::from_pg_unchecked((*events).rd_att);
-        let caller = pg_sys::MemoryContextSwitchTo(pg_sys::TopTransactionContext);
+        let caller = pg_sys::MemoryContextSwitchTo(context);
         let mut defaults = Vec::new();
         for i in 0..columns.len() {
             if columns.get(i).is_none_or(|a| a.attisdropped) {
@@ -489,35 +530,34 @@ unsafe fn prepare_defaults(events: pg_sys::Relation) -> Vec<(usize, *mut pg_sys:
     }
 }
 
-/// `ExecConstraints` with the partition's `CHECK` expression states prepared once per
-/// transaction: the first call lets Postgres build them (its own rules: which constraints are
-/// enforced, generated columns expanded) into the transaction's memory, later calls hand them
-/// back to it.
+/// `ExecConstraints` with the partition's `CHECK` expression states prepared once: the first
+/// call lets Postgres build them (its own rules: which constraints are enforced, generated
+/// columns expanded) into the prepared entry's memory, later calls hand them back to it.
 unsafe fn check_constraints(
     leaf: *mut pg_sys::ResultRelInfo,
     slot: *mut pg_sys::TupleTableSlot,
     estate: *mut pg_sys::EState,
-    prepared: Option<*mut *mut pg_sys::ExprState>,
+    prepared: Result<*mut *mut pg_sys::ExprState, pg_sys::MemoryContext>,
 ) {
     unsafe {
         let field = check_states(leaf);
         match prepared {
-            Some(checks) => {
+            Ok(checks) => {
                 *field = checks;
                 pg_sys::ExecConstraints(leaf, slot, estate);
             }
-            None => {
+            Err(context) => {
                 // The per-tuple context must exist before the swap: it belongs to the
                 // executor state.
                 pg_sys::MakePerTupleExprContext(estate);
                 let query_context = (*estate).es_query_cxt;
-                (*estate).es_query_cxt = pg_sys::TopTransactionContext;
+                (*estate).es_query_cxt = context;
                 pg_sys::ExecConstraints(leaf, slot, estate);
                 (*estate).es_query_cxt = query_context;
                 let leaf_oid = (*(*leaf).ri_RelationDesc).rd_id;
                 PREPARED.with(|p| {
                     if let Some(p) = p.borrow_mut().as_mut() {
-                        if p.leaf == leaf_oid && p.transaction == current_transaction() {
+                        if p.leaf == leaf_oid && p.context == context {
                             p.checks = *field;
                         }
                     }
