@@ -201,15 +201,27 @@ impl Append {
             pg_sys::ExecStoreVirtualTuple(search);
 
             let current = pg_sys::table_slot_create(rel, &raw mut (*self.estate).es_tupleTable);
+            let key = recent_head_key(aggregate_type, aggregate_id);
+            let known = recent_head(&key).is_some_and(|mut tid| {
+                own_head_version(
+                    rel,
+                    &mut tid,
+                    current,
+                    [type_column, id_column],
+                    [aggregate_type, aggregate_id],
+                )
+            });
             // Waits for a transaction holding the head, then locks the version it left, as
             // `UPDATE` and `ON CONFLICT DO UPDATE` do in READ COMMITTED.
-            if !pg_sys::RelationFindReplTupleByIndex(
-                rel,
-                key_index,
-                pg_sys::LockTupleMode::LockTupleNoKeyExclusive,
-                search,
-                current,
-            ) {
+            if !known
+                && !pg_sys::RelationFindReplTupleByIndex(
+                    rel,
+                    key_index,
+                    pg_sys::LockTupleMode::LockTupleNoKeyExclusive,
+                    search,
+                    current,
+                )
+            {
                 return None;
             }
             let natts = (*desc).natts;
@@ -237,8 +249,94 @@ impl Append {
                 current,
                 next,
             );
+            remember_head(key, (*next).tts_tid);
             Some(version)
         }
+    }
+}
+
+/// Heads this transaction has moved on, by `type NUL id`: where their newest version is. A
+/// stream raised to again in the same transaction (a statement raising per row, a trigger on a
+/// multi-row change) is then found without walking the versions its earlier events left in the
+/// index; its row lock is ours since the first update.
+struct RecentHeads {
+    transaction: u64,
+    versions: std::collections::HashMap<String, pg_sys::ItemPointerData>,
+}
+
+/// Bounds the memory a transaction raising for very many streams spends here.
+const RECENT_HEADS_LIMIT: usize = 4096;
+
+thread_local! {
+    static RECENT_HEADS: std::cell::RefCell<RecentHeads> = std::cell::RefCell::new(RecentHeads {
+        transaction: 0,
+        versions: std::collections::HashMap::new(),
+    });
+}
+
+fn recent_head_key(aggregate_type: &str, aggregate_id: &str) -> String {
+    let mut key = String::with_capacity(aggregate_type.len() + 1 + aggregate_id.len());
+    key.push_str(aggregate_type);
+    key.push('\0');
+    key.push_str(aggregate_id);
+    key
+}
+
+fn recent_head(key: &str) -> Option<pg_sys::ItemPointerData> {
+    let transaction = current_transaction();
+    RECENT_HEADS.with(|heads| {
+        let heads = heads.borrow();
+        (transaction != 0 && heads.transaction == transaction)
+            .then(|| heads.versions.get(key).copied())
+            .flatten()
+    })
+}
+
+fn remember_head(key: String, tid: pg_sys::ItemPointerData) {
+    let transaction = current_transaction();
+    RECENT_HEADS.with(|heads| {
+        let mut heads = heads.borrow_mut();
+        if heads.transaction != transaction {
+            heads.transaction = transaction;
+            heads.versions.clear();
+        }
+        if heads.versions.len() < RECENT_HEADS_LIMIT || heads.versions.contains_key(&key) {
+            heads.versions.insert(key, tid);
+        }
+    });
+}
+
+/// Whether `tid` holds the newest version of the head `(type, id)`, written by this transaction
+/// and not rolled back, into `slot`. Anything else (a savepoint rolled the update back, the
+/// statement path moved the head since, the slot was reused after an aborted version was
+/// pruned) is `false`, and the head is looked up through its index.
+unsafe fn own_head_version(
+    rel: pg_sys::Relation,
+    tid: &mut pg_sys::ItemPointerData,
+    slot: *mut pg_sys::TupleTableSlot,
+    key_columns: [usize; 2],
+    key: [&str; 2],
+) -> bool {
+    unsafe {
+        // SnapshotSelf: this transaction's own changes count, including the current command's.
+        if !pg_sys::table_tuple_fetch_row_version(rel, tid, &raw mut pg_sys::SnapshotSelfData, slot)
+        {
+            return false;
+        }
+        let tuple = (*slot.cast::<pg_sys::HeapTupleTableSlot>()).tuple;
+        if tuple.is_null() {
+            return false;
+        }
+        let xmin = (*(*tuple).t_data).t_choice.t_heap.t_xmin;
+        if !pg_sys::TransactionIdIsCurrentTransactionId(xmin) {
+            return false;
+        }
+        let natts = (*(*rel).rd_att).natts;
+        pg_sys::slot_getsomeattrs_int(slot, natts);
+        key_columns.iter().zip(key).all(|(&column, expected)| {
+            !*(*slot).tts_isnull.add(column)
+                && <&str>::from_datum(*(*slot).tts_values.add(column), false) == Some(expected)
+        })
     }
 }
 

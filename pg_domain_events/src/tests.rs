@@ -77,6 +77,23 @@ mod tests {
             ),
             "a5,b4"
         );
+        // The batch statement moves a head this transaction already moved; the next single
+        // event continues from where the batch left it.
+        Spi::run(
+            r#"SELECT * FROM domain_events.raise_events('[{"aggregate_type": "Loan", "aggregate_id": "a", "event_type": "Loan.Noted"},
+                {"aggregate_type": "Loan", "aggregate_id": "a", "event_type": "Loan.Noted"}]')"#,
+        )
+        .unwrap();
+        assert_eq!(
+            one::<i64>("SELECT aggregate_version FROM domain_events.raise_event('Loan', 'a', 'Loan.Noted')"),
+            8
+        );
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(aggregate_version::text, ',' ORDER BY position) FROM domain_events.event WHERE aggregate_id = 'a'"
+            ),
+            "1,2,3,4,5,6,7,8"
+        );
     }
 
     /// Triggers someone adds to the event table fire for every raised event, however the
