@@ -31,6 +31,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::partition::relation_oid;
+use crate::pg_major;
 use crate::store::{OneEvent, Stored};
 
 /// Appends `event` as the next version of its existing stream; `None`, with nothing written,
@@ -158,7 +159,7 @@ impl Append {
             }
             pg_sys::simple_table_tuple_insert(leaf_rel, slot);
             if (*leaf).ri_NumIndices > 0 {
-                let recheck = insert_index_entries(leaf, slot, self.estate);
+                let recheck = pg_major::insert_index_entries(leaf, slot, self.estate);
                 pg_sys::list_free(recheck);
             }
             let position = i64::from_datum(*(*slot).tts_values.add(row.position_column), false)
@@ -638,7 +639,7 @@ unsafe fn check_constraints(
     prepared: Result<*mut *mut pg_sys::ExprState, pg_sys::MemoryContext>,
 ) {
     unsafe {
-        let field = check_states(leaf);
+        let field = pg_major::check_constraint_states(leaf);
         match prepared {
             Ok(checks) => {
                 *field = checks;
@@ -661,20 +662,6 @@ unsafe fn check_constraints(
                     }
                 });
             }
-        }
-    }
-}
-
-/// Where a result relation keeps its `CHECK` expression states (renamed in PostgreSQL 18).
-unsafe fn check_states(info: *mut pg_sys::ResultRelInfo) -> *mut *mut *mut pg_sys::ExprState {
-    unsafe {
-        #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
-        {
-            &raw mut (*info).ri_ConstraintExprs
-        }
-        #[cfg(feature = "pg18")]
-        {
-            &raw mut (*info).ri_CheckConstraintExprs
         }
     }
 }
@@ -779,41 +766,5 @@ unsafe fn new_node<T>(tag: pg_sys::NodeTag) -> *mut T {
         let node = pg_sys::palloc0(std::mem::size_of::<T>()).cast::<pg_sys::Node>();
         (*node).type_ = tag;
         node.cast()
-    }
-}
-
-/// `ExecInsertIndexTuples` for a plain insert; PostgreSQL 16 added the `onlySummarizing`
-/// argument.
-unsafe fn insert_index_entries(
-    info: *mut pg_sys::ResultRelInfo,
-    slot: *mut pg_sys::TupleTableSlot,
-    estate: *mut pg_sys::EState,
-) -> *mut pg_sys::List {
-    unsafe {
-        #[cfg(feature = "pg15")]
-        {
-            pg_sys::ExecInsertIndexTuples(
-                info,
-                slot,
-                estate,
-                false,
-                false,
-                ptr::null_mut(),
-                ptr::null_mut(),
-            )
-        }
-        #[cfg(any(feature = "pg16", feature = "pg17", feature = "pg18"))]
-        {
-            pg_sys::ExecInsertIndexTuples(
-                info,
-                slot,
-                estate,
-                false,
-                false,
-                ptr::null_mut(),
-                ptr::null_mut(),
-                false,
-            )
-        }
     }
 }

@@ -26,3 +26,55 @@ pub fn function_execute_aclcheck(
         }
     }
 }
+
+/// Where a result relation keeps its `CHECK` expression states (renamed in PostgreSQL 18).
+pub unsafe fn check_constraint_states(
+    info: *mut pg_sys::ResultRelInfo,
+) -> *mut *mut *mut pg_sys::ExprState {
+    unsafe {
+        #[cfg(any(feature = "pg15", feature = "pg16", feature = "pg17"))]
+        {
+            &raw mut (*info).ri_ConstraintExprs
+        }
+        #[cfg(feature = "pg18")]
+        {
+            &raw mut (*info).ri_CheckConstraintExprs
+        }
+    }
+}
+
+/// `ExecInsertIndexTuples` for a plain insert; PostgreSQL 16 added the `onlySummarizing`
+/// argument.
+pub unsafe fn insert_index_entries(
+    info: *mut pg_sys::ResultRelInfo,
+    slot: *mut pg_sys::TupleTableSlot,
+    estate: *mut pg_sys::EState,
+) -> *mut pg_sys::List {
+    unsafe {
+        #[cfg(feature = "pg15")]
+        {
+            pg_sys::ExecInsertIndexTuples(
+                info,
+                slot,
+                estate,
+                false,
+                false,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        }
+        #[cfg(any(feature = "pg16", feature = "pg17", feature = "pg18"))]
+        {
+            pg_sys::ExecInsertIndexTuples(
+                info,
+                slot,
+                estate,
+                false,
+                false,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                false,
+            )
+        }
+    }
+}
