@@ -9,15 +9,21 @@
 //! 1. route the new row to its month's partition (`ExecFindPartition`);
 //! 2. find the stream head through the `aggregate` primary key, wait for and lock it like an
 //!    `UPDATE` would (`RelationFindReplTupleByIndex`), and update it to the next version
-//!    (`ExecSimpleRelationUpdate`, which keeps its indexes and constraints);
+//!    (`ExecSimpleRelationUpdate`, which keeps its indexes and constraints); a head this
+//!    transaction already moved is taken at the version it wrote (see [`RecentHeads`]);
 //! 3. check the row against the partition's constraints (`ExecConstraints`: the same `NOT
 //!    NULL` and `CHECK` constraints, the same errors), insert it and its index entries.
 //!
 //! Column defaults (`position` from its sequence, `txid`) are the table's own default
-//! expressions, evaluated as `INSERT` would.
+//! expressions, evaluated as `INSERT` would. Those and the constraint expressions are prepared
+//! once and kept until a relation or function changes (see [`Prepared`]).
 //!
-//! It covers the common case only. Whenever anything is unusual it writes nothing and hands
-//! the event back, and the caller runs the SQL statement, which handles all of it: a new
+//! The error paths are Postgres' own: a constraint violation, a missing partition or a lock
+//! wait that ends in a deadlock raise the same errors, with the same SQLSTATEs, as the
+//! statement would, and abort the transaction with everything this call wrote.
+//!
+//! It covers the common case only. Whenever anything is unusual it writes nothing, returns
+//! `None`, and the caller runs the SQL statement, which handles all of it: a new
 //! aggregate (its head is created by `INSERT … ON CONFLICT`'s speculative insertion, which
 //! two transactions may race), `REPEATABLE READ` or `SERIALIZABLE` (where the statement raises
 //! the serialization failures those levels promise), row-level security or triggers someone
