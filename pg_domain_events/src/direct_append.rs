@@ -10,7 +10,8 @@
 //! 2. find the stream head through the `aggregate` primary key, wait for and lock it like an
 //!    `UPDATE` would (`RelationFindReplTupleByIndex`), and update it to the next version
 //!    (`ExecSimpleRelationUpdate`, which keeps its indexes and constraints); a head this
-//!    transaction already moved is taken at the version it wrote (see [`RecentHeads`]);
+//!    transaction already holds counts on in memory until its row must be written (see
+//!    [`crate::held_heads`]);
 //! 3. check the row against the partition's constraints (`ExecConstraints`: the same `NOT
 //!    NULL` and `CHECK` constraints, the same errors), insert it and its index entries.
 //!
@@ -36,6 +37,7 @@ use std::ptr;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::held_heads;
 use crate::partition::relation_oid;
 use crate::pg_major;
 use crate::store::{OneEvent, Stored};
@@ -199,7 +201,6 @@ impl Append {
             let type_column = column(desc, c"aggregate_type");
             let id_column = column(desc, c"aggregate_id");
             let version_column = column(desc, c"version");
-            let updated_column = column(desc, c"updated_at");
 
             let search = pg_sys::ExecInitExtraTupleSlot(self.estate, desc, &pg_sys::TTSOpsVirtual);
             clear_to_nulls(search, desc);
@@ -207,28 +208,22 @@ impl Append {
             set(search, id_column, aggregate_id.into_datum());
             pg_sys::ExecStoreVirtualTuple(search);
 
+            let key = held_heads::key(aggregate_type, aggregate_id);
+            // A stream this transaction already holds counts on in memory; its row is written
+            // before anything can read it (see `held_heads`).
+            if let Some(version) = held_heads::advance(&key) {
+                return Some(version);
+            }
             let current = pg_sys::table_slot_create(rel, &raw mut (*self.estate).es_tupleTable);
-            let key = recent_head_key(aggregate_type, aggregate_id);
-            let known = recent_head(&key).is_some_and(|mut tid| {
-                own_head_version(
-                    rel,
-                    &mut tid,
-                    current,
-                    [type_column, id_column],
-                    [aggregate_type, aggregate_id],
-                )
-            });
             // Waits for a transaction holding the head, then locks the version it left, as
             // `UPDATE` and `ON CONFLICT DO UPDATE` do in READ COMMITTED.
-            if !known
-                && !pg_sys::RelationFindReplTupleByIndex(
-                    rel,
-                    key_index,
-                    pg_sys::LockTupleMode::LockTupleNoKeyExclusive,
-                    search,
-                    current,
-                )
-            {
+            if !pg_sys::RelationFindReplTupleByIndex(
+                rel,
+                key_index,
+                pg_sys::LockTupleMode::LockTupleNoKeyExclusive,
+                search,
+                current,
+            ) {
                 return None;
             }
             let natts = (*desc).natts;
@@ -238,79 +233,11 @@ impl Append {
             let version = old
                 .checked_add(1)
                 .expect("a stream has fewer than 2^63 events");
-
-            let next = pg_sys::ExecInitExtraTupleSlot(self.estate, desc, &pg_sys::TTSOpsVirtual);
-            for i in 0..natts as usize {
-                *(*next).tts_values.add(i) = *(*current).tts_values.add(i);
-                *(*next).tts_isnull.add(i) = *(*current).tts_isnull.add(i);
-            }
-            set(next, version_column, version.into_datum());
-            set(next, updated_column, Some(pg_sys::Datum::from(now)));
-            pg_sys::ExecStoreVirtualTuple(next);
-            // No EPQ state: it only serves BEFORE UPDATE triggers, and a head table with
-            // triggers never gets here.
-            pg_sys::ExecSimpleRelationUpdate(
-                self.head_info,
-                self.estate,
-                ptr::null_mut(),
-                current,
-                next,
-            );
-            remember_head(key, (*next).tts_tid);
+            let tid = write_head(self.estate, self.head_info, current, version, now);
+            held_heads::record(key, tid, version);
             Some(version)
         }
     }
-}
-
-/// Heads this transaction has moved on, by `type NUL id`: where their newest version is. A
-/// stream raised to again in the same transaction (a statement raising per row, a trigger on a
-/// multi-row change) is then found without walking the versions its earlier events left in the
-/// index; its row lock is ours since the first update.
-struct RecentHeads {
-    transaction: u64,
-    versions: std::collections::HashMap<String, pg_sys::ItemPointerData>,
-}
-
-/// Bounds the memory a transaction raising for very many streams spends here.
-const RECENT_HEADS_LIMIT: usize = 4096;
-
-thread_local! {
-    static RECENT_HEADS: std::cell::RefCell<RecentHeads> = std::cell::RefCell::new(RecentHeads {
-        transaction: 0,
-        versions: std::collections::HashMap::new(),
-    });
-}
-
-fn recent_head_key(aggregate_type: &str, aggregate_id: &str) -> String {
-    let mut key = String::with_capacity(aggregate_type.len() + 1 + aggregate_id.len());
-    key.push_str(aggregate_type);
-    key.push('\0');
-    key.push_str(aggregate_id);
-    key
-}
-
-fn recent_head(key: &str) -> Option<pg_sys::ItemPointerData> {
-    let transaction = current_transaction();
-    RECENT_HEADS.with(|heads| {
-        let heads = heads.borrow();
-        (transaction != 0 && heads.transaction == transaction)
-            .then(|| heads.versions.get(key).copied())
-            .flatten()
-    })
-}
-
-fn remember_head(key: String, tid: pg_sys::ItemPointerData) {
-    let transaction = current_transaction();
-    RECENT_HEADS.with(|heads| {
-        let mut heads = heads.borrow_mut();
-        if heads.transaction != transaction {
-            heads.transaction = transaction;
-            heads.versions.clear();
-        }
-        if heads.versions.len() < RECENT_HEADS_LIMIT || heads.versions.contains_key(&key) {
-            heads.versions.insert(key, tid);
-        }
-    });
 }
 
 /// Whether `tid` holds the newest version of the head `(type, id)`, written by this transaction
@@ -344,6 +271,98 @@ unsafe fn own_head_version(
             !*(*slot).tts_isnull.add(column)
                 && <&str>::from_datum(*(*slot).tts_values.add(column), false) == Some(expected)
         })
+    }
+}
+
+/// Writes `version` into the head row held in `current` (its columns read), with this
+/// transaction's time; where the new row version is.
+unsafe fn write_head(
+    estate: *mut pg_sys::EState,
+    head_info: *mut pg_sys::ResultRelInfo,
+    current: *mut pg_sys::TupleTableSlot,
+    version: i64,
+    now: pg_sys::TimestampTz,
+) -> pg_sys::ItemPointerData {
+    unsafe {
+        let desc = (*(*head_info).ri_RelationDesc).rd_att;
+        let natts = (*desc).natts as usize;
+        let next = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
+        for i in 0..natts {
+            *(*next).tts_values.add(i) = *(*current).tts_values.add(i);
+            *(*next).tts_isnull.add(i) = *(*current).tts_isnull.add(i);
+        }
+        set(next, column(desc, c"version"), version.into_datum());
+        set(
+            next,
+            column(desc, c"updated_at"),
+            Some(pg_sys::Datum::from(now)),
+        );
+        pg_sys::ExecStoreVirtualTuple(next);
+        // No EPQ state: it only serves BEFORE UPDATE triggers, and a head table with
+        // triggers never gets here.
+        pg_sys::ExecSimpleRelationUpdate(head_info, estate, ptr::null_mut(), current, next);
+        (*next).tts_tid
+    }
+}
+
+/// Writes every held head whose stream counted on in memory (see [`crate::held_heads`]).
+pub fn write_held_heads() {
+    // SAFETY: called inside a transaction (executor and utility hooks, the raising functions,
+    // pre-commit); the relation and slots live in the executor state freed last.
+    unsafe {
+        // No writes while parallel workers run; the next hook or the commit writes them.
+        if pg_sys::IsInParallelMode() {
+            return;
+        }
+        let heads = held_heads::to_write();
+        let aggregate_oid = relation_oid("aggregate");
+        if heads.is_empty() || aggregate_oid == pg_sys::InvalidOid {
+            held_heads::all_written();
+            return;
+        }
+        // The rows were last written by this command or an earlier one of this statement.
+        pg_sys::CommandCounterIncrement();
+        let estate = pg_sys::CreateExecutorState();
+        let caller_context = pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
+        (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+        let rel = pg_sys::table_open(aggregate_oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        let head_info = new_node::<pg_sys::ResultRelInfo>(pg_sys::NodeTag::T_ResultRelInfo);
+        pg_sys::InitResultRelInfo(head_info, rel, 0, ptr::null_mut(), 0);
+        pg_sys::ExecOpenIndices(head_info, false);
+        let desc = (*rel).rd_att;
+        let key_columns = [
+            column(desc, c"aggregate_type"),
+            column(desc, c"aggregate_id"),
+        ];
+        let now = pg_sys::GetCurrentTransactionStartTimestamp();
+        for (key, head) in heads {
+            let current = pg_sys::table_slot_create(rel, &raw mut (*estate).es_tupleTable);
+            let mut tid = head.tid;
+            let (aggregate_type, aggregate_id) = key.split_once('\0').expect("a head key");
+            if !own_head_version(
+                rel,
+                &mut tid,
+                current,
+                key_columns,
+                [aggregate_type, aggregate_id],
+            ) {
+                // Only a direct change of `domain_events.aggregate` in this transaction gets
+                // here; the events counted since are aborted with it.
+                crate::errors::EventError::HeadMoved {
+                    aggregate_type: aggregate_type.to_string(),
+                    aggregate_id: aggregate_id.to_string(),
+                }
+                .report();
+            }
+            let tid = write_head(estate, head_info, current, head.current, now);
+            held_heads::written(&key, tid);
+        }
+        held_heads::all_written();
+        pg_sys::ExecCloseIndices(head_info);
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
+        pg_sys::MemoryContextSwitchTo(caller_context);
+        pg_sys::FreeExecutorState(estate);
     }
 }
 

@@ -26,6 +26,13 @@ pub enum EventError {
         actual: i64,
         expected: i64,
     },
+    /// A stream head this transaction holds was changed behind the raising functions' back,
+    /// e.g. by an `UPDATE` of `domain_events.aggregate` (`55000`).
+    #[error("the stream head of {aggregate_type}/{aggregate_id} was changed directly in this transaction")]
+    HeadMoved {
+        aggregate_type: String,
+        aggregate_id: String,
+    },
     /// `domain_events.enabled = read_only` (`25006`).
     #[error("the event store is read-only (domain_events.enabled = read_only)")]
     ReadOnly,
@@ -124,6 +131,9 @@ impl EventError {
             EventError::Null { .. } => PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
             EventError::Invalid { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             EventError::VersionConflict { .. } => PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            EventError::HeadMoved { .. } => {
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
             EventError::ReadOnly => PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
             EventError::SchemaViolation { .. } | EventError::SchemaRequired { .. } => {
                 PgSqlErrorCode::ERRCODE_CHECK_VIOLATION
@@ -141,6 +151,7 @@ impl EventError {
             EventError::VersionConflict { actual, expected, .. } => format!(
                 "Another transaction raised events for this aggregate since version {expected} was read; it is now at {actual}. Nothing was written."
             ),
+            EventError::HeadMoved { .. } => "Stream heads are moved only by the raising functions; the events this transaction raised for the stream cannot be versioned. The transaction is aborted.".to_string(),
             EventError::ReadOnly => "Raising events is switched off for maintenance.".to_string(),
             EventError::SchemaViolation { failures, total, .. } => {
                 let paths: Vec<&str> = failures.iter().map(|f| f.schema_path.as_str()).collect();
@@ -175,6 +186,9 @@ impl EventError {
             EventError::Invalid { hint, .. } => hint,
             EventError::VersionConflict { .. } => {
                 "Reload the aggregate and retry the transaction, or pass expected_version => NULL to skip the check."
+            }
+            EventError::HeadMoved { .. } => {
+                "Do not write domain_events.aggregate directly; raise events with domain_events.raise_event()."
             }
             EventError::ReadOnly => "Ask an administrator to set domain_events.enabled = on.",
             EventError::SchemaViolation { .. } => {

@@ -17,6 +17,7 @@ mod event;
 mod gucs;
 mod handler_registry;
 mod handler_stats;
+mod held_heads;
 mod immutability;
 mod json_arg;
 mod jsonb;

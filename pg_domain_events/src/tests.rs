@@ -58,6 +58,13 @@ mod tests {
                         'Loan.Noted', jsonb_build_object('g', g)) r",
         );
         assert_eq!(versions, "1,2,2,3,3,4,4,5");
+        // The heads, read by the very next statement, are at the streams' last events.
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(aggregate_id || version, ',' ORDER BY aggregate_id) FROM domain_events.aggregate"
+            ),
+            "a5,b4"
+        );
         // Stored rows: versions follow the raising order, positions grow with it, and the
         // columns the table fills itself (position, txid, recorded_at) are filled.
         assert_eq!(
@@ -71,12 +78,6 @@ mod tests {
             "SELECT bool_and(txid = pg_current_xact_id() AND recorded_at = now() AND occurred_at = now()) \
                FROM domain_events.event"
         ));
-        assert_eq!(
-            one::<String>(
-                "SELECT string_agg(aggregate_id || version, ',' ORDER BY aggregate_id) FROM domain_events.aggregate"
-            ),
-            "a5,b4"
-        );
         // The batch statement moves a head this transaction already moved; the next single
         // event continues from where the batch left it.
         Spi::run(
@@ -93,6 +94,78 @@ mod tests {
                 "SELECT string_agg(aggregate_version::text, ',' ORDER BY position) FROM domain_events.event WHERE aggregate_id = 'a'"
             ),
             "1,2,3,4,5,6,7,8"
+        );
+    }
+
+    /// Savepoints inside the raising statement (PL/pgSQL exception blocks called per row,
+    /// next to raises of the statement itself): what a rolled-back block raised is gone, and
+    /// the stream stays gap-free with its head at its last event.
+    #[pg_test]
+    fn exception_blocks_inside_a_raising_statement_keep_streams_gap_free() {
+        Spi::run(
+            "CREATE FUNCTION public.raise_or_fail(g int) RETURNS bigint LANGUAGE plpgsql AS $$ \
+             DECLARE v bigint; \
+             BEGIN \
+               BEGIN \
+                 SELECT aggregate_version INTO v FROM domain_events.raise_event('Loan', 'a', \
+                   'Loan.Tried', jsonb_build_object('g', g)); \
+                 IF g % 3 = 0 THEN RAISE EXCEPTION 'no %', g; END IF; \
+                 RETURN v; \
+               EXCEPTION WHEN raise_exception THEN RETURN -1; \
+               END; \
+             END $$",
+        )
+        .unwrap();
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', 'a', 'Loan.Created')").unwrap();
+        // Per row: one raise of the statement itself, then one in an exception block that
+        // every third row rolls back.
+        let outcomes = one::<String>(
+            "SELECT string_agg(r.aggregate_version || '/' || public.raise_or_fail(g), ',' ORDER BY g) \
+               FROM generate_series(1, 6) g, \
+                    LATERAL domain_events.raise_event('Loan', 'a', 'Loan.Noted', jsonb_build_object('g', g)) r",
+        );
+        assert_eq!(outcomes, "2/3,4/5,6/-1,7/8,9/10,11/-1");
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(aggregate_version::text, ',' ORDER BY position) \
+                   FROM domain_events.event WHERE aggregate_id = 'a'"
+            ),
+            "1,2,3,4,5,6,7,8,9,10,11"
+        );
+        assert_eq!(
+            one::<i64>("SELECT version FROM domain_events.aggregate WHERE aggregate_id = 'a'"),
+            11
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM domain_events.event WHERE event_type = 'Loan.Tried'"),
+            4
+        );
+    }
+
+    /// A sync handler sees the stream head at the event it is given, however many events of
+    /// the stream the statement raised before it.
+    #[pg_test]
+    fn sync_handlers_see_the_head_at_their_event() {
+        Spi::run(
+            "CREATE TABLE public.heads_seen (event_version bigint, head_version bigint); \
+             CREATE FUNCTION public.note_head(event jsonb) RETURNS void LANGUAGE sql AS $$ \
+               INSERT INTO public.heads_seen SELECT (event->>'aggregate_version')::bigint, \
+                 (SELECT version FROM domain_events.aggregate \
+                   WHERE aggregate_type = event->>'aggregate_type' AND aggregate_id = event->>'aggregate_id') $$; \
+             SELECT domain_events.register_handler('heads', 'public.note_head(jsonb)', '{Loan.Noted}')",
+        )
+        .unwrap();
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', 'a', 'Loan.Created')").unwrap();
+        Spi::run(
+            "SELECT count(*) FROM generate_series(1, 5) g, \
+               LATERAL domain_events.raise_event('Loan', 'a', 'Loan.Noted', jsonb_build_object('g', g))",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(event_version || '=' || head_version, ',' ORDER BY event_version) FROM public.heads_seen"
+            ),
+            "2=2,3=3,4=4,5=5,6=6"
         );
     }
 
