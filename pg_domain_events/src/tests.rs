@@ -142,6 +142,23 @@ mod tests {
         );
     }
 
+    /// Stream heads are moved by the raising functions only: raising again for a stream whose
+    /// head was updated directly in the same transaction fails (`55000`) rather than number
+    /// events from a head it no longer knows.
+    #[pg_test(error = "the stream head of Loan/a was changed directly in this transaction")]
+    fn a_head_updated_directly_while_raising_fails_the_transaction() {
+        Spi::run(
+            "SELECT count(*) FROM generate_series(1, 3) g, \
+               LATERAL domain_events.raise_event('Loan', 'a', 'Loan.Noted', jsonb_build_object('g', g))",
+        )
+        .unwrap();
+        Spi::run(
+            "UPDATE domain_events.aggregate SET version = version + 10 WHERE aggregate_id = 'a'",
+        )
+        .unwrap();
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', 'a', 'Loan.Noted')").unwrap();
+    }
+
     /// A sync handler sees the stream head at the event it is given, however many events of
     /// the stream the statement raised before it.
     #[pg_test]
