@@ -334,34 +334,39 @@ unsafe extern "C-unwind" fn process_utility(
     }
     // SAFETY: the hook chain as installed by `register`.
     unsafe {
-        match PREVIOUS_PROCESS_UTILITY {
-            Some(previous) => previous(
-                statement,
-                text,
-                read_only_tree,
-                context,
-                params,
-                environment,
-                destination,
-                completion,
-            ),
-            None => pg_sys::standard_ProcessUtility(
-                statement,
-                text,
-                read_only_tree,
-                context,
-                params,
-                environment,
-                destination,
-                completion,
-            ),
-        }
+        let next = PREVIOUS_PROCESS_UTILITY.unwrap_or(standard_process_utility);
+        next(
+            statement,
+            text,
+            read_only_tree,
+            context,
+            params,
+            environment,
+            destination,
+            completion,
+        );
     }
     // A utility statement may have raised events without any query (COPY into a tracked
     // table): written before the next statement takes its snapshot.
     if pending() {
         crate::direct_append::write_held_heads();
     }
+}
+
+unsafe extern "C-unwind" {
+    /// Postgres' own `standard_ProcessUtility`, as the C function the hook chain calls (pgrx
+    /// binds it as a Rust function, which a hook pointer cannot hold).
+    #[link_name = "standard_ProcessUtility"]
+    fn standard_process_utility(
+        statement: *mut pg_sys::PlannedStmt,
+        text: *const std::ffi::c_char,
+        read_only_tree: bool,
+        context: pg_sys::ProcessUtilityContext::Type,
+        params: pg_sys::ParamListInfo,
+        environment: *mut pg_sys::QueryEnvironment,
+        destination: *mut pg_sys::DestReceiver,
+        completion: *mut pg_sys::QueryCompletion,
+    );
 }
 
 /// Installs the callbacks and hooks, once per backend (on the first head held).
