@@ -11,7 +11,6 @@ use crate::errors::{EventError, OrReport};
 use crate::event::{self, Arguments, NewEvent};
 use crate::gucs::{self, EventsEnabled};
 use crate::handler_registry::{self, SyncHandler};
-use crate::held_heads;
 use crate::jsonb::Jsonb;
 use crate::partition;
 use crate::raise_stats;
@@ -184,15 +183,13 @@ fn store_events(events: Vec<NewEvent>, handlers: &[SyncHandler]) -> Vec<StoredRo
         // An existing stream's next event without an SQL statement; anything else (a new
         // stream, stricter isolation, triggers on the tables) through the statement.
         vec![direct_append::append(&one).unwrap_or_else(|| {
-            direct_append::write_held_heads();
-            held_heads::forget();
+            direct_append::release_held_heads();
             store::insert_one(one)
         })]
     } else {
         // The statement moves stream heads itself: write what this transaction counted in
         // memory first, and let it find the heads afresh afterwards.
-        direct_append::write_held_heads();
-        held_heads::forget();
+        direct_append::release_held_heads();
         let batch = event::columns(events);
         let ids = batch.ids.clone();
         in_input_order(store::insert_batch(batch), &ids)

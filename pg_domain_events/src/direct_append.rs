@@ -58,17 +58,38 @@ pub fn append(event: &OneEvent) -> Option<Stored> {
         // (the head this call updates again) become visible and updatable.
         pg_sys::CommandCounterIncrement();
 
+        in_executor_state(|estate| {
+            (*estate).es_snapshot = pg_sys::GetActiveSnapshot();
+            let mut append = Append::open(estate, event_oid, aggregate_oid);
+            let result = append.run(event);
+            append.close();
+            result
+        })
+    }
+}
+
+/// Runs `work` with a fresh executor state (its memory the current context, this command
+/// as its output command), freed afterwards with its tuple slots.
+unsafe fn in_executor_state<T>(work: impl FnOnce(*mut pg_sys::EState) -> T) -> T {
+    unsafe {
         let estate = pg_sys::CreateExecutorState();
         let caller_context = pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
         (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-        (*estate).es_snapshot = pg_sys::GetActiveSnapshot();
-        let mut append = Append::open(estate, event_oid, aggregate_oid);
-        let result = append.run(event);
-        append.close();
+        let result = work(estate);
         pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
         pg_sys::MemoryContextSwitchTo(caller_context);
         pg_sys::FreeExecutorState(estate);
         result
+    }
+}
+
+/// A result relation for `rel` without a range-table entry, its indexes open.
+unsafe fn result_relation(rel: pg_sys::Relation) -> *mut pg_sys::ResultRelInfo {
+    unsafe {
+        let info = new_node::<pg_sys::ResultRelInfo>(pg_sys::NodeTag::T_ResultRelInfo);
+        pg_sys::InitResultRelInfo(info, rel, 0, ptr::null_mut(), 0);
+        pg_sys::ExecOpenIndices(info, false);
+        info
     }
 }
 
@@ -109,9 +130,7 @@ impl Append {
             let routing = partition_routing::setup(estate, events);
 
             let heads = pg_sys::table_open(aggregate_oid, lock);
-            let head_info = new_node::<pg_sys::ResultRelInfo>(pg_sys::NodeTag::T_ResultRelInfo);
-            pg_sys::InitResultRelInfo(head_info, heads, 0, ptr::null_mut(), 0);
-            pg_sys::ExecOpenIndices(head_info, false);
+            let head_info = result_relation(heads);
             Append {
                 estate,
                 events,
@@ -191,6 +210,12 @@ impl Append {
         now: pg_sys::TimestampTz,
     ) -> Option<i64> {
         unsafe {
+            let key = held_heads::key(aggregate_type, aggregate_id);
+            // A stream this transaction already holds counts on in memory; its row is written
+            // before anything can read it (see `held_heads`).
+            if let Some(version) = held_heads::advance(&key) {
+                return Some(version);
+            }
             let rel = self.heads;
             let desc = (*rel).rd_att;
             pg_sys::list_free(pg_sys::RelationGetIndexList(rel));
@@ -198,22 +223,22 @@ impl Append {
             if key_index == pg_sys::InvalidOid {
                 return None;
             }
-            let type_column = column(desc, c"aggregate_type");
-            let id_column = column(desc, c"aggregate_id");
             let version_column = column(desc, c"version");
 
             let search = pg_sys::ExecInitExtraTupleSlot(self.estate, desc, &pg_sys::TTSOpsVirtual);
             clear_to_nulls(search, desc);
-            set(search, type_column, aggregate_type.into_datum());
-            set(search, id_column, aggregate_id.into_datum());
+            set(
+                search,
+                column(desc, c"aggregate_type"),
+                aggregate_type.into_datum(),
+            );
+            set(
+                search,
+                column(desc, c"aggregate_id"),
+                aggregate_id.into_datum(),
+            );
             pg_sys::ExecStoreVirtualTuple(search);
 
-            let key = held_heads::key(aggregate_type, aggregate_id);
-            // A stream this transaction already holds counts on in memory; its row is written
-            // before anything can read it (see `held_heads`).
-            if let Some(version) = held_heads::advance(&key) {
-                return Some(version);
-            }
             let current = pg_sys::table_slot_create(rel, &raw mut (*self.estate).es_tupleTable);
             // Waits for a transaction holding the head, then locks the version it left, as
             // `UPDATE` and `ON CONFLICT DO UPDATE` do in READ COMMITTED.
@@ -241,9 +266,9 @@ impl Append {
 }
 
 /// Whether `tid` holds the newest version of the head `(type, id)`, written by this transaction
-/// and not rolled back, into `slot`. Anything else (a savepoint rolled the update back, the
-/// statement path moved the head since, the slot was reused after an aborted version was
-/// pruned) is `false`, and the head is looked up through its index.
+/// and not rolled back, into `slot`. Anything else (the head was updated since by something
+/// other than the raising functions, the slot was reused after an aborted version was pruned)
+/// is `false`.
 unsafe fn own_head_version(
     rel: pg_sys::Relation,
     tid: &mut pg_sys::ItemPointerData,
@@ -315,55 +340,61 @@ pub fn write_held_heads() {
             return;
         }
         let heads = held_heads::to_write();
+        if heads.is_empty() {
+            held_heads::all_written();
+            return;
+        }
         let aggregate_oid = relation_oid("aggregate");
-        if heads.is_empty() || aggregate_oid == pg_sys::InvalidOid {
+        if aggregate_oid == pg_sys::InvalidOid {
             held_heads::all_written();
             return;
         }
         // The rows were last written by this command or an earlier one of this statement.
         pg_sys::CommandCounterIncrement();
-        let estate = pg_sys::CreateExecutorState();
-        let caller_context = pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
-        (*estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
-        let rel = pg_sys::table_open(aggregate_oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-        let head_info = new_node::<pg_sys::ResultRelInfo>(pg_sys::NodeTag::T_ResultRelInfo);
-        pg_sys::InitResultRelInfo(head_info, rel, 0, ptr::null_mut(), 0);
-        pg_sys::ExecOpenIndices(head_info, false);
-        let desc = (*rel).rd_att;
-        let key_columns = [
-            column(desc, c"aggregate_type"),
-            column(desc, c"aggregate_id"),
-        ];
-        let now = pg_sys::GetCurrentTransactionStartTimestamp();
-        for (key, head) in heads {
-            let current = pg_sys::table_slot_create(rel, &raw mut (*estate).es_tupleTable);
-            let mut tid = head.tid;
-            let (aggregate_type, aggregate_id) = key.split_once('\0').expect("a head key");
-            if !own_head_version(
-                rel,
-                &mut tid,
-                current,
-                key_columns,
-                [aggregate_type, aggregate_id],
-            ) {
-                // Only a direct change of `domain_events.aggregate` in this transaction gets
-                // here; the events counted since are aborted with it.
-                crate::errors::EventError::HeadMoved {
-                    aggregate_type: aggregate_type.to_string(),
-                    aggregate_id: aggregate_id.to_string(),
+        in_executor_state(|estate| {
+            let rel =
+                pg_sys::table_open(aggregate_oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+            let head_info = result_relation(rel);
+            let desc = (*rel).rd_att;
+            let key_columns = [
+                column(desc, c"aggregate_type"),
+                column(desc, c"aggregate_id"),
+            ];
+            let now = pg_sys::GetCurrentTransactionStartTimestamp();
+            for (key, head) in heads {
+                let current = pg_sys::table_slot_create(rel, &raw mut (*estate).es_tupleTable);
+                let mut tid = head.tid;
+                let (aggregate_type, aggregate_id) = key.split_once('\0').expect("a head key");
+                if !own_head_version(
+                    rel,
+                    &mut tid,
+                    current,
+                    key_columns,
+                    [aggregate_type, aggregate_id],
+                ) {
+                    // Only a direct change of `domain_events.aggregate` in this transaction
+                    // gets here; the events counted since are aborted with it.
+                    crate::errors::EventError::HeadMoved {
+                        aggregate_type: aggregate_type.to_string(),
+                        aggregate_id: aggregate_id.to_string(),
+                    }
+                    .report();
                 }
-                .report();
+                let tid = write_head(estate, head_info, current, head.current, now);
+                held_heads::written(&key, tid);
             }
-            let tid = write_head(estate, head_info, current, head.current, now);
-            held_heads::written(&key, tid);
-        }
-        held_heads::all_written();
-        pg_sys::ExecCloseIndices(head_info);
-        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
-        pg_sys::MemoryContextSwitchTo(caller_context);
-        pg_sys::FreeExecutorState(estate);
+            held_heads::all_written();
+            pg_sys::ExecCloseIndices(head_info);
+            pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        });
     }
+}
+
+/// Writes the held heads and forgets where they are: the statement path is about to move
+/// stream heads itself, and the next direct append finds them afresh.
+pub fn release_held_heads() {
+    write_held_heads();
+    held_heads::forget();
 }
 
 /// The values of one event row, by the parent table's columns.
@@ -418,7 +449,7 @@ impl EventRow {
         unsafe {
             let desc = (*events).rd_att;
             let slot = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
-            clear_to_nulls(slot, desc);
+            // `values` has every column of the descriptor.
             for (i, value) in self.values.iter().enumerate() {
                 set(slot, i, *value);
             }
