@@ -168,31 +168,32 @@ fn store_events(events: Vec<NewEvent>, handlers: &[SyncHandler]) -> Vec<StoredRo
                 .map(|v| (e.aggregate_type.clone(), e.aggregate_id.clone(), v))
         })
         .collect();
-    let stored = if events.len() == 1 && events[0].recorded_at.is_none() {
-        let event = events.into_iter().next().expect("one event");
-        let one = store::OneEvent {
-            aggregate_type: event.aggregate_type,
-            aggregate_id: event.aggregate_id,
-            id: event::new_id(),
-            event_type: event.event_type,
-            event_version: event.event_version,
-            payload: event.payload,
-            metadata: event.metadata,
-            occurred_at: event.occurred_at,
-        };
-        // An existing stream's next event without an SQL statement; anything else (a new
-        // stream, stricter isolation, triggers on the tables) through the statement.
-        vec![direct_append::append(&one).unwrap_or_else(|| {
+    let ids: Vec<pgrx::Uuid> = events.iter().map(|_| event::new_id()).collect();
+    // Events of existing streams without an SQL statement; anything else (a new stream,
+    // imported history, stricter isolation, triggers on the tables) through the statement,
+    // which moves stream heads itself: what this transaction counted in memory is written
+    // first, and found afresh afterwards.
+    let stored = match direct_append::append(&events, &ids) {
+        Some(stored) => stored,
+        None => {
             direct_append::release_held_heads();
-            store::insert_one(one)
-        })]
-    } else {
-        // The statement moves stream heads itself: write what this transaction counted in
-        // memory first, and let it find the heads afresh afterwards.
-        direct_append::release_held_heads();
-        let batch = event::columns(events);
-        let ids = batch.ids.clone();
-        in_input_order(store::insert_batch(batch), &ids)
+            if events.len() == 1 && events[0].recorded_at.is_none() {
+                let event = events.into_iter().next().expect("one event");
+                vec![store::insert_one(store::OneEvent {
+                    aggregate_type: event.aggregate_type,
+                    aggregate_id: event.aggregate_id,
+                    id: ids[0],
+                    event_type: event.event_type,
+                    event_version: event.event_version,
+                    payload: event.payload,
+                    metadata: event.metadata,
+                    occurred_at: event.occurred_at,
+                })]
+            } else {
+                let batch = event::columns(events, &ids);
+                in_input_order(store::insert_batch(batch), &ids)
+            }
+        }
     };
     for (row, expectation) in stored.iter().zip(expectations) {
         if let Some((aggregate_type, aggregate_id, expected)) = expectation {

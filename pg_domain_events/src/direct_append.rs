@@ -1,4 +1,4 @@
-//! Appends one event to an existing stream without running an SQL statement.
+//! Appends events to existing streams without running an SQL statement.
 //!
 //! The SQL path ([`crate::store::INSERT_ONE`]) starts an executor for every event: two
 //! `ModifyTable` nodes, the event table's `CHECK` constraints read back from their catalog
@@ -6,13 +6,15 @@
 //! of what a `raise_event` called once per row costs (docs/benchmarks.md, "Per-row raising").
 //! This path takes the steps logical replication's apply worker and `COPY` take instead:
 //!
-//! 1. route the new row to its month's partition (`ExecFindPartition`);
-//! 2. find the stream head through the `aggregate` primary key, wait for and lock it like an
-//!    `UPDATE` would (`RelationFindReplTupleByIndex`), and update it to the next version
-//!    (`ExecSimpleRelationUpdate`, which keeps its indexes and constraints); a head this
-//!    transaction already holds counts on in memory until its row must be written (see
-//!    [`crate::held_heads`]);
-//! 3. check the row against the partition's constraints (`ExecConstraints`: the same `NOT
+//! 1. route the new rows to their month's partition (`ExecFindPartition`; the events of one
+//!    call are all recorded at the transaction's time, so they share one partition);
+//! 2. find each stream head through the `aggregate` primary key, wait for and lock it like an
+//!    `UPDATE` would (`RelationFindReplTupleByIndex`) — for a batch in the order the batch
+//!    statement locks them, so that concurrent batches cannot deadlock — and move it on by
+//!    the stream's events (`ExecSimpleRelationUpdate`, which keeps its indexes and
+//!    constraints); a head this transaction already holds counts on in memory until its row
+//!    must be written (see [`crate::held_heads`]);
+//! 3. check each row against the partition's constraints (`ExecConstraints`: the same `NOT
 //!    NULL` and `CHECK` constraints, the same errors), insert it and its index entries.
 //!
 //! Column defaults (`position` from its sequence, `txid`) are the table's own default
@@ -25,8 +27,9 @@
 //!
 //! It covers the common case only. Whenever anything is unusual it writes nothing, returns
 //! `None`, and the caller runs the SQL statement, which handles all of it: a new
-//! aggregate (its head is created by `INSERT … ON CONFLICT`'s speculative insertion, which
-//! two transactions may race), `REPEATABLE READ` or `SERIALIZABLE` (where the statement raises
+//! aggregate anywhere in the call (its head is created by `INSERT … ON CONFLICT`'s
+//! speculative insertion, which two transactions may race), imported events (their own
+//! `recorded_at`), `REPEATABLE READ` or `SERIALIZABLE` (where the statement raises
 //! the serialization failures those levels promise), row-level security or triggers someone
 //! added to the tables, a partition whose columns are laid out differently from the parent's,
 //! missing privileges.
@@ -40,11 +43,18 @@ use pgrx::prelude::*;
 use crate::held_heads;
 use crate::partition::relation_oid;
 use crate::pg_major;
-use crate::store::{OneEvent, Stored};
+use std::collections::BTreeMap;
 
-/// Appends `event` as the next version of its existing stream; `None`, with nothing written,
-/// when this path does not apply (see the module documentation).
-pub fn append(event: &OneEvent) -> Option<Stored> {
+use crate::event::NewEvent;
+use crate::store::Stored;
+
+/// Appends `events` (with their new `ids`), in order, as the next versions of their existing
+/// streams; `None`, with nothing written, when this path does not apply (see the module
+/// documentation).
+pub fn append(events: &[NewEvent], ids: &[pgrx::Uuid]) -> Option<Vec<Stored>> {
+    if events.is_empty() || events.iter().any(|e| e.recorded_at.is_some()) {
+        return None;
+    }
     // SAFETY: called inside a transaction from a SQL function or trigger, as the SQL path is;
     // every pointer below comes from the server and lives in the executor state freed last.
     unsafe {
@@ -58,13 +68,133 @@ pub fn append(event: &OneEvent) -> Option<Stored> {
         // (the head this call updates again) become visible and updatable.
         pg_sys::CommandCounterIncrement();
 
-        in_executor_state(|estate| {
-            (*estate).es_snapshot = pg_sys::GetActiveSnapshot();
-            let mut append = Append::open(estate, event_oid, aggregate_oid);
-            let result = append.run(event);
-            append.close();
-            result
-        })
+        // A raise from inside an append (a default or constraint someone made call SQL that
+        // raises) goes through the statement.
+        let append = kept_append(event_oid, aggregate_oid)?;
+        // Its relations are held by the transaction's resource owner (see `Kept`); whatever
+        // this call opens or pins goes there too, and is released there.
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
+        (*append).in_use = true;
+        let caller_context = (*append).begin_call();
+        let result = (*append).run(events, ids);
+        (*append).end_call(caller_context);
+        (*append).in_use = false;
+        pg_sys::CurrentResourceOwner = owner;
+        if (*append).close_requested {
+            close_kept();
+        }
+        result
+    }
+}
+
+/// The appends of one statement share an executor state and their open relations, as the
+/// rows of one `INSERT` do: a per-row `raise_event` opens the tables, their indexes and the
+/// partition once per statement, not per row. The state lives in the transaction's memory
+/// and its relations are held by the transaction's resource owner, so a subtransaction
+/// ending in between (a PL/pgSQL exception block) leaves them alone. It is closed at the end
+/// of every query and utility statement (executor and utility hooks, see `held_heads`),
+/// before commit or prepare, on a subtransaction's abort (its call may have stopped half
+/// way), and whenever a relation or function changed (the invalidation generation); a
+/// transaction's abort frees it with the transaction.
+#[derive(Clone, Copy)]
+struct Kept {
+    append: *mut Append,
+    generation: u64,
+    event_oid: pg_sys::Oid,
+    aggregate_oid: pg_sys::Oid,
+}
+
+thread_local! {
+    static KEPT: std::cell::Cell<Option<Kept>> = const { std::cell::Cell::new(None) };
+}
+
+/// This statement's append state for the tables, opened now if there is none (or it is
+/// stale); `None` while a call is using it.
+unsafe fn kept_append(event_oid: pg_sys::Oid, aggregate_oid: pg_sys::Oid) -> Option<*mut Append> {
+    unsafe {
+        let generation = generation();
+        if let Some(kept) = KEPT.with(std::cell::Cell::get) {
+            if (*kept.append).in_use {
+                return None;
+            }
+        }
+        if let Some(kept) = KEPT.with(std::cell::Cell::take) {
+            if kept.generation == generation
+                && kept.event_oid == event_oid
+                && kept.aggregate_oid == aggregate_oid
+            {
+                KEPT.with(|k| k.set(Some(kept)));
+                return Some(kept.append);
+            }
+            KEPT.with(|k| k.set(Some(kept)));
+            close_kept();
+        }
+        // The hooks that close it at the end of the query.
+        held_heads::install_hooks();
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
+        let caller_context = pg_sys::MemoryContextSwitchTo(pg_sys::TopTransactionContext);
+        let estate = pg_sys::CreateExecutorState();
+        pg_sys::MemoryContextSwitchTo((*estate).es_query_cxt);
+        let append = Box::into_raw(Box::new(Append::open(estate, event_oid, aggregate_oid)));
+        pg_sys::MemoryContextSwitchTo(caller_context);
+        pg_sys::CurrentResourceOwner = owner;
+        KEPT.with(|k| {
+            k.set(Some(Kept {
+                append,
+                generation,
+                event_oid,
+                aggregate_oid,
+            }))
+        });
+        Some(append)
+    }
+}
+
+/// Closes this statement's append state (see [`Kept`]); one in use is closed when its call
+/// ends.
+pub fn close_kept() {
+    let Some(kept) = KEPT.with(std::cell::Cell::take) else {
+        return;
+    };
+    // SAFETY: the state is ours and not in use; its relations are held by the transaction's
+    // resource owner, which must be current to let them go.
+    unsafe {
+        if (*kept.append).in_use {
+            (*kept.append).close_requested = true;
+            KEPT.with(|k| k.set(Some(kept)));
+            return;
+        }
+        let owner = pg_sys::CurrentResourceOwner;
+        pg_sys::CurrentResourceOwner = pg_sys::TopTransactionResourceOwner;
+        let mut append = Box::from_raw(kept.append);
+        let estate = append.estate;
+        pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
+        append.close();
+        pg_sys::FreeExecutorState(estate);
+        pg_sys::CurrentResourceOwner = owner;
+    }
+}
+
+/// A subtransaction is aborting: the state is closed even if a call was using it (that call
+/// ended with the error).
+pub fn close_kept_after_error() {
+    KEPT.with(|k| {
+        if let Some(kept) = k.get() {
+            // SAFETY: the state is ours; nothing runs it any more.
+            unsafe { (*kept.append).in_use = false };
+        }
+    });
+    close_kept();
+}
+
+/// The transaction is aborting: its memory and resource owner free the state.
+pub fn forget_kept() {
+    if let Some(kept) = KEPT.with(std::cell::Cell::take) {
+        // SAFETY: only the Rust allocation is freed; the server's memory goes with the
+        // transaction.
+        drop(unsafe { Box::from_raw(kept.append) });
     }
 }
 
@@ -102,6 +232,21 @@ struct Append {
     routing: *mut pg_sys::PartitionTupleRouting,
     heads: pg_sys::Relation,
     head_info: *mut pg_sys::ResultRelInfo,
+    /// The `aggregate` primary key.
+    head_key_index: pg_sys::Oid,
+    /// The head lookup's key slot.
+    search: *mut pg_sys::TupleTableSlot,
+    /// The event row's slot.
+    row: *mut pg_sys::TupleTableSlot,
+    /// Slots holding the heads a call locked (`heads_used` of them this call), and the one
+    /// their next versions are built in.
+    head_slots: Vec<*mut pg_sys::TupleTableSlot>,
+    heads_used: usize,
+    next_head: *mut pg_sys::TupleTableSlot,
+    /// Memory of one call, reset at the start of the next.
+    call_context: pg_sys::MemoryContext,
+    in_use: bool,
+    close_requested: bool,
 }
 
 impl Append {
@@ -131,6 +276,7 @@ impl Append {
 
             let heads = pg_sys::table_open(aggregate_oid, lock);
             let head_info = result_relation(heads);
+            pg_sys::list_free(pg_sys::RelationGetIndexList(heads));
             Append {
                 estate,
                 events,
@@ -139,7 +285,62 @@ impl Append {
                 routing,
                 heads,
                 head_info,
+                head_key_index: (*heads).rd_pkindex,
+                search: pg_sys::ExecInitExtraTupleSlot(
+                    estate,
+                    (*heads).rd_att,
+                    &pg_sys::TTSOpsVirtual,
+                ),
+                row: pg_sys::ExecInitExtraTupleSlot(
+                    estate,
+                    (*events).rd_att,
+                    &pg_sys::TTSOpsVirtual,
+                ),
+                head_slots: Vec::new(),
+                heads_used: 0,
+                next_head: pg_sys::ExecInitExtraTupleSlot(
+                    estate,
+                    (*heads).rd_att,
+                    &pg_sys::TTSOpsVirtual,
+                ),
+                call_context: pg_sys::AllocSetContextCreateInternal(
+                    (*estate).es_query_cxt,
+                    c"domain_events append call".as_ptr(),
+                    0,
+                    8 * 1024,
+                    8 * 1024 * 1024,
+                ),
+                in_use: false,
+                close_requested: false,
             }
+        }
+    }
+
+    /// Starts a call: this command's snapshot and id, the previous call's memory freed; the
+    /// caller's memory context, to give back to [`Append::end_call`].
+    unsafe fn begin_call(&mut self) -> pg_sys::MemoryContext {
+        unsafe {
+            (*self.estate).es_snapshot = pg_sys::GetActiveSnapshot();
+            (*self.estate).es_output_cid = pg_sys::GetCurrentCommandId(true);
+            if let Some(econtext) = (*self.estate).es_per_tuple_exprcontext.as_mut() {
+                pg_sys::MemoryContextReset(econtext.ecxt_per_tuple_memory);
+            }
+            pg_sys::MemoryContextReset(self.call_context);
+            self.heads_used = 0;
+            pg_sys::MemoryContextSwitchTo(self.call_context)
+        }
+    }
+
+    /// Ends a call: the heads' buffers unpinned, the rows let go.
+    unsafe fn end_call(&mut self, caller_context: pg_sys::MemoryContext) {
+        unsafe {
+            for &slot in &self.head_slots[..self.heads_used] {
+                pg_sys::ExecClearTuple(slot);
+            }
+            pg_sys::ExecClearTuple(self.row);
+            pg_sys::ExecClearTuple(self.next_head);
+            pg_sys::ExecClearTuple(self.search);
+            pg_sys::MemoryContextSwitchTo(caller_context);
         }
     }
 
@@ -152,7 +353,7 @@ impl Append {
         }
     }
 
-    unsafe fn run(&mut self, event: &OneEvent) -> Option<Stored> {
+    unsafe fn run(&mut self, events: &[NewEvent], ids: &[pgrx::Uuid]) -> Option<Vec<Stored>> {
         unsafe {
             if inserts_fire_triggers((*self.events).trigdesc)
                 || (*(*self.events).rd_rel).relrowsecurity
@@ -162,9 +363,10 @@ impl Append {
                 return None;
             }
             let now = pg_sys::GetCurrentTransactionStartTimestamp();
-            let id = event.id;
-            let row = EventRow::of(self.events, event, now);
-            let slot = row.slot(self.estate, self.events);
+            let slot = self.row;
+            let first = EventRow::of(self.events, &events[0], ids[0], now);
+            first.store_in(slot);
+            // Every row is recorded at `now`: the first one's partition is all of theirs.
             let leaf =
                 partition_routing::find(self.modify, self.root, self.routing, slot, self.estate);
             let leaf_rel = (*leaf).ri_RelationDesc;
@@ -175,92 +377,156 @@ impl Append {
             {
                 return None;
             }
-            let version = self.next_version(&event.aggregate_type, &event.aggregate_id, now)?;
-            // Defaults only now: `position` draws from its sequence, which a row handed back
+            let versions = self.next_versions(events, now)?;
+            // Defaults only now: `position` draws from its sequence, which rows handed back
             // to the SQL path must not consume.
             let prepared = Prepared::for_append(self.events, leaf);
-            row.fill_defaults(slot, self.estate, &prepared.defaults);
-            set(slot, row.version_column, version.into_datum());
-            if !(*(*leaf_rel).rd_att).constr.is_null() {
-                check_constraints(leaf, slot, self.estate, prepared.checks);
+            let mut checks = prepared.checks;
+            let mut stored = Vec::with_capacity(events.len());
+            let mut row = first;
+            for (n, version) in versions.into_iter().enumerate() {
+                if n > 0 {
+                    if let Some(econtext) = (*self.estate).es_per_tuple_exprcontext.as_mut() {
+                        pg_sys::MemoryContextReset(econtext.ecxt_per_tuple_memory);
+                    }
+                    row = EventRow::of(self.events, &events[n], ids[n], now);
+                    row.store_in(slot);
+                }
+                row.fill_defaults(slot, self.estate, &prepared.defaults);
+                set(slot, row.version_column, version.into_datum());
+                if !(*(*leaf_rel).rd_att).constr.is_null() {
+                    checks = check_constraints(leaf, slot, self.estate, checks);
+                }
+                pg_sys::simple_table_tuple_insert(leaf_rel, slot);
+                if (*leaf).ri_NumIndices > 0 {
+                    let recheck = pg_major::insert_index_entries(leaf, slot, self.estate);
+                    pg_sys::list_free(recheck);
+                }
+                let position =
+                    i64::from_datum(*(*slot).tts_values.add(row.position_column), false)
+                        .expect("position is set");
+                stored.push(Stored {
+                    id: ids[n],
+                    position,
+                    aggregate_version: version,
+                    recorded_at: TimestampWithTimeZone::from_datum(pg_sys::Datum::from(now), false)
+                        .expect("a timestamp"),
+                });
             }
-            pg_sys::simple_table_tuple_insert(leaf_rel, slot);
-            if (*leaf).ri_NumIndices > 0 {
-                let recheck = pg_major::insert_index_entries(leaf, slot, self.estate);
-                pg_sys::list_free(recheck);
-            }
-            let position = i64::from_datum(*(*slot).tts_values.add(row.position_column), false)
-                .expect("position is set");
-            Some(Stored {
-                id,
-                position,
-                aggregate_version: version,
-                recorded_at: TimestampWithTimeZone::from_datum(pg_sys::Datum::from(now), false)
-                    .expect("a timestamp"),
-            })
+            Some(stored)
         }
     }
 
-    /// Locks the stream head of `(aggregate_type, aggregate_id)` and moves it one version on;
-    /// the new version, or `None` (nothing changed) when the aggregate has no head yet.
-    unsafe fn next_version(
+    /// Locks the stream head of every aggregate `events` raise for and moves it on by that
+    /// stream's events; each event's version, or `None` (nothing changed) when one aggregate
+    /// has no head yet.
+    unsafe fn next_versions(&mut self, events: &[NewEvent], now: pg_sys::TimestampTz) -> Option<Vec<i64>> {
+        unsafe {
+            // Streams in the order the batch statement upserts their heads (`event::columns`).
+            let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+            for event in events {
+                *counts
+                    .entry((event.aggregate_type.as_str(), event.aggregate_id.as_str()))
+                    .or_default() += 1;
+            }
+            // First every head is found and locked: an aggregate without one sends the whole
+            // call to the statement before anything was written.
+            let mut found = Vec::with_capacity(counts.len());
+            for (&(aggregate_type, aggregate_id), &count) in &counts {
+                let key = held_heads::key(aggregate_type, aggregate_id);
+                let locked = if held_heads::holds(&key) {
+                    None
+                } else {
+                    Some(self.lock_head(aggregate_type, aggregate_id)?)
+                };
+                found.push((key, count, locked));
+            }
+            // Then each moves on by its stream's events; `counts` becomes the version before
+            // each stream's first event.
+            for ((key, count, locked), before) in found.into_iter().zip(counts.values_mut()) {
+                let head = match locked {
+                    // A stream this transaction already holds counts on in memory; its row is
+                    // written before anything can read it (see `held_heads`).
+                    None => held_heads::advance(&key, count).expect("held: checked above"),
+                    Some((current, old)) => {
+                        let head = old
+                            .checked_add(count)
+                            .expect("a stream has fewer than 2^63 events");
+                        let tid = write_head(
+                            self.estate,
+                            self.head_info,
+                            current,
+                            self.next_head,
+                            head,
+                            now,
+                        );
+                        held_heads::record(key, tid, head);
+                        head
+                    }
+                };
+                *before = head - count;
+            }
+            Some(
+                events
+                    .iter()
+                    .map(|e| {
+                        let version = counts
+                            .get_mut(&(e.aggregate_type.as_str(), e.aggregate_id.as_str()))
+                            .expect("counted above");
+                        *version += 1;
+                        *version
+                    })
+                    .collect(),
+            )
+        }
+    }
+
+    /// Finds the head of `(aggregate_type, aggregate_id)`, waits for a transaction holding it
+    /// and locks the version it left, as `UPDATE` and `ON CONFLICT DO UPDATE` do in READ
+    /// COMMITTED: a slot holding it (its columns read) and its version, or `None` when the
+    /// aggregate has no head.
+    unsafe fn lock_head(
         &mut self,
         aggregate_type: &str,
         aggregate_id: &str,
-        now: pg_sys::TimestampTz,
-    ) -> Option<i64> {
+    ) -> Option<(*mut pg_sys::TupleTableSlot, i64)> {
         unsafe {
-            let key = held_heads::key(aggregate_type, aggregate_id);
-            // A stream this transaction already holds counts on in memory; its row is written
-            // before anything can read it (see `held_heads`).
-            if let Some(version) = held_heads::advance(&key) {
-                return Some(version);
-            }
             let rel = self.heads;
             let desc = (*rel).rd_att;
-            pg_sys::list_free(pg_sys::RelationGetIndexList(rel));
-            let key_index = (*rel).rd_pkindex;
-            if key_index == pg_sys::InvalidOid {
+            if self.head_key_index == pg_sys::InvalidOid {
                 return None;
             }
-            let version_column = column(desc, c"version");
-
-            let search = pg_sys::ExecInitExtraTupleSlot(self.estate, desc, &pg_sys::TTSOpsVirtual);
+            let search = self.search;
+            pg_sys::ExecClearTuple(search);
             clear_to_nulls(search, desc);
-            set(
-                search,
-                column(desc, c"aggregate_type"),
-                aggregate_type.into_datum(),
-            );
-            set(
-                search,
-                column(desc, c"aggregate_id"),
-                aggregate_id.into_datum(),
-            );
+            set(search, column(desc, c"aggregate_type"), aggregate_type.into_datum());
+            set(search, column(desc, c"aggregate_id"), aggregate_id.into_datum());
             pg_sys::ExecStoreVirtualTuple(search);
 
-            let current = pg_sys::table_slot_create(rel, &raw mut (*self.estate).es_tupleTable);
-            // Waits for a transaction holding the head, then locks the version it left, as
-            // `UPDATE` and `ON CONFLICT DO UPDATE` do in READ COMMITTED.
+            if self.heads_used == self.head_slots.len() {
+                // In the executor state's memory, not the call's: kept for later calls.
+                let context = pg_sys::MemoryContextSwitchTo((*self.estate).es_query_cxt);
+                self.head_slots.push(pg_sys::table_slot_create(
+                    rel,
+                    &raw mut (*self.estate).es_tupleTable,
+                ));
+                pg_sys::MemoryContextSwitchTo(context);
+            }
+            let current = self.head_slots[self.heads_used];
+            self.heads_used += 1;
             if !pg_sys::RelationFindReplTupleByIndex(
                 rel,
-                key_index,
+                self.head_key_index,
                 pg_sys::LockTupleMode::LockTupleNoKeyExclusive,
                 search,
                 current,
             ) {
                 return None;
             }
-            let natts = (*desc).natts;
-            pg_sys::slot_getsomeattrs_int(current, natts);
-            let old = i64::from_datum(*(*current).tts_values.add(version_column), false)
+            pg_sys::slot_getsomeattrs_int(current, (*desc).natts);
+            let version = i64::from_datum(*(*current).tts_values.add(column(desc, c"version")), false)
                 .expect("version is not null");
-            let version = old
-                .checked_add(1)
-                .expect("a stream has fewer than 2^63 events");
-            let tid = write_head(self.estate, self.head_info, current, version, now);
-            held_heads::record(key, tid, version);
-            Some(version)
+            Some((current, version))
         }
     }
 }
@@ -300,18 +566,20 @@ unsafe fn own_head_version(
 }
 
 /// Writes `version` into the head row held in `current` (its columns read), with this
-/// transaction's time; where the new row version is.
+/// transaction's time, building the new row in `next` (a virtual slot of the table); where
+/// the new row version is.
 unsafe fn write_head(
     estate: *mut pg_sys::EState,
     head_info: *mut pg_sys::ResultRelInfo,
     current: *mut pg_sys::TupleTableSlot,
+    next: *mut pg_sys::TupleTableSlot,
     version: i64,
     now: pg_sys::TimestampTz,
 ) -> pg_sys::ItemPointerData {
     unsafe {
         let desc = (*(*head_info).ri_RelationDesc).rd_att;
         let natts = (*desc).natts as usize;
-        let next = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
+        pg_sys::ExecClearTuple(next);
         for i in 0..natts {
             *(*next).tts_values.add(i) = *(*current).tts_values.add(i);
             *(*next).tts_isnull.add(i) = *(*current).tts_isnull.add(i);
@@ -361,6 +629,7 @@ pub fn write_held_heads() {
                 column(desc, c"aggregate_id"),
             ];
             let now = pg_sys::GetCurrentTransactionStartTimestamp();
+            let next = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
             for (key, head) in heads {
                 let current = pg_sys::table_slot_create(rel, &raw mut (*estate).es_tupleTable);
                 let mut tid = head.tid;
@@ -380,7 +649,7 @@ pub fn write_held_heads() {
                     }
                     .report();
                 }
-                let tid = write_head(estate, head_info, current, head.current, now);
+                let tid = write_head(estate, head_info, current, next, head.current, now);
                 held_heads::written(&key, tid);
             }
             held_heads::all_written();
@@ -405,7 +674,12 @@ struct EventRow {
 }
 
 impl EventRow {
-    unsafe fn of(events: pg_sys::Relation, event: &OneEvent, now: pg_sys::TimestampTz) -> EventRow {
+    unsafe fn of(
+        events: pg_sys::Relation,
+        event: &NewEvent,
+        id: pgrx::Uuid,
+        now: pg_sys::TimestampTz,
+    ) -> EventRow {
         unsafe {
             let desc = (*events).rd_att;
             let mut values = vec![None; (*desc).natts as usize];
@@ -413,7 +687,7 @@ impl EventRow {
             let mut put = |name: &CStr, value: Option<pg_sys::Datum>| {
                 values[column(desc, name)] = value;
             };
-            put(c"id", event.id.into_datum());
+            put(c"id", id.into_datum());
             put(
                 c"aggregate_type",
                 event.aggregate_type.as_str().into_datum(),
@@ -439,22 +713,16 @@ impl EventRow {
         }
     }
 
-    /// A slot of the parent table holding the row as far as it is known before the head is
-    /// locked (enough to route it); see [`EventRow::fill_defaults`].
-    unsafe fn slot(
-        &self,
-        estate: *mut pg_sys::EState,
-        events: pg_sys::Relation,
-    ) -> *mut pg_sys::TupleTableSlot {
+    /// Stores the row, as far as it is known before the heads are locked (enough to route
+    /// it), in `slot`, a slot of the parent table; see [`EventRow::fill_defaults`].
+    unsafe fn store_in(&self, slot: *mut pg_sys::TupleTableSlot) {
         unsafe {
-            let desc = (*events).rd_att;
-            let slot = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsVirtual);
+            pg_sys::ExecClearTuple(slot);
             // `values` has every column of the descriptor.
             for (i, value) in self.values.iter().enumerate() {
                 set(slot, i, *value);
             }
             pg_sys::ExecStoreVirtualTuple(slot);
-            slot
         }
     }
 
@@ -501,11 +769,12 @@ struct Prepared {
     defaults: Vec<(usize, *mut pg_sys::ExprState)>,
 }
 
-/// The tables and whether the current user may use them, per transaction (privileges may
-/// change between transactions without any invalidation of the tables).
+/// The tables, and that the current user may use them. Kept until a relation changes (its
+/// privileges are in `pg_class`: relcache invalidation) or a role does (membership and
+/// superuser status: `pg_authid` and `pg_auth_members` invalidations), as Postgres keeps its
+/// own role membership cache.
 #[derive(Clone, Copy)]
 struct Tables {
-    transaction: u64,
     generation: u64,
     user: pg_sys::Oid,
     event_table: pg_sys::Oid,
@@ -515,7 +784,8 @@ struct Tables {
 thread_local! {
     static PREPARED: std::cell::RefCell<Option<Prepared>> = const { std::cell::RefCell::new(None) };
     static TABLES: std::cell::Cell<Option<Tables>> = const { std::cell::Cell::new(None) };
-    /// Bumped by every relcache and `pg_proc` invalidation this backend processes.
+    /// Bumped by every relcache, `pg_proc`, `pg_authid` and `pg_auth_members` invalidation
+    /// this backend processes.
     static GENERATION: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     static WATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -526,13 +796,8 @@ unsafe extern "C-unwind" fn relation_changed(_arg: pg_sys::Datum, _relid: pg_sys
 }
 
 #[pg_guard]
-unsafe extern "C-unwind" fn function_changed(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
+unsafe extern "C-unwind" fn catalog_changed(_arg: pg_sys::Datum, _cache: i32, _hash: u32) {
     GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
-}
-
-fn current_transaction() -> u64 {
-    // SAFETY: plain accessor; 0 until the transaction has written.
-    unsafe { pg_sys::GetTopFullTransactionIdIfAny().value }
 }
 
 /// The current invalidation generation (the callbacks are registered on first use).
@@ -541,11 +806,17 @@ fn generation() -> u64 {
         // SAFETY: registers callbacks that only bump a counter; once per backend.
         unsafe {
             pg_sys::CacheRegisterRelcacheCallback(Some(relation_changed), pg_sys::Datum::from(0));
-            pg_sys::CacheRegisterSyscacheCallback(
-                pg_sys::SysCacheIdentifier::PROCOID as i32,
-                Some(function_changed),
-                pg_sys::Datum::from(0),
-            );
+            for cache in [
+                pg_sys::SysCacheIdentifier::PROCOID,
+                pg_sys::SysCacheIdentifier::AUTHOID,
+                pg_sys::SysCacheIdentifier::AUTHMEMROLEMEM,
+            ] {
+                pg_sys::CacheRegisterSyscacheCallback(
+                    cache as i32,
+                    Some(catalog_changed),
+                    pg_sys::Datum::from(0),
+                );
+            }
         }
         WATCHING.with(|w| w.set(true));
         GENERATION.with(|g| g.set(g.get().wrapping_add(1)));
@@ -557,15 +828,9 @@ fn generation() -> u64 {
 unsafe fn tables() -> Option<(pg_sys::Oid, pg_sys::Oid)> {
     unsafe {
         let user = pg_sys::GetUserId();
-        let transaction = current_transaction();
         let generation = generation();
-        // Without a transaction id yet, an entry cannot be told from an earlier transaction's.
         if let Some(t) = TABLES.with(std::cell::Cell::get) {
-            if transaction != 0
-                && t.transaction == transaction
-                && t.generation == generation
-                && t.user == user
-            {
+            if t.generation == generation && t.user == user {
                 return Some((t.event_table, t.aggregate_table));
             }
         }
@@ -587,7 +852,6 @@ unsafe fn tables() -> Option<(pg_sys::Oid, pg_sys::Oid)> {
         }
         TABLES.with(|t| {
             t.set(Some(Tables {
-                transaction,
                 generation,
                 user,
                 event_table,
@@ -598,11 +862,14 @@ unsafe fn tables() -> Option<(pg_sys::Oid, pg_sys::Oid)> {
     }
 }
 
+/// A partition's prepared constraint states, or the context to build them in.
+type Checks = Result<*mut *mut pg_sys::ExprState, pg_sys::MemoryContext>;
+
 /// The prepared expressions one append uses (copies of the pointers).
 struct Expressions {
     defaults: Vec<(usize, *mut pg_sys::ExprState)>,
     /// The partition's constraint states, with the context to build them in when `None`.
-    checks: Result<*mut *mut pg_sys::ExprState, pg_sys::MemoryContext>,
+    checks: Checks,
 }
 
 impl Prepared {
@@ -688,12 +955,13 @@ unsafe fn prepare_defaults(
 /// `ExecConstraints` with the partition's `CHECK` expression states prepared once: the first
 /// call lets Postgres build them (its own rules: which constraints are enforced, generated
 /// columns expanded) into the prepared entry's memory, later calls hand them back to it.
+/// Returns what the next row of the same append passes.
 unsafe fn check_constraints(
     leaf: *mut pg_sys::ResultRelInfo,
     slot: *mut pg_sys::TupleTableSlot,
     estate: *mut pg_sys::EState,
-    prepared: Result<*mut *mut pg_sys::ExprState, pg_sys::MemoryContext>,
-) {
+    prepared: Checks,
+) -> Checks {
     unsafe {
         let field = pg_major::check_constraint_states(leaf);
         match prepared {
@@ -718,6 +986,11 @@ unsafe fn check_constraints(
                     }
                 });
             }
+        }
+        if (*field).is_null() {
+            prepared
+        } else {
+            Ok(*field)
         }
     }
 }

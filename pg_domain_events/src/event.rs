@@ -443,8 +443,9 @@ pub fn new_id() -> pgrx::Uuid {
     pgrx::Uuid::from_bytes(*uuid::Uuid::now_v7().as_bytes())
 }
 
-/// Builds the statement's columns: versions per aggregate are assigned in batch order.
-pub fn columns(events: Vec<NewEvent>) -> BatchColumns {
+/// Builds the statement's columns for `events` with their new `ids`: versions per aggregate
+/// are assigned in batch order.
+pub fn columns(events: Vec<NewEvent>, ids: &[pgrx::Uuid]) -> BatchColumns {
     let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
     let mut batch = BatchColumns::default();
     for event in &events {
@@ -459,11 +460,11 @@ pub fn columns(events: Vec<NewEvent>) -> BatchColumns {
         batch.head_ids.push(aggregate_id.clone());
         batch.head_counts.push(*count);
     }
+    batch.ids = ids.to_vec();
     for event in events {
         batch
             .counts
             .push(counts[&(event.aggregate_type.clone(), event.aggregate_id.clone())]);
-        batch.ids.push(new_id());
         batch.aggregate_types.push(event.aggregate_type);
         batch.aggregate_ids.push(event.aggregate_id);
         batch.event_types.push(event.event_type);

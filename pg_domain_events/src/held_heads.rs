@@ -99,9 +99,21 @@ impl Stream {
     }
 }
 
-/// The next version of a held stream, counted in memory; `None` when the stream is not held
-/// with a known head.
-pub fn advance(key: &str) -> Option<i64> {
+/// Whether this transaction holds the stream of `key` with a known head ([`advance`] counts
+/// on from it).
+pub fn holds(key: &str) -> bool {
+    let transaction = current_transaction();
+    HELD.with(|held| {
+        let held = held.borrow();
+        transaction != 0
+            && held.transaction == transaction
+            && held.streams.get(key).is_some_and(|s| s.head.is_some())
+    })
+}
+
+/// Moves a held stream `by` events on, counted in memory; its new head, or `None` when the
+/// stream is not held with a known head.
+pub fn advance(key: &str, by: i64) -> Option<i64> {
     let transaction = current_transaction();
     HELD.with(|held| {
         let mut held = held.borrow_mut();
@@ -112,7 +124,7 @@ pub fn advance(key: &str) -> Option<i64> {
         stream.head?;
         stream.take_over(current_subtransaction());
         let head = stream.head.as_mut().expect("checked above");
-        head.current = head.current.checked_add(1).expect("fewer than 2^63 events");
+        head.current = head.current.checked_add(by).expect("fewer than 2^63 events");
         let version = head.current;
         held.pending = true;
         Some(version)
@@ -123,7 +135,7 @@ pub fn advance(key: &str) -> Option<i64> {
 pub fn record(key: String, tid: pg_sys::ItemPointerData, version: i64) {
     let transaction = current_transaction();
     let subtransaction = current_subtransaction();
-    register();
+    install_hooks();
     HELD.with(|held| {
         let mut held = held.borrow_mut();
         if held.transaction != transaction {
@@ -223,6 +235,9 @@ unsafe extern "C-unwind" fn subtransaction_event(
     parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        crate::direct_append::close_kept_after_error();
+    }
     HELD.with(|held| {
         let mut held = held.borrow_mut();
         match event {
@@ -271,18 +286,28 @@ unsafe extern "C-unwind" fn transaction_event(
 ) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_PRE_COMMIT | pg_sys::XactEvent::XACT_EVENT_PRE_PREPARE => {
+            crate::direct_append::close_kept();
             crate::direct_append::write_held_heads();
         }
-        pg_sys::XactEvent::XACT_EVENT_COMMIT
-        | pg_sys::XactEvent::XACT_EVENT_ABORT
-        | pg_sys::XactEvent::XACT_EVENT_PREPARE => HELD.with(|held| {
-            let mut held = held.borrow_mut();
-            held.streams.clear();
-            held.pending = false;
-            held.transaction = 0;
-        }),
+        pg_sys::XactEvent::XACT_EVENT_ABORT => {
+            crate::direct_append::forget_kept();
+            forget_all();
+        }
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
+            forget_all();
+        }
         _ => {}
     }
+}
+
+/// The transaction ended: nothing is held any more.
+fn forget_all() {
+    HELD.with(|held| {
+            let mut held = held.borrow_mut();
+        held.streams.clear();
+        held.pending = false;
+        held.transaction = 0;
+    });
 }
 
 static mut PREVIOUS_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
@@ -294,7 +319,7 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, flags:
     if pending() {
         crate::direct_append::write_held_heads();
     }
-    // SAFETY: the hook chain as installed by `register`.
+    // SAFETY: the hook chain as installed by `install_hooks`.
     unsafe {
         match PREVIOUS_EXECUTOR_START {
             Some(previous) => previous(query, flags),
@@ -305,13 +330,14 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, flags:
 
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
-    // SAFETY: the hook chain as installed by `register`.
+    // SAFETY: the hook chain as installed by `install_hooks`.
     unsafe {
         match PREVIOUS_EXECUTOR_END {
             Some(previous) => previous(query),
             None => pg_sys::standard_ExecutorEnd(query),
         }
     }
+    crate::direct_append::close_kept();
     if pending() {
         crate::direct_append::write_held_heads();
     }
@@ -329,10 +355,11 @@ unsafe extern "C-unwind" fn process_utility(
     destination: *mut pg_sys::DestReceiver,
     completion: *mut pg_sys::QueryCompletion,
 ) {
+    crate::direct_append::close_kept();
     if pending() {
         crate::direct_append::write_held_heads();
     }
-    // SAFETY: the hook chain as installed by `register`.
+    // SAFETY: the hook chain as installed by `install_hooks`.
     unsafe {
         let next = PREVIOUS_PROCESS_UTILITY.unwrap_or(standard_process_utility);
         next(
@@ -348,6 +375,7 @@ unsafe extern "C-unwind" fn process_utility(
     }
     // A utility statement may have raised events without any query (COPY into a tracked
     // table): written before the next statement takes its snapshot.
+    crate::direct_append::close_kept();
     if pending() {
         crate::direct_append::write_held_heads();
     }
@@ -369,8 +397,9 @@ unsafe extern "C-unwind" {
     );
 }
 
-/// Installs the callbacks and hooks, once per backend (on the first head held).
-fn register() {
+/// Installs the callbacks and hooks, once per backend (on the first head held, or the first
+/// append state kept for a statement).
+pub fn install_hooks() {
     if REGISTERED.with(Cell::get) {
         return;
     }

@@ -97,6 +97,67 @@ mod tests {
         );
     }
 
+    /// A batch over existing streams, items interleaved: each stream numbered in item order,
+    /// positions in item order, heads moved by their stream's events (read by the next
+    /// statement and continued by the next raise); a batch naming one new stream goes whole
+    /// through the batch statement and continues the streams this one moved.
+    #[pg_test]
+    fn a_batch_over_existing_streams_numbers_each_in_item_order() {
+        for id in ["x", "y"] {
+            Spi::run(&format!(
+                "SELECT * FROM domain_events.raise_event('Loan', '{id}', 'Loan.Created')"
+            ))
+            .unwrap();
+        }
+        Spi::run("SELECT * FROM domain_events.raise_event('Loan', 'x', 'Loan.Noted')").unwrap();
+        let batch = |ids: &[&str]| {
+            let items: Vec<String> = ids
+                .iter()
+                .enumerate()
+                .map(|(n, id)| {
+                    format!(r#"{{"aggregate_type": "Loan", "aggregate_id": "{id}", "event_type": "Loan.Batched", "payload": {{"n": {n}}}}}"#)
+                })
+                .collect();
+            one::<String>(&format!(
+                "SELECT string_agg(aggregate_version::text, ',' ORDER BY ord) \
+                   FROM domain_events.raise_events('[{}]') WITH ORDINALITY AS r(id, position, aggregate_version, recorded_at, ord)",
+                items.join(",")
+            ))
+        };
+        assert_eq!(batch(&["y", "x", "y", "x", "x"]), "2,3,3,4,5");
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(aggregate_id || version, ',' ORDER BY aggregate_id) FROM domain_events.aggregate"
+            ),
+            "x5,y3"
+        );
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(aggregate_id || aggregate_version || ':' || (payload->>'n'), ',' ORDER BY position) \
+                   FROM domain_events.event WHERE event_type = 'Loan.Batched'"
+            ),
+            "y2:0,x3:1,y3:2,x4:3,x5:4"
+        );
+        assert!(one::<bool>(
+            "SELECT bool_and(txid = pg_current_xact_id() AND recorded_at = now() AND position IS NOT NULL) \
+               FROM domain_events.event"
+        ));
+        assert_eq!(
+            one::<i64>("SELECT aggregate_version FROM domain_events.raise_event('Loan', 'x', 'Loan.Noted')"),
+            6
+        );
+        assert_eq!(batch(&["x", "new", "y", "x"]), "7,1,4,8");
+        assert_eq!(batch(&["new", "y"]), "2,5");
+        assert_eq!(
+            one::<String>(
+                "SELECT string_agg(aggregate_id || ':' || versions, ',' ORDER BY aggregate_id) FROM ( \
+                   SELECT aggregate_id, string_agg(aggregate_version::text, ' ' ORDER BY position) AS versions \
+                     FROM domain_events.event GROUP BY aggregate_id) s"
+            ),
+            "new:1 2,x:1 2 3 4 5 6 7 8,y:1 2 3 4 5"
+        );
+    }
+
     /// Savepoints inside the raising statement (PL/pgSQL exception blocks called per row,
     /// next to raises of the statement itself): what a rolled-back block raised is gone, and
     /// the stream stays gap-free with its head at its last event.

@@ -419,6 +419,63 @@ async fn per_row_raising_across_rolled_back_savepoints_stays_gap_free() {
     assert_eq!(head_version(&db.client, "Loan", "S-2").await, 0);
 }
 
+/// A batch locks the heads of its streams in key order, as the batch statement upserts them,
+/// whatever order its items come in: a batch for B then A waits for a transaction holding A
+/// without holding B, so that transaction can go on to raise for B. Locked in item order, the
+/// two would deadlock (40P01).
+#[tokio::test]
+async fn a_batch_locks_stream_heads_in_key_order_whatever_its_item_order() {
+    let db = TestDb::new().await;
+    raise(&db.client, "Loan", "K-A", "Loan.Opened").await;
+    raise(&db.client, "Loan", "K-B", "Loan.Opened").await;
+    let a = db.connect().await;
+    let b = db.connect().await;
+    let b_pid: i32 = b
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    a.batch_execute("SET deadlock_timeout = '100ms'; BEGIN")
+        .await
+        .unwrap();
+    raise(&a, "Loan", "K-A", "Loan.Noted").await;
+    let batch = json!([
+        { "aggregate_type": "Loan", "aggregate_id": "K-B", "event_type": "Loan.Batched" },
+        { "aggregate_type": "Loan", "aggregate_id": "K-A", "event_type": "Loan.Batched" }
+    ]);
+    let batched = tokio::spawn(async move {
+        b.query(
+            "SELECT aggregate_version FROM domain_events.raise_events($1)",
+            &[&batch],
+        )
+        .await
+        .map(|rows| rows.iter().map(|r| r.get::<_, i64>(0)).collect::<Vec<_>>())
+    });
+    wait_until_blocked(&db.client, b_pid).await;
+    // Were the batch holding K-B, this would close a cycle, found after `a`'s 100 ms.
+    let on_b = a
+        .query_one(
+            "SELECT aggregate_version FROM domain_events.raise_event('Loan', 'K-B', 'Loan.Noted')",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0));
+    assert_eq!(
+        on_b.map_err(|e| sqlstate(&e)),
+        Ok(2),
+        "the holder of K-A raises for K-B while the batch waits (40P01 = deadlock)"
+    );
+    a.batch_execute("COMMIT").await.unwrap();
+    let versions = tokio::time::timeout(Duration::from_secs(15), batched)
+        .await
+        .expect("the batch resumes")
+        .unwrap()
+        .map_err(|e| sqlstate(&e));
+    assert_eq!(versions, Ok(vec![3, 3]), "K-B then K-A, each after the holder's event");
+    assert_eq!(stored_versions(&db.client, "Loan", "K-A").await, vec![1, 2, 3]);
+    assert_eq!(stored_versions(&db.client, "Loan", "K-B").await, vec![1, 2, 3]);
+}
+
 /// Straight after `CREATE EXTENSION` (no `maintain()` yet), an open transaction that raised
 /// an event must not block readers or the writers of other aggregates (docs/sql-api.md,
 /// `domain_events.aggregate`: writers of different aggregates are not serialised).
@@ -1496,6 +1553,27 @@ async fn raise_events_is_ordered_versioned_and_all_or_nothing() {
         .query("SELECT * FROM domain_events.raise_events($1)", &[&stale])
         .await
         .expect_err("stale expectation");
+    assert_eq!(sqlstate(&err), "40001");
+    assert_eq!(
+        err.as_db_error().unwrap().message(),
+        "aggregate Loan/B-1 is at version 4, expected 3"
+    );
+    assert_eq!(snapshot(&db.client).await, before, "all or nothing");
+
+    // The same over streams that all exist (stored without the batch statement): the error
+    // and the all-or-nothing are the same.
+    let stale = json!([
+        { "aggregate_type": "Loan", "aggregate_id": "7", "event_type": "Loan.Noted" },
+        { "aggregate_type": "Loan", "aggregate_id": "B-1", "event_type": "Loan.Noted",
+          "expected_version": 3 },
+        { "aggregate_type": "Loan", "aggregate_id": "B-1", "event_type": "Loan.Noted",
+          "expected_version": 3 }
+    ]);
+    let err = db
+        .client
+        .query("SELECT * FROM domain_events.raise_events($1)", &[&stale])
+        .await
+        .expect_err("stale expectation over existing streams");
     assert_eq!(sqlstate(&err), "40001");
     assert_eq!(
         err.as_db_error().unwrap().message(),
