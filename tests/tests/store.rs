@@ -5,6 +5,7 @@
 //! Malformed input is catalogued separately in `store_malformed.rs`.
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use e2e::store_support::{
@@ -13,7 +14,7 @@ use e2e::store_support::{
 };
 use e2e::{connect, sqlstate, TestDb};
 use serde_json::json;
-use tokio_postgres::Client;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
 use uuid::Uuid;
 
 /// `raise_event` with the first three arguments and a payload; returns `(id, version)`.
@@ -474,6 +475,86 @@ async fn a_batch_locks_stream_heads_in_key_order_whatever_its_item_order() {
     assert_eq!(versions, Ok(vec![3, 3]), "K-B then K-A, each after the holder's event");
     assert_eq!(stored_versions(&db.client, "Loan", "K-A").await, vec![1, 2, 3]);
     assert_eq!(stored_versions(&db.client, "Loan", "K-B").await, vec![1, 2, 3]);
+}
+
+/// A connection whose server notices are collected as `(severity, message)`.
+async fn connect_collecting_notices(dsn: &str) -> (Client, Arc<Mutex<Vec<(String, String)>>>) {
+    let (client, mut connection) = tokio_postgres::connect(dsn, NoTls)
+        .await
+        .expect("connect to the private cluster");
+    let notices = Arc::new(Mutex::new(Vec::new()));
+    let collected = notices.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) =
+            std::future::poll_fn(|cx| connection.poll_message(cx)).await
+        {
+            if let AsyncMessage::Notice(notice) = message {
+                collected
+                    .lock()
+                    .expect("notices")
+                    .push((notice.severity().to_string(), notice.message().to_string()));
+            }
+        }
+    });
+    (client, notices)
+}
+
+/// Raises that fail inside the append itself (a `CHECK` constraint someone added to the event
+/// table), caught by a PL/pgSQL exception block in the middle of a per-row statement, leave
+/// nothing of the statement's shared append state behind: the raises around them go on
+/// gap-free, and the commit finds no relation or buffer left open (Postgres warns of any).
+#[tokio::test]
+async fn raises_failing_inside_exception_blocks_leave_no_resource_open() {
+    let db = TestDb::new().await;
+    raise(&db.client, "Loan", "E-1", "Loan.Opened").await;
+    raise(&db.client, "Loan", "E-2", "Loan.Opened").await;
+    db.client
+        .batch_execute(
+            "ALTER TABLE domain_events.event
+                 ADD CONSTRAINT no_refusals CHECK (event_type <> 'Loan.Refused');
+             CREATE FUNCTION public.raise_or_skip(event_type text) RETURNS bigint
+             LANGUAGE plpgsql AS $$
+             DECLARE v bigint;
+             BEGIN
+                 SELECT aggregate_version INTO v
+                   FROM domain_events.raise_event('Loan', 'E-1', event_type);
+                 RETURN v;
+             EXCEPTION WHEN check_violation THEN RETURN NULL;
+             END $$;",
+        )
+        .await
+        .unwrap();
+    let (c, notices) = connect_collecting_notices(&db.dsn).await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let rows = c
+        .query(
+            "SELECT public.raise_or_skip(CASE WHEN g % 2 = 0 THEN 'Loan.Refused' ELSE 'Loan.Noted' END),
+                    r.aggregate_version
+               FROM generate_series(1, 6) g,
+                    LATERAL domain_events.raise_event('Loan', 'E-2', 'Loan.Noted',
+                                                      jsonb_build_object('g', g)) r
+              ORDER BY g",
+            &[],
+        )
+        .await
+        .expect("the statement goes on past the refused raises");
+    c.batch_execute("COMMIT").await.unwrap();
+    let skipped: Vec<Option<i64>> = rows.iter().map(|r| r.get(0)).collect();
+    let versions: Vec<i64> = rows.iter().map(|r| r.get(1)).collect();
+    assert_eq!(skipped, vec![Some(2), None, Some(3), None, Some(4), None]);
+    assert_eq!(versions, vec![2, 3, 4, 5, 6, 7]);
+    assert_eq!(stored_versions(&db.client, "Loan", "E-1").await, vec![1, 2, 3, 4]);
+    assert_eq!(
+        stored_versions(&db.client, "Loan", "E-2").await,
+        vec![1, 2, 3, 4, 5, 6, 7]
+    );
+    // A notice arrives before the reply to the command after it.
+    c.batch_execute("SELECT 1").await.unwrap();
+    let notices = notices.lock().expect("notices").clone();
+    assert!(
+        notices.iter().all(|(severity, _)| severity != "WARNING"),
+        "warnings at commit: {notices:?}"
+    );
 }
 
 /// Straight after `CREATE EXTENSION` (no `maintain()` yet), an open transaction that raised
