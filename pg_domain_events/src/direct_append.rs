@@ -402,9 +402,8 @@ impl Append {
                     let recheck = pg_major::insert_index_entries(leaf, slot, self.estate);
                     pg_sys::list_free(recheck);
                 }
-                let position =
-                    i64::from_datum(*(*slot).tts_values.add(row.position_column), false)
-                        .expect("position is set");
+                let position = i64::from_datum(*(*slot).tts_values.add(row.position_column), false)
+                    .expect("position is set");
                 stored.push(Stored {
                     id: ids[n],
                     position,
@@ -420,7 +419,11 @@ impl Append {
     /// Locks the stream head of every aggregate `events` raise for and moves it on by that
     /// stream's events; each event's version, or `None` (nothing changed) when one aggregate
     /// has no head yet.
-    unsafe fn next_versions(&mut self, events: &[NewEvent], now: pg_sys::TimestampTz) -> Option<Vec<i64>> {
+    unsafe fn next_versions(
+        &mut self,
+        events: &[NewEvent],
+        now: pg_sys::TimestampTz,
+    ) -> Option<Vec<i64>> {
         unsafe {
             // Streams in the order the batch statement upserts their heads (`event::columns`).
             let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
@@ -499,8 +502,16 @@ impl Append {
             let search = self.search;
             pg_sys::ExecClearTuple(search);
             clear_to_nulls(search, desc);
-            set(search, column(desc, c"aggregate_type"), aggregate_type.into_datum());
-            set(search, column(desc, c"aggregate_id"), aggregate_id.into_datum());
+            set(
+                search,
+                column(desc, c"aggregate_type"),
+                aggregate_type.into_datum(),
+            );
+            set(
+                search,
+                column(desc, c"aggregate_id"),
+                aggregate_id.into_datum(),
+            );
             pg_sys::ExecStoreVirtualTuple(search);
 
             if self.heads_used == self.head_slots.len() {
@@ -524,8 +535,9 @@ impl Append {
                 return None;
             }
             pg_sys::slot_getsomeattrs_int(current, (*desc).natts);
-            let version = i64::from_datum(*(*current).tts_values.add(column(desc, c"version")), false)
-                .expect("version is not null");
+            let version =
+                i64::from_datum(*(*current).tts_values.add(column(desc, c"version")), false)
+                    .expect("version is not null");
             Some((current, version))
         }
     }

@@ -124,7 +124,10 @@ pub fn advance(key: &str, by: i64) -> Option<i64> {
         stream.head?;
         stream.take_over(current_subtransaction());
         let head = stream.head.as_mut().expect("checked above");
-        head.current = head.current.checked_add(by).expect("fewer than 2^63 events");
+        head.current = head
+            .current
+            .checked_add(by)
+            .expect("fewer than 2^63 events");
         let version = head.current;
         held.pending = true;
         Some(version)
@@ -303,7 +306,7 @@ unsafe extern "C-unwind" fn transaction_event(
 /// The transaction ended: nothing is held any more.
 fn forget_all() {
     HELD.with(|held| {
-            let mut held = held.borrow_mut();
+        let mut held = held.borrow_mut();
         held.streams.clear();
         held.pending = false;
         held.transaction = 0;

@@ -17,6 +17,21 @@ mod tests {
         one::<i64>(sql)
     }
 
+    /// The stream heads, as `<id><version>` in id order.
+    fn heads() -> String {
+        one::<String>(
+            "SELECT string_agg(aggregate_id || version, ',' ORDER BY aggregate_id) FROM domain_events.aggregate",
+        )
+    }
+
+    /// The events of `event_type` in position order, as `<id><version>:<payload's key>`.
+    fn stored_in_position_order(event_type: &str, key: &str) -> String {
+        one::<String>(&format!(
+            "SELECT string_agg(aggregate_id || aggregate_version || ':' || (payload->>'{key}'), ',' ORDER BY position) \
+               FROM domain_events.event WHERE event_type = '{event_type}'"
+        ))
+    }
+
     #[pg_test]
     fn raise_event_assigns_gap_free_versions_and_increasing_positions() {
         let v1 = one::<i64>(
@@ -59,19 +74,11 @@ mod tests {
         );
         assert_eq!(versions, "1,2,2,3,3,4,4,5");
         // The heads, read by the very next statement, are at the streams' last events.
-        assert_eq!(
-            one::<String>(
-                "SELECT string_agg(aggregate_id || version, ',' ORDER BY aggregate_id) FROM domain_events.aggregate"
-            ),
-            "a5,b4"
-        );
+        assert_eq!(heads(), "a5,b4");
         // Stored rows: versions follow the raising order, positions grow with it, and the
         // columns the table fills itself (position, txid, recorded_at) are filled.
         assert_eq!(
-            one::<String>(
-                "SELECT string_agg(aggregate_id || aggregate_version || ':' || (payload->>'g'), ',' ORDER BY position) \
-                   FROM domain_events.event WHERE event_type = 'Loan.Noted'"
-            ),
+            stored_in_position_order("Loan.Noted", "g"),
             "b1:1,a2:2,b2:3,a3:4,b3:5,a4:6,b4:7,a5:8"
         );
         assert!(one::<bool>(
@@ -125,17 +132,9 @@ mod tests {
             ))
         };
         assert_eq!(batch(&["y", "x", "y", "x", "x"]), "2,3,3,4,5");
+        assert_eq!(heads(), "x5,y3");
         assert_eq!(
-            one::<String>(
-                "SELECT string_agg(aggregate_id || version, ',' ORDER BY aggregate_id) FROM domain_events.aggregate"
-            ),
-            "x5,y3"
-        );
-        assert_eq!(
-            one::<String>(
-                "SELECT string_agg(aggregate_id || aggregate_version || ':' || (payload->>'n'), ',' ORDER BY position) \
-                   FROM domain_events.event WHERE event_type = 'Loan.Batched'"
-            ),
+            stored_in_position_order("Loan.Batched", "n"),
             "y2:0,x3:1,y3:2,x4:3,x5:4"
         );
         assert!(one::<bool>(

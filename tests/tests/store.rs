@@ -29,6 +29,18 @@ async fn raise(client: &Client, aggregate: &str, id: &str, event: &str) -> (Uuid
     (row.get(0), row.get(1))
 }
 
+/// `raise_event` with the first three arguments: the new version, or the error's SQLSTATE.
+async fn try_raise(client: &Client, aggregate: &str, id: &str, event: &str) -> Result<i64, String> {
+    client
+        .query_one(
+            "SELECT aggregate_version FROM domain_events.raise_event($1, $2, $3)",
+            &[&aggregate, &id, &event],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .map_err(|e| sqlstate(&e))
+}
+
 /// The versions stored for one aggregate, in version order.
 async fn stored_versions(client: &Client, aggregate: &str, id: &str) -> Vec<i64> {
     client
@@ -98,6 +110,15 @@ async fn month_instant(client: &Client, months: i32, seconds: f64) -> String {
         )
         .await
         .expect("compute an instant")
+        .get(0)
+}
+
+/// The server process id of a session.
+async fn backend_pid(client: &Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pg_backend_pid()")
         .get(0)
 }
 
@@ -228,11 +249,7 @@ async fn racing_writers_on_expected_version_exactly_one_wins() {
 
     let a = db.connect().await;
     let b = db.connect().await;
-    let b_pid: i32 = b
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let b_pid = backend_pid(&b).await;
     a.batch_execute("BEGIN").await.unwrap();
     b.batch_execute("BEGIN").await.unwrap();
     let won = a
@@ -298,11 +315,7 @@ async fn racing_creators_with_expected_version_zero_exactly_one_wins() {
     let db = TestDb::new().await;
     let a = db.connect().await;
     let b = db.connect().await;
-    let b_pid: i32 = b
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let b_pid = backend_pid(&b).await;
     let create = "SELECT aggregate_version FROM domain_events.raise_event('User',
                       'u-1', 'UserCreated', '{}', expected_version => 0)";
     a.batch_execute("BEGIN").await.unwrap();
@@ -334,11 +347,7 @@ async fn waiter_wins_when_the_lock_holder_rolls_back() {
     raise(&db.client, "Loan", "7", "LoanCreated").await;
     let a = db.connect().await;
     let b = db.connect().await;
-    let b_pid: i32 = b
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let b_pid = backend_pid(&b).await;
     let sql = "SELECT aggregate_version FROM domain_events.raise_event('Loan', 7,
                    'LoanSubmitted', '{}', expected_version => 1)";
     a.batch_execute("BEGIN").await.unwrap();
@@ -431,11 +440,7 @@ async fn a_batch_locks_stream_heads_in_key_order_whatever_its_item_order() {
     raise(&db.client, "Loan", "K-B", "Loan.Opened").await;
     let a = db.connect().await;
     let b = db.connect().await;
-    let b_pid: i32 = b
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let b_pid = backend_pid(&b).await;
     a.batch_execute("SET deadlock_timeout = '100ms'; BEGIN")
         .await
         .unwrap();
@@ -454,15 +459,8 @@ async fn a_batch_locks_stream_heads_in_key_order_whatever_its_item_order() {
     });
     wait_until_blocked(&db.client, b_pid).await;
     // Were the batch holding K-B, this would close a cycle, found after `a`'s 100 ms.
-    let on_b = a
-        .query_one(
-            "SELECT aggregate_version FROM domain_events.raise_event('Loan', 'K-B', 'Loan.Noted')",
-            &[],
-        )
-        .await
-        .map(|r| r.get::<_, i64>(0));
     assert_eq!(
-        on_b.map_err(|e| sqlstate(&e)),
+        try_raise(&a, "Loan", "K-B", "Loan.Noted").await,
         Ok(2),
         "the holder of K-A raises for K-B while the batch waits (40P01 = deadlock)"
     );
@@ -472,9 +470,19 @@ async fn a_batch_locks_stream_heads_in_key_order_whatever_its_item_order() {
         .expect("the batch resumes")
         .unwrap()
         .map_err(|e| sqlstate(&e));
-    assert_eq!(versions, Ok(vec![3, 3]), "K-B then K-A, each after the holder's event");
-    assert_eq!(stored_versions(&db.client, "Loan", "K-A").await, vec![1, 2, 3]);
-    assert_eq!(stored_versions(&db.client, "Loan", "K-B").await, vec![1, 2, 3]);
+    assert_eq!(
+        versions,
+        Ok(vec![3, 3]),
+        "K-B then K-A, each after the holder's event"
+    );
+    assert_eq!(
+        stored_versions(&db.client, "Loan", "K-A").await,
+        vec![1, 2, 3]
+    );
+    assert_eq!(
+        stored_versions(&db.client, "Loan", "K-B").await,
+        vec![1, 2, 3]
+    );
 }
 
 /// A connection whose server notices are collected as `(severity, message)`.
@@ -485,9 +493,7 @@ async fn connect_collecting_notices(dsn: &str) -> (Client, Arc<Mutex<Vec<(String
     let notices = Arc::new(Mutex::new(Vec::new()));
     let collected = notices.clone();
     tokio::spawn(async move {
-        while let Some(Ok(message)) =
-            std::future::poll_fn(|cx| connection.poll_message(cx)).await
-        {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
             if let AsyncMessage::Notice(notice) = message {
                 collected
                     .lock()
@@ -543,7 +549,10 @@ async fn raises_failing_inside_exception_blocks_leave_no_resource_open() {
     let versions: Vec<i64> = rows.iter().map(|r| r.get(1)).collect();
     assert_eq!(skipped, vec![Some(2), None, Some(3), None, Some(4), None]);
     assert_eq!(versions, vec![2, 3, 4, 5, 6, 7]);
-    assert_eq!(stored_versions(&db.client, "Loan", "E-1").await, vec![1, 2, 3, 4]);
+    assert_eq!(
+        stored_versions(&db.client, "Loan", "E-1").await,
+        vec![1, 2, 3, 4]
+    );
     assert_eq!(
         stored_versions(&db.client, "Loan", "E-2").await,
         vec![1, 2, 3, 4, 5, 6, 7]
@@ -583,15 +592,8 @@ async fn writers_of_different_aggregates_do_not_block_each_other() {
         Ok(0),
         "a reader waits for the open raising transaction (57014 = statement timeout)"
     );
-    let other = b
-        .query_one(
-            "SELECT aggregate_version FROM domain_events.raise_event('Loan', 'B-1', 'Loan.Opened')",
-            &[],
-        )
-        .await
-        .map(|r| r.get::<_, i64>(0));
     assert_eq!(
-        other.map_err(|e| sqlstate(&e)),
+        try_raise(&b, "Loan", "B-1", "Loan.Opened").await,
         Ok(1),
         "a writer of another aggregate waits for the open raising transaction"
     );
@@ -1620,47 +1622,30 @@ async fn raise_events_is_ordered_versioned_and_all_or_nothing() {
         "integer ids as text"
     );
 
-    // The third item's expectation is checked against the version just before it (2).
+    // The third item's expectation is checked against the version just before it (2): once
+    // with a new stream in the batch (the batch statement), once over streams that all exist
+    // (stored without it). The error and the all-or-nothing are the same.
     let before = snapshot(&db.client).await;
-    let stale = json!([
-        { "aggregate_type": "Loan", "aggregate_id": "B-2", "event_type": "Loan.Opened" },
-        { "aggregate_type": "Loan", "aggregate_id": "B-1", "event_type": "Loan.Noted",
-          "expected_version": 3 },
-        { "aggregate_type": "Loan", "aggregate_id": "B-1", "event_type": "Loan.Noted",
-          "expected_version": 3 }
-    ]);
-    let err = db
-        .client
-        .query("SELECT * FROM domain_events.raise_events($1)", &[&stale])
-        .await
-        .expect_err("stale expectation");
-    assert_eq!(sqlstate(&err), "40001");
-    assert_eq!(
-        err.as_db_error().unwrap().message(),
-        "aggregate Loan/B-1 is at version 4, expected 3"
-    );
-    assert_eq!(snapshot(&db.client).await, before, "all or nothing");
-
-    // The same over streams that all exist (stored without the batch statement): the error
-    // and the all-or-nothing are the same.
-    let stale = json!([
-        { "aggregate_type": "Loan", "aggregate_id": "7", "event_type": "Loan.Noted" },
-        { "aggregate_type": "Loan", "aggregate_id": "B-1", "event_type": "Loan.Noted",
-          "expected_version": 3 },
-        { "aggregate_type": "Loan", "aggregate_id": "B-1", "event_type": "Loan.Noted",
-          "expected_version": 3 }
-    ]);
-    let err = db
-        .client
-        .query("SELECT * FROM domain_events.raise_events($1)", &[&stale])
-        .await
-        .expect_err("stale expectation over existing streams");
-    assert_eq!(sqlstate(&err), "40001");
-    assert_eq!(
-        err.as_db_error().unwrap().message(),
-        "aggregate Loan/B-1 is at version 4, expected 3"
-    );
-    assert_eq!(snapshot(&db.client).await, before, "all or nothing");
+    for first in ["B-2", "7"] {
+        let stale = json!([
+            { "aggregate_type": "Loan", "aggregate_id": first, "event_type": "Loan.Opened" },
+            { "aggregate_type": "Loan", "aggregate_id": "B-1", "event_type": "Loan.Noted",
+              "expected_version": 3 },
+            { "aggregate_type": "Loan", "aggregate_id": "B-1", "event_type": "Loan.Noted",
+              "expected_version": 3 }
+        ]);
+        let err = db
+            .client
+            .query("SELECT * FROM domain_events.raise_events($1)", &[&stale])
+            .await
+            .expect_err("stale expectation");
+        assert_eq!(sqlstate(&err), "40001", "batch starting with {first}");
+        assert_eq!(
+            err.as_db_error().unwrap().message(),
+            "aggregate Loan/B-1 is at version 4, expected 3"
+        );
+        assert_eq!(snapshot(&db.client).await, before, "all or nothing");
+    }
 
     let none = db
         .client
