@@ -34,18 +34,17 @@
 //! added to the tables, a partition whose columns are laid out differently from the parent's,
 //! missing privileges.
 
+use std::collections::BTreeMap;
 use std::ffi::CStr;
 use std::ptr;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::event::NewEvent;
 use crate::held_heads;
 use crate::partition::relation_oid;
 use crate::pg_major;
-use std::collections::BTreeMap;
-
-use crate::event::NewEvent;
 use crate::store::Stored;
 
 /// Appends `events` (with their new `ids`), in order, as the next versions of their existing
@@ -118,16 +117,12 @@ unsafe fn kept_append(event_oid: pg_sys::Oid, aggregate_oid: pg_sys::Oid) -> Opt
             if (*kept.append).in_use {
                 return None;
             }
-        }
-        if let Some(kept) = KEPT.with(std::cell::Cell::take) {
             if kept.generation == generation
                 && kept.event_oid == event_oid
                 && kept.aggregate_oid == aggregate_oid
             {
-                KEPT.with(|k| k.set(Some(kept)));
                 return Some(kept.append);
             }
-            KEPT.with(|k| k.set(Some(kept)));
             close_kept();
         }
         // The hooks that close it at the end of the query.

@@ -340,10 +340,7 @@ unsafe extern "C-unwind" fn executor_end(query: *mut pg_sys::QueryDesc) {
             None => pg_sys::standard_ExecutorEnd(query),
         }
     }
-    crate::direct_append::close_kept();
-    if pending() {
-        crate::direct_append::write_held_heads();
-    }
+    statement_ended();
 }
 
 #[pg_guard]
@@ -358,10 +355,7 @@ unsafe extern "C-unwind" fn process_utility(
     destination: *mut pg_sys::DestReceiver,
     completion: *mut pg_sys::QueryCompletion,
 ) {
-    crate::direct_append::close_kept();
-    if pending() {
-        crate::direct_append::write_held_heads();
-    }
+    statement_ended();
     // SAFETY: the hook chain as installed by `install_hooks`.
     unsafe {
         let next = PREVIOUS_PROCESS_UTILITY.unwrap_or(standard_process_utility);
@@ -378,6 +372,12 @@ unsafe extern "C-unwind" fn process_utility(
     }
     // A utility statement may have raised events without any query (COPY into a tracked
     // table): written before the next statement takes its snapshot.
+    statement_ended();
+}
+
+/// A query or utility statement ended (or another is about to start): the append state it
+/// kept is closed and the heads it counted in memory are written.
+fn statement_ended() {
     crate::direct_append::close_kept();
     if pending() {
         crate::direct_append::write_held_heads();
